@@ -1,0 +1,23 @@
+"""jaxinf: influence functions for JAX and Flax.
+
+``I(z', z) = ∇θℓ(z')ᵀ (C + λI)⁻¹ ∇θℓ(z)`` with ``C`` the curvature (Hessian,
+Gauss-Newton or empirical Fisher) of the mean training loss.
+"""
+
+from jaxinf.curvature import CURVATURES, CurvatureOperator, curvature_operator
+from jaxinf.data import Batches, as_batches
+from jaxinf.solvers import DirectState, Solver, SolveInfo, direct
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CURVATURES",
+    "Batches",
+    "CurvatureOperator",
+    "DirectState",
+    "Solver",
+    "SolveInfo",
+    "as_batches",
+    "curvature_operator",
+    "direct",
+]

@@ -1,0 +1,197 @@
+"""Pytree arithmetic, raveling and structural validation.
+
+Every other module does tree arithmetic through these helpers, so that the
+numerical code reads like linear algebra and the validation messages are the
+same everywhere.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PyTree = Any
+
+
+# ----------------------------------------------------------------------------
+# Arithmetic
+# ----------------------------------------------------------------------------
+
+
+def tree_add(a: PyTree, b: PyTree) -> PyTree:
+    return jax.tree.map(jnp.add, a, b)
+
+
+def tree_sub(a: PyTree, b: PyTree) -> PyTree:
+    return jax.tree.map(jnp.subtract, a, b)
+
+
+def tree_scale(alpha, a: PyTree) -> PyTree:
+    return jax.tree.map(lambda x: alpha * x, a)
+
+
+def tree_axpy(alpha, x: PyTree, y: PyTree) -> PyTree:
+    """``alpha * x + y``."""
+    return jax.tree.map(lambda xi, yi: alpha * xi + yi, x, y)
+
+
+def tree_vdot(a: PyTree, b: PyTree):
+    """Real inner product ``<a, b>`` summed over all leaves."""
+    parts = [jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))]
+    return sum(parts) if parts else jnp.zeros(())
+
+
+def tree_norm(a: PyTree):
+    return jnp.sqrt(tree_vdot(a, a))
+
+
+def tree_zeros_like(a: PyTree) -> PyTree:
+    return jax.tree.map(jnp.zeros_like, a)
+
+
+def tree_where(cond, a: PyTree, b: PyTree) -> PyTree:
+    return jax.tree.map(lambda x, y: jnp.where(cond, x, y), a, b)
+
+
+def tree_size(a: PyTree) -> int:
+    return sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(a))
+
+
+# ----------------------------------------------------------------------------
+# Static description of a parameter tree, raveling
+# ----------------------------------------------------------------------------
+
+
+class TreeSpec(NamedTuple):
+    """Hashable description of a pytree of arrays (structure, shapes, dtypes).
+
+    Kept in solver states as static metadata so that one compiled solve serves
+    every right-hand side with the same structure, and so that a mismatching
+    right-hand side is reported while tracing.
+    """
+
+    treedef: Any
+    shapes: tuple
+    dtypes: tuple
+
+    @property
+    def size(self) -> int:
+        return sum(math.prod(s) for s in self.shapes)
+
+    @property
+    def dtype(self):
+        return jnp.result_type(*self.dtypes) if self.dtypes else jnp.float32
+
+    def leaf_paths(self) -> list[str]:
+        dummy = jax.tree.unflatten(self.treedef, list(range(len(self.shapes))))
+        return [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(dummy)[0]]
+
+
+def tree_spec(tree: PyTree) -> TreeSpec:
+    leaves, treedef = jax.tree.flatten(tree)
+    return TreeSpec(
+        treedef,
+        tuple(tuple(np.shape(x)) for x in leaves),
+        tuple(jnp.result_type(x) for x in leaves),
+    )
+
+
+def ravel(tree: PyTree, dtype=None):
+    """Concatenate the leaves of ``tree`` into one vector (flatten order)."""
+    leaves = jax.tree.leaves(tree)
+    if not leaves:
+        return jnp.zeros((0,), dtype or jnp.float32)
+    dtype = dtype or jnp.result_type(*leaves)
+    return jnp.concatenate([jnp.ravel(x).astype(dtype) for x in leaves])
+
+
+def ravel_batched(tree: PyTree, dtype=None):
+    """Ravel a tree whose leaves share a leading batch axis -> ``(n, size)``."""
+    leaves = jax.tree.leaves(tree)
+    n = leaves[0].shape[0]
+    dtype = dtype or jnp.result_type(*leaves)
+    return jnp.concatenate([jnp.reshape(x, (n, -1)).astype(dtype) for x in leaves], axis=1)
+
+
+def unravel(spec: TreeSpec, flat):
+    """Inverse of :func:`ravel` for a tree described by ``spec``."""
+    out, start = [], 0
+    for shape, dtype in zip(spec.shapes, spec.dtypes):
+        size = math.prod(shape)
+        out.append(jnp.reshape(flat[start : start + size], shape).astype(dtype))
+        start += size
+    return jax.tree.unflatten(spec.treedef, out)
+
+
+def unravel_batched(spec: TreeSpec, flat):
+    """Inverse of :func:`ravel_batched`: ``(n, size)`` -> tree with leading ``n``."""
+    n = flat.shape[0]
+    out, start = [], 0
+    for shape, dtype in zip(spec.shapes, spec.dtypes):
+        size = math.prod(shape)
+        out.append(jnp.reshape(flat[:, start : start + size], (n, *shape)).astype(dtype))
+        start += size
+    return jax.tree.unflatten(spec.treedef, out)
+
+
+# ----------------------------------------------------------------------------
+# Validation (raised while tracing, from static shapes)
+# ----------------------------------------------------------------------------
+
+
+def check_matches(tree: PyTree, spec: TreeSpec, name: str, *, leading: int = 0) -> None:
+    """Raise ``ValueError`` unless ``tree`` has the structure and shapes of ``spec``.
+
+    Args:
+      tree: the tree to check (e.g. a right-hand side ``v``).
+      spec: the expected layout (usually of the parameters).
+      name: how to call ``tree`` in the message.
+      leading: number of extra leading (batch) axes each leaf may carry.
+    """
+    leaves, treedef = jax.tree.flatten(tree)
+    if treedef != spec.treedef:
+        raise ValueError(
+            f"{name} must have the tree structure of the parameters.\n"
+            f"  expected: {spec.treedef}\n  got:      {treedef}\n"
+            "Pass a pytree built like the params (e.g. from jax.grad of the loss)."
+        )
+    paths = spec.leaf_paths()
+    for path, leaf, shape in zip(paths, leaves, spec.shapes):
+        got = tuple(np.shape(leaf))
+        if got[leading:] != tuple(shape) or len(got) != len(shape) + leading:
+            extra = f" plus {leading} leading batch axis" if leading else ""
+            raise ValueError(
+                f"{name}{path} has shape {got}, but the parameter has shape {tuple(shape)}{extra}."
+            )
+        if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+            raise ValueError(f"{name}{path} has dtype {jnp.result_type(leaf)}; a float dtype is needed.")
+    if leading:
+        sizes = {tuple(np.shape(x)[:leading]) for x in leaves}
+        if len(sizes) > 1:
+            raise ValueError(f"{name}: the leaves disagree on the leading axes: {sorted(sizes)}.")
+
+
+def is_tracer(x) -> bool:
+    return isinstance(x, jax.core.Tracer)
+
+
+def check_finite(tree: PyTree, name: str) -> None:
+    """Raise ``ValueError`` naming the first leaf of ``tree`` holding NaN or inf.
+
+    Host-side check for concrete inputs (skipped for tracers, which have no
+    values yet).
+    """
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if is_tracer(leaf):
+            continue
+        arr = np.asarray(leaf)
+        if arr.dtype.kind in "fc" and not np.all(np.isfinite(arr)):
+            bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
+            raise ValueError(
+                f"{name}{jax.tree_util.keystr(path)} contains {bad} NaN or inf value(s); "
+                "influence computations need finite inputs. Clean the data or check the training run."
+            )

@@ -1,0 +1,322 @@
+"""Curvature operators ``v -> (C + λI) v`` over parameter pytrees.
+
+``C`` is the curvature of the **mean** training loss
+``L(θ) = (1/n) Σ_i ℓ(θ, z_i)`` at the trained parameters, in one of three
+flavours:
+
+* ``"hessian"``: ``H = ∇²L(θ)``, applied forward-over-reverse
+  (Pearlmutter 1994): ``Hv = ∂/∂ε ∇L(θ + εv)``.
+* ``"gauss_newton"``: the generalized Gauss-Newton ``G = Jᵀ H_out J``
+  (Schraudolph 2002), for a loss written as ``output_loss(model_fn(θ, z), z)``;
+  ``J`` is the Jacobian of the model outputs and ``H_out`` the Hessian of the
+  output loss with respect to the outputs. PSD whenever the output loss is
+  convex (squared error, cross-entropy on logits).
+* ``"fisher"``: the empirical Fisher ``F = (1/n) Σ_i g_i g_iᵀ`` with
+  ``g_i = ∇ℓ(θ, z_i)``, applied without forming any ``g_i``:
+  ``u = J_ℓ v`` (one JVP of the per-example losses) then ``J_ℓᵀ u / n``.
+
+The operator is a pytree (:class:`CurvatureOperator`): parameters, data and
+damping are its children, the functions and the block layout are static, so
+it passes through ``jit`` and ``vmap`` and one compiled solve serves every
+dataset of the same shapes. The dataset is averaged **weighted by batch size**
+(see :func:`jaxinf.data.weighted_mean`).
+
+Block-diagonal curvature (``blocks="layer"``, ``"parameter"`` or user
+labels) keeps only the diagonal blocks ``C_bb`` and allows one damping value
+per block.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinf._tree import TreeSpec, check_matches, is_tracer, tree_spec
+from jaxinf.data import Batches, add_example_axis, as_batches, weighted_mean
+
+PyTree = Any
+CURVATURES = ("hessian", "gauss_newton", "fisher")
+
+
+# ----------------------------------------------------------------------------
+# Per-batch products (each is the product with the *mean* curvature of the batch)
+# ----------------------------------------------------------------------------
+
+
+def per_example_losses(loss_fn: Callable, params: PyTree, batch: PyTree):
+    """``[ℓ(θ, z_1), ..., ℓ(θ, z_b)]``: ``loss_fn`` on batches of one, vmapped."""
+    return jax.vmap(lambda example: loss_fn(params, add_example_axis(example)))(batch)
+
+
+def hessian_vp(loss_fn: Callable, params: PyTree, batch: PyTree, v: PyTree) -> PyTree:
+    """``∇²_θ loss_fn(θ, batch) · v``, forward-over-reverse."""
+    return jax.jvp(lambda p: jax.grad(loss_fn)(p, batch), (params,), (v,))[1]
+
+
+def gauss_newton_vp(model_fn: Callable, output_loss: Callable, params: PyTree, batch: PyTree, v: PyTree) -> PyTree:
+    """``Jᵀ H_out J v`` for ``loss = output_loss(model_fn(θ, batch), batch)``."""
+    outputs, vjp_fn = jax.vjp(lambda p: model_fn(p, batch), params)
+    _, jv = jax.jvp(lambda p: model_fn(p, batch), (params,), (v,))
+    h_jv = jax.jvp(lambda o: jax.grad(output_loss)(o, batch), (outputs,), (jv,))[1]
+    return vjp_fn(h_jv)[0]
+
+
+def fisher_vp(loss_fn: Callable, params: PyTree, batch: PyTree, v: PyTree) -> PyTree:
+    """``(1/b) Σ_i g_i (g_iᵀ v)`` over the batch, with no per-example gradient formed."""
+    losses, vjp_fn = jax.vjp(lambda p: per_example_losses(loss_fn, p, batch), params)
+    _, gv = jax.jvp(lambda p: per_example_losses(loss_fn, p, batch), (params,), (v,))
+    return vjp_fn(gv / losses.shape[0])[0]
+
+
+# ----------------------------------------------------------------------------
+# Blocks and damping
+# ----------------------------------------------------------------------------
+
+
+def _layer_label(path) -> str:
+    keys = list(path)
+    while keys and isinstance(keys[-1], jax.tree_util.GetAttrKey):
+        keys.pop()  # e.g. the ``.value`` of an ``nnx.Param``
+    return jax.tree_util.keystr(tuple(keys[:-1])) or "<root>"
+
+
+def resolve_blocks(params: PyTree, blocks: Any) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    """Label each parameter leaf with a block.
+
+    Args:
+      params: the parameter pytree.
+      blocks: ``None`` or ``"full"`` (one block), ``"layer"`` (leaves sharing a
+        parent, e.g. a layer's kernel and bias), ``"parameter"`` (each leaf),
+        a pytree of string labels with the structure of ``params``, or a
+        callable ``params -> labels``.
+
+    Returns:
+      ``(block_ids, block_names)``: the block index of each leaf in flatten
+      order, and the name of each block.
+    """
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    if blocks is None or blocks == "full":
+        labels = ["all"] * len(flat)
+    elif blocks == "layer":
+        labels = [_layer_label(p) for p, _ in flat]
+    elif blocks == "parameter":
+        labels = [jax.tree_util.keystr(p) for p, _ in flat]
+    elif isinstance(blocks, str):
+        raise ValueError(
+            f"Unknown blocks={blocks!r}. Use 'full', 'layer', 'parameter', a pytree of labels or a callable."
+        )
+    else:
+        tree = blocks(params) if callable(blocks) else blocks
+        labels_leaves, treedef = jax.tree.flatten(tree)
+        if treedef != jax.tree.structure(params):
+            raise ValueError(
+                "blocks must be a pytree of labels with the structure of the params "
+                f"(expected {jax.tree.structure(params)}, got {treedef})."
+            )
+        labels = [str(x) for x in labels_leaves]
+    names = tuple(dict.fromkeys(labels))
+    return tuple(names.index(x) for x in labels), names
+
+
+def resolve_damping(damping: Any, block_ids: tuple[int, ...], block_names: tuple[str, ...]) -> tuple:
+    """One damping scalar per parameter leaf, from a scalar or a ``{block: λ}`` mapping."""
+    if isinstance(damping, Mapping):
+        unknown = sorted(set(map(str, damping)) - set(block_names))
+        missing = [b for b in block_names if b not in damping]
+        if unknown or missing:
+            raise ValueError(
+                f"Per-block damping must give one value for each block {list(block_names)}; "
+                f"unknown: {unknown}, missing: {missing}."
+            )
+        per_block = [damping[name] for name in block_names]
+    else:
+        per_block = [damping] * len(block_names)
+    values = []
+    for name, value in zip(block_names, per_block):
+        arr = jnp.asarray(value)
+        if arr.ndim != 0:
+            raise ValueError(f"damping for block {name!r} must be a scalar, got shape {arr.shape}.")
+        if not jnp.issubdtype(arr.dtype, jnp.inexact):
+            arr = arr.astype(jnp.float32 if not jax.config.jax_enable_x64 else jnp.float64)
+        if not is_tracer(arr):
+            if not np.isfinite(float(arr)) or float(arr) < 0:
+                raise ValueError(f"damping for block {name!r} must be finite and >= 0, got {float(arr)}.")
+        values.append(arr)
+    return tuple(values[i] for i in block_ids)
+
+
+# ----------------------------------------------------------------------------
+# The operator
+# ----------------------------------------------------------------------------
+
+
+@jax.tree_util.register_pytree_node_class
+@dataclasses.dataclass(frozen=True)
+class CurvatureOperator:
+    """``v -> (C + Λ) v`` with ``C`` the (block-diagonal) curvature of the mean loss.
+
+    ``Λ`` is diagonal with one damping value per block. Build it with
+    :func:`curvature_operator`. Children: ``params``, ``data``, ``damping``;
+    static: the functions, the kind and the block layout.
+    """
+
+    params: PyTree
+    data: Batches
+    damping: tuple
+    kind: str
+    loss_fn: Callable | None
+    model_fn: Callable | None
+    output_loss: Callable | None
+    block_ids: tuple[int, ...]
+    block_names: tuple[str, ...]
+    spec: TreeSpec
+
+    def tree_flatten(self):
+        aux = (self.kind, self.loss_fn, self.model_fn, self.output_loss, self.block_ids, self.block_names, self.spec)
+        return (self.params, self.data, self.damping), aux
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(*children, *aux)
+
+    # -- sizes -------------------------------------------------------------
+    @property
+    def size(self) -> int:
+        """Number of scalar parameters ``p``."""
+        return self.spec.size
+
+    @property
+    def dtype(self):
+        return self.spec.dtype
+
+    @property
+    def num_examples(self) -> int:
+        return self.data.num_examples
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.block_names)
+
+    def block_leaf_indices(self, block: int) -> list[int]:
+        return [i for i, b in enumerate(self.block_ids) if b == block]
+
+    def block_flat_indices(self, block: int) -> np.ndarray:
+        """Positions of a block's entries in the raveled parameter vector."""
+        starts = np.cumsum([0] + [math.prod(s) for s in self.spec.shapes])
+        return np.concatenate(
+            [np.arange(starts[i], starts[i + 1]) for i in self.block_leaf_indices(block)] or [np.zeros(0, int)]
+        )
+
+    # -- products ----------------------------------------------------------
+    def batch_curvature_vp(self, batch: PyTree, v: PyTree) -> PyTree:
+        """Undamped, full (not block-restricted) product with the mean curvature of one batch."""
+        if self.kind == "hessian":
+            return hessian_vp(self.loss_fn, self.params, batch, v)
+        if self.kind == "gauss_newton":
+            return gauss_newton_vp(self.model_fn, self.output_loss, self.params, batch, v)
+        return fisher_vp(self.loss_fn, self.params, batch, v)
+
+    def curvature_vp(self, v: PyTree) -> PyTree:
+        """``C v`` over the whole dataset: undamped, full (no block restriction)."""
+        return weighted_mean(lambda batch: self.batch_curvature_vp(batch, v), self.data)
+
+    def damping_vp(self, v: PyTree) -> PyTree:
+        """``Λ v``."""
+        leaves, treedef = jax.tree.flatten(v)
+        return jax.tree.unflatten(treedef, [d.astype(x.dtype) * x for d, x in zip(self.damping, leaves)])
+
+    def matvec(self, v: PyTree) -> PyTree:
+        """``(C_blockdiag + Λ) v``; ``v`` must have the structure and shapes of the params."""
+        check_matches(v, self.spec, "v")
+        if self.num_blocks == 1:
+            cv = self.curvature_vp(v)
+        else:
+            leaves, treedef = jax.tree.flatten(v)
+            masked = [
+                jax.tree.unflatten(
+                    treedef, [x if b == k else jnp.zeros_like(x) for x, b in zip(leaves, self.block_ids)]
+                )
+                for k in range(self.num_blocks)
+            ]
+            stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *masked)
+            products = jax.tree.leaves(jax.vmap(self.curvature_vp)(stacked))
+            cv = jax.tree.unflatten(treedef, [p[b] for p, b in zip(products, self.block_ids)])
+        return jax.tree.map(jnp.add, cv, self.damping_vp(v))
+
+    __call__ = matvec
+
+    def with_damping(self, damping: Any) -> CurvatureOperator:
+        """The same operator with new damping (scalar or ``{block: λ}``)."""
+        return dataclasses.replace(self, damping=resolve_damping(damping, self.block_ids, self.block_names))
+
+
+def curvature_operator(
+    loss_fn: Callable | None,
+    params: PyTree,
+    data: Any,
+    *,
+    kind: str = "hessian",
+    damping: Any = 0.0,
+    blocks: Any = None,
+    model_fn: Callable | None = None,
+    output_loss: Callable | None = None,
+) -> CurvatureOperator:
+    """Build the damped curvature operator of the mean loss over ``data``.
+
+    Args:
+      loss_fn: ``loss_fn(params, batch) -> scalar``, the mean loss over the
+        leading axis of ``batch``. Needed for ``"hessian"`` and ``"fisher"``.
+      params: the parameters at which the curvature is taken.
+      data: one batch, or a list/iterable of batches of any sizes.
+      kind: ``"hessian"``, ``"gauss_newton"`` or ``"fisher"``.
+      damping: ``λ >= 0``, a scalar or a mapping ``{block name: λ}``.
+      blocks: block structure, see :func:`resolve_blocks`.
+      model_fn: ``model_fn(params, batch) -> outputs`` (``"gauss_newton"``).
+      output_loss: ``output_loss(outputs, batch) -> scalar`` mean loss
+        (``"gauss_newton"``).
+
+    Returns:
+      A :class:`CurvatureOperator`; ``op.matvec(v)`` gives ``(C + λ) v``.
+
+    Raises:
+      ValueError: unknown ``kind``, missing functions, bad damping or blocks,
+        malformed or non-finite data.
+    """
+    if kind not in CURVATURES:
+        raise ValueError(f"Unknown curvature {kind!r}; choose one of {CURVATURES}.")
+    if kind == "gauss_newton":
+        if model_fn is None or output_loss is None:
+            raise ValueError(
+                "curvature='gauss_newton' needs model_fn(params, batch) -> outputs and "
+                "output_loss(outputs, batch) -> mean loss."
+            )
+    elif loss_fn is None:
+        raise ValueError(f"curvature={kind!r} needs loss_fn(params, batch) -> mean loss.")
+    leaves = jax.tree.leaves(params)
+    if not leaves:
+        raise ValueError("params has no array leaves.")
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+            raise ValueError(
+                f"params{jax.tree_util.keystr(path)} has dtype {jnp.result_type(leaf)}; "
+                "pass only the float parameters (e.g. nnx.split(model, nnx.Param))."
+            )
+    block_ids, block_names = resolve_blocks(params, blocks)
+    return CurvatureOperator(
+        params=params,
+        data=as_batches(data, name="data"),
+        damping=resolve_damping(damping, block_ids, block_names),
+        kind=kind,
+        loss_fn=loss_fn,
+        model_fn=model_fn,
+        output_loss=output_loss,
+        block_ids=block_ids,
+        block_names=block_names,
+        spec=tree_spec(params),
+    )

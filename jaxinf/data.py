@@ -1,0 +1,195 @@
+"""Datasets as batches: one batch, or a collection of batches of any sizes.
+
+A *batch* is any pytree of arrays whose leaves share a leading (example) axis,
+e.g. ``(x, y)`` or ``{"image": x, "label": y}``. A *collection* is a ``list``
+of batches, or any other iterable of batches (a generator, a data loader).
+Tuples, dicts and NamedTuples are always read as one batch.
+
+:class:`Batches` stores a collection so that it can be swept inside ``jit``:
+the batches that have the size of the first are stacked and visited with
+``lax.scan``; batches of other sizes (typically a ragged last batch) are kept
+apart and visited after it. :func:`weighted_mean` averages a per-batch
+quantity over the whole dataset **weighted by batch size**, so that a ragged
+last batch gives exactly the full-data average.
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinf._tree import check_finite, tree_add, tree_scale
+
+PyTree = Any
+
+
+def batch_size(batch: PyTree, name: str = "batch") -> int:
+    """Leading size shared by every leaf of ``batch``; ``ValueError`` otherwise."""
+    leaves = jax.tree_util.tree_flatten_with_path(batch)[0]
+    if not leaves:
+        raise ValueError(f"{name} has no array leaves.")
+    sizes = {}
+    for path, leaf in leaves:
+        shape = np.shape(leaf)
+        if len(shape) == 0:
+            raise ValueError(
+                f"{name}{jax.tree_util.keystr(path)} is a scalar; every leaf of a batch needs a leading example axis."
+            )
+        sizes.setdefault(shape[0], []).append(jax.tree_util.keystr(path) or "<root>")
+    if len(sizes) > 1:
+        detail = "; ".join(f"size {k}: {', '.join(v)}" for k, v in sizes.items())
+        raise ValueError(
+            f"The leaves of {name} have different leading sizes ({detail}). "
+            "Every leaf must hold the same examples along axis 0."
+        )
+    return next(iter(sizes))
+
+
+def is_single_batch(data: Any) -> bool:
+    """True when ``data`` is read as one batch rather than a collection of batches.
+
+    Lists and iterables that JAX treats as leaves (generators, data loaders)
+    are collections; tuples, mappings, arrays and every registered pytree node
+    (NamedTuple, ``nnx.State``, dataclasses) are one batch.
+    """
+    if isinstance(data, list):
+        return False
+    if isinstance(data, (tuple, collections.abc.Mapping, np.ndarray, jax.Array)):
+        return True
+    is_leaf = jax.tree_util.all_leaves([data])
+    if is_leaf and isinstance(data, collections.abc.Iterable) and not hasattr(data, "shape"):
+        return False
+    return True
+
+
+def iterate_batches(data: Any):
+    """Yield the batches of ``data`` (one batch or a collection)."""
+    if is_single_batch(data):
+        yield data
+    else:
+        yield from data
+
+
+@jax.tree_util.register_pytree_node_class
+@dataclasses.dataclass(frozen=True)
+class Batches:
+    """A dataset held as stacked equal-size batches plus batches of other sizes.
+
+    Attributes:
+      stacked: pytree whose leaves have shape ``(num_stacked, batch_size, ...)``,
+        or ``None`` when there is no group of equal-size batches.
+      rest: tuple of batches with other leading sizes (e.g. a ragged last batch).
+    """
+
+    stacked: PyTree
+    rest: tuple
+
+    def tree_flatten(self):
+        return (self.stacked, self.rest), None
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        del aux
+        return cls(*children)
+
+    @property
+    def num_examples(self) -> int:
+        n = 0
+        if self.stacked is not None:
+            shape = np.shape(jax.tree.leaves(self.stacked)[0])
+            n += shape[0] * shape[1]
+        return n + sum(batch_size(b) for b in self.rest)
+
+    def batches(self):
+        """Yield the batches one by one (host-side; used by non-jitted sweeps)."""
+        if self.stacked is not None:
+            k = np.shape(jax.tree.leaves(self.stacked)[0])[0]
+            for i in range(k):
+                yield jax.tree.map(lambda a, i=i: a[i], self.stacked)
+        yield from self.rest
+
+
+def as_batches(data: Any, *, name: str = "data", check_values: bool = True) -> Batches:
+    """Read one batch or a collection of batches into :class:`Batches`.
+
+    Args:
+      data: a batch pytree, a list of batches or an iterable of batches.
+      name: how to call ``data`` in error messages.
+      check_values: raise on NaN or inf (host-side; skipped for tracers).
+
+    Raises:
+      ValueError: empty data, leaves with different leading sizes, batches with
+        different tree structures or trailing shapes, NaN or inf.
+    """
+    if isinstance(data, Batches):
+        return data
+    batches = list(iterate_batches(data))
+    if not batches:
+        raise ValueError(f"{name} holds no batches.")
+    ref_leaves, ref_def = jax.tree.flatten(batches[0])
+    sizes = []
+    for i, b in enumerate(batches):
+        label = f"{name}[batch {i}]" if len(batches) > 1 else name
+        leaves, treedef = jax.tree.flatten(b)
+        if treedef != ref_def:
+            raise ValueError(
+                f"{label} has tree structure {treedef}, but the first batch has {ref_def}. "
+                "All batches must share one structure."
+            )
+        for leaf, ref in zip(leaves, ref_leaves):
+            if np.shape(leaf)[1:] != np.shape(ref)[1:]:
+                raise ValueError(
+                    f"{label} has a leaf of per-example shape {np.shape(leaf)[1:]}, but the first batch "
+                    f"has {np.shape(ref)[1:]}."
+                )
+        sizes.append(batch_size(b, label))
+        if check_values:
+            check_finite(b, label)
+    if len(batches) == 1:
+        return Batches(None, (batches[0],))
+    head = sizes[0]
+    same = [b for b, s in zip(batches, sizes) if s == head]
+    other = tuple(b for b, s in zip(batches, sizes) if s != head)
+    if len(same) == 1:
+        return Batches(None, (same[0], *other))
+    stacked = jax.tree.map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]), *same)
+    return Batches(stacked, other)
+
+
+def weighted_mean(fn: Callable[[PyTree], PyTree], data: Batches) -> PyTree:
+    """``sum_b (n_b / n) fn(batch_b)`` over every batch of ``data``.
+
+    ``fn`` returns a *mean* over its batch (a mean loss, a mean curvature
+    product), so the size-weighted sum is exactly the mean over all examples,
+    whatever the batch sizes. Equal-size batches are visited with ``lax.scan``.
+    """
+    n = data.num_examples
+    total = None
+    if data.stacked is not None:
+        first = jax.tree.map(lambda a: a[0], data.stacked)
+        weight = batch_size(first) / n
+
+        def body(acc, batch):
+            return tree_add(acc, tree_scale(weight, fn(batch))), None
+
+        zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fn, first))
+        total, _ = jax.lax.scan(body, zero, data.stacked)
+    for b in data.rest:
+        term = tree_scale(batch_size(b) / n, fn(b))
+        total = term if total is None else tree_add(total, term)
+    return total
+
+
+def take(batch: PyTree, index) -> PyTree:
+    """The examples ``index`` of a batch (keeps the leading axis for slices/arrays)."""
+    return jax.tree.map(lambda a: a[index], batch)
+
+
+def add_example_axis(example: PyTree) -> PyTree:
+    """A single example as a batch of one."""
+    return jax.tree.map(lambda a: jnp.expand_dims(a, 0), example)
