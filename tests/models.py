@@ -1,0 +1,168 @@
+"""Small models and data shared by the tests: Flax Linen, Flax NNX and plain JAX.
+
+Each builder returns a :class:`Problem` with a mean ``loss_fn(params, batch)``,
+the split ``model_fn`` / ``output_loss`` pair for Gauss-Newton, and train/test
+batches ``(x, y)``. Everything is float64 unless a dtype is given.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.flatten_util
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+
+class Problem(NamedTuple):
+    loss_fn: Callable
+    params: Any
+    train: Any
+    test: Any
+    model_fn: Callable
+    output_loss: Callable
+
+
+def squared_error(outputs, batch):
+    return 0.5 * jnp.mean(jnp.sum((outputs - batch[1]) ** 2, axis=-1))
+
+
+def softmax_cross_entropy(logits, batch):
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, batch[1]))
+
+
+def _regression_data(key, n_train, n_test, d_in, d_out, dtype):
+    kx, kw, kn, kt = jax.random.split(key, 4)
+    x = jax.random.normal(kx, (n_train + n_test, d_in), dtype)
+    w = jax.random.normal(kw, (d_in, d_out), dtype)
+    y = jnp.tanh(x @ w) + 0.1 * jax.random.normal(kn, (n_train + n_test, d_out), dtype)
+    return (x[:n_train], y[:n_train]), (x[n_train:], y[n_train:])
+
+
+class LinenMLP(nn.Module):
+    hidden: int = 6
+    out: int = 2
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.tanh(nn.Dense(self.hidden)(x))
+        return nn.Dense(self.out)(x)
+
+
+class NNXMLP(nnx.Module):
+    def __init__(self, d_in, hidden, out, *, rngs, dtype=jnp.float64):
+        self.l1 = nnx.Linear(d_in, hidden, rngs=rngs, param_dtype=dtype, dtype=dtype)
+        self.l2 = nnx.Linear(hidden, out, rngs=rngs, param_dtype=dtype, dtype=dtype)
+
+    def __call__(self, x):
+        return self.l2(jnp.tanh(self.l1(x)))
+
+
+def mlp_problem(flavour: str = "linen", *, n_train=23, n_test=5, d_in=4, hidden=6, out=2, dtype=jnp.float64, seed=0):
+    """A tanh MLP on a random regression task, in ``flavour`` linen | nnx | plain."""
+    key = jax.random.key(seed)
+    train, test = _regression_data(key, n_train, n_test, d_in, out, dtype)
+    if flavour == "linen":
+        module = LinenMLP(hidden, out)
+        params = module.init(jax.random.key(seed + 1), train[0][:1])
+        params = jax.tree.map(lambda a: a.astype(dtype), params)
+
+        def model_fn(p, batch):
+            return module.apply(p, batch[0])
+
+    elif flavour == "nnx":
+        model = NNXMLP(d_in, hidden, out, rngs=nnx.Rngs(seed + 1), dtype=dtype)
+        graphdef, params = nnx.split(model, nnx.Param)
+
+        def model_fn(p, batch):
+            return nnx.merge(graphdef, p)(batch[0])
+
+    elif flavour == "plain":
+        k1, k2 = jax.random.split(jax.random.key(seed + 1))
+        params = {
+            "w1": jax.random.normal(k1, (d_in, hidden), dtype) / jnp.sqrt(d_in),
+            "b1": jnp.zeros((hidden,), dtype),
+            "w2": jax.random.normal(k2, (hidden, out), dtype) / jnp.sqrt(hidden),
+            "b2": jnp.zeros((out,), dtype),
+        }
+
+        def model_fn(p, batch):
+            return jnp.tanh(batch[0] @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"]
+
+    else:
+        raise ValueError(flavour)
+
+    def loss_fn(p, batch):
+        return squared_error(model_fn(p, batch), batch)
+
+    return Problem(loss_fn, params, train, test, model_fn, squared_error)
+
+
+def logistic_problem(*, n_train=30, n_test=6, d=3, classes=3, l2=0.0, dtype=jnp.float64, seed=0):
+    """Multinomial logistic regression ``softmax(x W + b)`` with optional L2; params ``{"w", "b"}``."""
+    key = jax.random.key(seed)
+    kx, kw, ky = jax.random.split(key, 3)
+    x = jax.random.normal(kx, (n_train + n_test, d), dtype)
+    w_true = jax.random.normal(kw, (d, classes), dtype)
+    y = jax.random.categorical(ky, x @ w_true)
+    params = {"w": 0.3 * w_true, "b": jnp.zeros((classes,), dtype)}
+
+    def model_fn(p, batch):
+        return batch[0] @ p["w"] + p["b"]
+
+    def loss_fn(p, batch):
+        reg = 0.5 * l2 * (jnp.sum(p["w"] ** 2) + jnp.sum(p["b"] ** 2))
+        return softmax_cross_entropy(model_fn(p, batch), batch) + reg
+
+    train = (x[:n_train], y[:n_train])
+    test = (x[n_train:], y[n_train:])
+    return Problem(loss_fn, params, train, test, model_fn, softmax_cross_entropy)
+
+
+class LinenCNN(nn.Module):
+    classes: int = 3
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.tanh(nn.Conv(3, (3, 3), padding="SAME")(x))
+        x = x.reshape((x.shape[0], -1))
+        return nn.Dense(self.classes)(x)
+
+
+def cnn_problem(*, n_train=12, n_test=3, size=5, channels=2, classes=3, dtype=jnp.float64, seed=0):
+    """A one-conv-layer Linen CNN classifier on random images (NHWC)."""
+    key = jax.random.key(seed)
+    kx, ky = jax.random.split(key)
+    x = jax.random.normal(kx, (n_train + n_test, size, size, channels), dtype)
+    y = jax.random.randint(ky, (n_train + n_test,), 0, classes)
+    module = LinenCNN(classes)
+    params = jax.tree.map(lambda a: a.astype(dtype), module.init(jax.random.key(seed + 1), x[:1]))
+
+    def model_fn(p, batch):
+        return module.apply(p, batch[0])
+
+    def loss_fn(p, batch):
+        return softmax_cross_entropy(model_fn(p, batch), batch)
+
+    return Problem(loss_fn, params, (x[:n_train], y[:n_train]), (x[n_train:], y[n_train:]), model_fn,
+                   softmax_cross_entropy)
+
+
+def dense_hessian(loss_fn, params, batch):
+    """Reference: ``jax.hessian`` of the loss on the raveled parameters (one batch = full data)."""
+    flat, unravel = jax.flatten_util.ravel_pytree(params)
+    return jax.hessian(lambda f: loss_fn(unravel(f), batch))(flat)
+
+
+def dense_grads(loss_fn, params, batch):
+    """Reference per-example gradients ``(n, p)`` by a Python-free vmap over batches of one."""
+    flat, unravel = jax.flatten_util.ravel_pytree(params)
+
+    def one(example):
+        b = jax.tree.map(lambda a: a[None], example)
+        return jax.grad(lambda f: loss_fn(unravel(f), b))(flat)
+
+    return jax.vmap(one)(batch)
