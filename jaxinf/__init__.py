@@ -6,6 +6,7 @@ Gauss-Newton or empirical Fisher) of the mean training loss.
 
 from jaxinf.curvature import CURVATURES, CurvatureOperator, curvature_operator
 from jaxinf.data import Batches, as_batches
+from jaxinf.influence import ConvergenceError, InfluenceModel, NotFittedError
 from jaxinf.solvers import DirectState, Solver, SolveInfo, direct
 
 __version__ = "0.1.0"
@@ -13,6 +14,9 @@ __version__ = "0.1.0"
 __all__ = [
     "CURVATURES",
     "Batches",
+    "ConvergenceError",
+    "InfluenceModel",
+    "NotFittedError",
     "CurvatureOperator",
     "DirectState",
     "Solver",

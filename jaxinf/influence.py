@@ -1,0 +1,348 @@
+"""The stateful wrapper: a solver combined into influence scores.
+
+:class:`InfluenceModel` only orchestrates: the curvature comes from
+:mod:`jaxinf.curvature`, the inverse from a :class:`jaxinf.Solver`, the
+contractions from :mod:`jaxinf.scoring`. It validates inputs outside ``jit``,
+compiles each numerical step once, and turns the solvers' ``SolveInfo`` into
+errors or warnings with the numbers.
+
+Sign convention (the same as pyDVL, so results compare one to one)::
+
+    influences(test, train)[i, j] = + ∇θℓ(test_i)ᵀ (C + λI)⁻¹ ∇θℓ(train_j)
+
+Rows are test points, columns training points, ``C`` the curvature of the
+**mean** training loss. Positive means helpful: up-weighting training point
+``j`` by ``ε`` changes the loss on test point ``i`` by about ``−ε·I[i, j]``;
+removing it (``ε = −1/n``) raises that loss by about ``+I[i, j]/n``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinf._tree import check_finite, check_matches, tree_spec
+from jaxinf.curvature import CURVATURES, CurvatureOperator, curvature_operator
+from jaxinf.data import as_batches, batch_size
+from jaxinf.scoring import SCORING_METHODS, choose_method, contract, per_example_grads, perturbation, resolve_input_leaf
+from jaxinf.solvers.base import Solver
+
+PyTree = Any
+MODES = ("up", "perturbation")
+
+
+class NotFittedError(RuntimeError):
+    """An influence was asked of an :class:`InfluenceModel` before ``fit``."""
+
+
+class ConvergenceError(RuntimeError):
+    """An iterative solve did not converge or diverged (strict mode)."""
+
+
+def solve_many(solver: Solver, state, rhs: PyTree):
+    """Solve for every right-hand side along the leading axis of ``rhs``.
+
+    Uses the solver's own blocked algorithm (``solver.solve_many``) when it has
+    one, else ``jax.vmap`` of its single-right-hand-side ``solve``.
+    """
+    blocked = getattr(solver, "solve_many", None)
+    if blocked is not None:
+        return blocked(state, rhs)
+    return jax.vmap(solver.solve, in_axes=(None, 0))(state, rhs)
+
+
+class InfluenceModel:
+    """Influence of training points on test points for a model and a solver.
+
+    Args:
+      loss_fn: ``loss_fn(params, batch) -> scalar``, the **mean** loss over the
+        leading axis of every leaf of ``batch``. For Gauss-Newton it may be
+        ``None`` and is then ``output_loss(model_fn(params, batch), batch)``.
+      params: the trained parameters (any pytree; e.g. Linen variables or
+        ``nnx.split(model, nnx.Param)[1]``).
+      solver: a :class:`jaxinf.Solver`, e.g. ``jaxinf.direct()``.
+      damping: ``λ >= 0`` in ``(C + λI)⁻¹``; a scalar or ``{block: λ}``.
+        Assigning ``model.damping`` later refits.
+      curvature: ``"hessian"``, ``"gauss_newton"`` or ``"fisher"`` (empirical).
+      model_fn, output_loss: the split loss for ``"gauss_newton"``.
+      blocks: block-diagonal structure (``None``, ``"layer"``,
+        ``"parameter"``, labels or a callable); see
+        :func:`jaxinf.curvature.resolve_blocks`.
+      input_leaf: the batch leaf that perturbation mode differentiates with
+        respect to: a position in ``jax.tree.leaves(batch)`` (default ``0``,
+        the ``x`` of ``(x, y)``) or a key path string such as ``"['image']"``.
+      scoring: ``"auto"``, ``"gradients"`` or ``"jvp"``; see
+        :mod:`jaxinf.scoring`.
+      strict: raise :class:`ConvergenceError` when a solve does not converge;
+        if ``False``, warn with the numbers instead. Divergence and NaN always
+        raise.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, jaxinf
+      >>> def loss(w, batch):
+      ...     x, y = batch
+      ...     return jnp.mean((x @ w - y) ** 2)
+      >>> x = jnp.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]); y = jnp.array([1.0, 0.0, 1.0])
+      >>> model = jaxinf.InfluenceModel(loss, jnp.array([0.5, 0.2]), jaxinf.direct(), damping=0.1)
+      >>> model = model.fit((x, y))
+      >>> model.influences((x[:1], y[:1]), (x, y)).shape
+      (1, 3)
+    """
+
+    def __init__(
+        self,
+        loss_fn: Callable | None,
+        params: PyTree,
+        solver: Solver,
+        *,
+        damping: Any = 0.0,
+        curvature: str = "hessian",
+        model_fn: Callable | None = None,
+        output_loss: Callable | None = None,
+        blocks: Any = None,
+        input_leaf: int | str = 0,
+        scoring: str = "auto",
+        strict: bool = True,
+    ):
+        if not isinstance(solver, Solver):
+            raise TypeError(f"solver must be a jaxinf.Solver (e.g. jaxinf.direct()), got {type(solver).__name__}.")
+        if curvature not in CURVATURES:
+            raise ValueError(f"Unknown curvature {curvature!r}; choose one of {CURVATURES}.")
+        if scoring not in SCORING_METHODS:
+            raise ValueError(f"Unknown scoring {scoring!r}; choose one of {SCORING_METHODS}.")
+        if loss_fn is None:
+            if model_fn is None or output_loss is None:
+                raise ValueError("Give loss_fn(params, batch), or model_fn and output_loss.")
+
+            def loss_fn(p, batch, _m=model_fn, _o=output_loss):
+                return _o(_m(p, batch), batch)
+
+        if not callable(loss_fn):
+            raise TypeError("loss_fn must be a callable loss_fn(params, batch) -> scalar mean loss.")
+        if curvature == "gauss_newton" and (model_fn is None or output_loss is None):
+            raise ValueError(
+                "curvature='gauss_newton' needs model_fn(params, batch) -> outputs and "
+                "output_loss(outputs, batch) -> mean loss."
+            )
+        check_finite(params, "params")
+        self.loss_fn = loss_fn
+        self.params = params
+        self.solver = solver
+        self.curvature = curvature
+        self.model_fn = model_fn
+        self.output_loss = output_loss
+        self.blocks = blocks
+        self.input_leaf = input_leaf
+        self.scoring = scoring
+        self.strict = strict
+        self._damping = damping
+        self._spec = tree_spec(params)
+        self.state = None
+        self.operator: CurvatureOperator | None = None
+        self.fit_info: dict = {}
+
+        self._grads = jax.jit(lambda p, b: per_example_grads(loss_fn, p, b))
+        self._solve_many = jax.jit(lambda state, rhs: solve_many(solver, state, rhs))
+        self._contract = jax.jit(lambda p, f, b, method: contract(loss_fn, p, f, b, method), static_argnums=3)
+        self._perturb = jax.jit(lambda p, f, b, leaf: perturbation(loss_fn, p, f, b, leaf), static_argnums=3)
+        self._score = jax.jit(solver.score) if solver.score is not None else None
+
+    # ------------------------------------------------------------------ fit
+    @property
+    def damping(self):
+        return self._damping
+
+    @damping.setter
+    def damping(self, value):
+        """Changing the damping of a fitted model refits it on the same data."""
+        self._damping = value
+        if self.operator is not None:
+            self._fit_operator(self.operator.with_damping(value), self._fit_key)
+
+    @property
+    def is_fitted(self) -> bool:
+        return self.state is not None
+
+    def fit(self, train_data: Any, key: jax.Array | None = None) -> InfluenceModel:
+        """Fit the solver to the curvature of the mean loss over ``train_data``.
+
+        Args:
+          train_data: one batch, or a list/iterable of batches (sizes may
+            differ; the average is weighted by batch size).
+          key: PRNG key for randomised solvers (sketches, LiSSA, sampled
+            Fisher labels); a fixed default is used when ``None``.
+
+        Returns:
+          ``self``, fitted.
+        """
+        operator = curvature_operator(
+            self.loss_fn,
+            self.params,
+            train_data,
+            kind=self.curvature,
+            damping=self._damping,
+            blocks=self.blocks,
+            model_fn=self.model_fn,
+            output_loss=self.output_loss,
+        )
+        self._fit_operator(operator, key)
+        return self
+
+    def _fit_operator(self, operator: CurvatureOperator, key) -> None:
+        self._fit_key = key
+        state = self.solver.init(operator, key=key)
+        if self.solver.validate is not None:
+            self.solver.validate(state)
+        self.operator, self.state = operator, state
+        self.n_train = operator.num_examples
+
+    def _require_fit(self) -> None:
+        if self.state is None:
+            raise NotFittedError("This InfluenceModel is not fitted yet: call model.fit(train_data) first.")
+
+    # ------------------------------------------------------------ batches
+    def _batches(self, data: Any, name: str) -> list:
+        batches = as_batches(data, name=name)
+        out = list(batches.batches())
+        if self.operator is not None:
+            ref = jax.tree.structure(next(self.operator.data.batches()))
+            for b in out:
+                if jax.tree.structure(b) != ref:
+                    raise ValueError(
+                        f"{name} has tree structure {jax.tree.structure(b)}, but the training batches have {ref}."
+                    )
+        return out
+
+    def _check_info(self, info, what: str) -> None:
+        converged = np.asarray(info.converged)
+        diverged = np.asarray(info.diverged)
+        iterations = np.asarray(info.iterations)
+        residual = np.asarray(info.residual_norm)
+        total = converged.size
+        advice = f" {self.solver.advice}" if self.solver.advice else ""
+        if diverged.any():
+            raise ConvergenceError(
+                f"{self.solver.name} diverged for {int(diverged.sum())} of {total} {what} "
+                f"(residual up to {np.nanmax(np.where(np.isfinite(residual), residual, np.inf)):.3g}).{advice}"
+            )
+        if not converged.all():
+            message = (
+                f"{self.solver.name} did not converge for {int((~converged).sum())} of {total} {what}: "
+                f"iterations up to {int(iterations.max())}, residual norm up to {float(np.max(residual)):.3g}.{advice}"
+            )
+            if self.strict:
+                raise ConvergenceError(message + " Pass strict=False to get the results with a warning.")
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+    def _check_factors_finite(self, factors) -> None:
+        for leaf in jax.tree.leaves(factors):
+            if not bool(jnp.all(jnp.isfinite(leaf))):
+                raise ConvergenceError(
+                    f"{self.solver.name} returned NaN or inf influence factors.{' ' + self.solver.advice}"
+                )
+
+    # ------------------------------------------------------------- factors
+    def influence_factors(self, test_data: Any) -> PyTree:
+        """``(C + λI)⁻¹ ∇θℓ(test_i)`` for every test point.
+
+        Returns:
+          A params-shaped pytree whose leaves carry a leading ``n_test`` axis.
+        """
+        self._require_fit()
+        parts = []
+        for batch in self._batches(test_data, "test_data"):
+            grads = self._grads(self.params, batch)
+            factors, info = self._solve_many(self.state, grads)
+            self._check_info(info, "right-hand sides")
+            self._check_factors_finite(factors)
+            parts.append(factors)
+        return jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts) if len(parts) > 1 else parts[0]
+
+    def influences_from_factors(self, factors: PyTree, train_data: Any, mode: str = "up"):
+        """Complete ``influences`` from precomputed factors.
+
+        Args:
+          factors: output of :meth:`influence_factors` (leading ``n_test``).
+          train_data: one batch or a collection of batches.
+          mode: ``"up"`` -> shape ``(n_test, n_train)``; ``"perturbation"`` ->
+            ``(n_test, n_train, *x_shape)``.
+        """
+        self._check_mode(mode)
+        check_matches(factors, self._spec, "factors", leading=1)
+        n_factors = jax.tree.leaves(factors)[0].shape[0]
+        columns = []
+        batches = self._batches(train_data, "train_data")
+        for batch in batches:
+            if mode == "up":
+                method = self.scoring
+                if method == "auto":
+                    method = choose_method(n_factors, batch_size(batch), self._spec.size)
+                columns.append(self._contract(self.params, factors, batch, method))
+            else:
+                leaf = resolve_input_leaf(batch, self.input_leaf)
+                columns.append(self._perturb(self.params, factors, batch, leaf))
+        return jnp.concatenate(columns, axis=1)
+
+    def influences(self, test_data: Any, train_data: Any = None, mode: str = "up"):
+        """``I[i, j] = ∇θℓ(test_i)ᵀ (C + λI)⁻¹ ∇θℓ(train_j)`` (mode ``"up"``).
+
+        Args:
+          test_data: the test batch (rows).
+          train_data: the training batch or batches (columns); ``None`` reuses
+            ``test_data`` (the symmetric case).
+          mode: ``"up"`` or ``"perturbation"``.
+
+        In mode ``"up"`` the inverse is applied to whichever side has fewer
+        points (the operator is symmetric).
+        """
+        self._require_fit()
+        self._check_mode(mode)
+        if train_data is None:
+            train_data = test_data
+        if mode == "up" and self._score is not None:
+            return jnp.concatenate(
+                [
+                    jnp.concatenate(
+                        [self._score(self.state, self.operator, tb, rb) for rb in self._batches(train_data, "train_data")],
+                        axis=1,
+                    )
+                    for tb in self._batches(test_data, "test_data")
+                ],
+                axis=0,
+            )
+        if mode == "up":
+            n_test = as_batches(test_data, name="test_data").num_examples
+            n_train = as_batches(train_data, name="train_data").num_examples
+            if n_train < n_test:
+                return self.influences_from_factors(self.influence_factors(train_data), test_data).T
+        return self.influences_from_factors(self.influence_factors(test_data), train_data, mode)
+
+    def self_influence(self, data: Any):
+        """``∇θℓ(z_j)ᵀ (C + λI)⁻¹ ∇θℓ(z_j)`` for each point; shape ``(n,)``."""
+        self._require_fit()
+        out = []
+        for batch in self._batches(data, "data"):
+            grads = self._grads(self.params, batch)
+            factors, info = self._solve_many(self.state, grads)
+            self._check_info(info, "right-hand sides")
+            self._check_factors_finite(factors)
+            out.append(_rowwise_dot(factors, grads))
+        return jnp.concatenate(out)
+
+    @staticmethod
+    def _check_mode(mode: str) -> None:
+        if mode not in MODES:
+            raise ValueError(f"Unknown mode {mode!r}; choose 'up' (up-weighting) or 'perturbation'.")
+
+
+@jax.jit
+def _rowwise_dot(a: PyTree, b: PyTree):
+    return sum(jnp.sum(jnp.reshape(x * y, (x.shape[0], -1)), axis=1) for x, y in
+               zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+__all__ = ["InfluenceModel", "NotFittedError", "ConvergenceError", "MODES", "solve_many"]
