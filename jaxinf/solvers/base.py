@@ -67,6 +67,11 @@ class Solver(NamedTuple):
         than "solve the test factors, contract with training gradients"
         (e.g. low-rank projections, per-layer Kronecker contractions). The
         wrapper uses it for ``influences(..., mode="up")`` when present.
+      solve_many: optional ``solve_many(state, V) -> (X, SolveInfo)`` for a
+        pytree ``V`` whose leaves carry a leading axis of right-hand sides
+        (``X`` and every ``SolveInfo`` field gain the same leading axis), for
+        solvers with a genuinely blocked algorithm (e.g. block CG). When
+        absent, use ``jax.vmap(solve, in_axes=(None, 0))``.
     """
 
     init: Callable[..., Any]
@@ -75,3 +80,4 @@ class Solver(NamedTuple):
     name: str = "solver"
     advice: str = ""
     score: Callable[..., Any] | None = None
+    solve_many: Callable[[Any, Any], tuple[Any, SolveInfo]] | None = None
