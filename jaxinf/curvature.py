@@ -320,3 +320,19 @@ def curvature_operator(
         block_names=block_names,
         spec=tree_spec(params),
     )
+
+
+def to_dense(operator: CurvatureOperator, *, column_batch: int = 128):
+    """The dense matrix ``C_blockdiag + Λ`` on the raveled parameters (``p × p``).
+
+    For tests and inspection of small models: it costs ``p`` products.
+    """
+    from jaxinf._tree import ravel, unravel
+
+    spec = operator.spec
+    p = spec.size
+
+    def column(j):
+        return ravel(operator.matvec(unravel(spec, jax.nn.one_hot(j, p, dtype=spec.dtype))), spec.dtype)
+
+    return jax.lax.map(column, jnp.arange(p), batch_size=max(1, min(column_batch, p))).T

@@ -132,7 +132,7 @@ class LinenCNN(nn.Module):
         return nn.Dense(self.classes)(x)
 
 
-def cnn_problem(*, n_train=12, n_test=3, size=5, channels=2, classes=3, dtype=jnp.float64, seed=0):
+def cnn_problem(*, n_train=10, n_test=3, size=4, channels=2, classes=3, dtype=jnp.float64, seed=0):
     """A one-conv-layer Linen CNN classifier on random images (NHWC)."""
     key = jax.random.key(seed)
     kx, ky = jax.random.split(key)
