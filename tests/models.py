@@ -36,9 +36,9 @@ def softmax_cross_entropy(logits, batch):
 
 def _regression_data(key, n_train, n_test, d_in, d_out, dtype):
     kx, kw, kn, kt = jax.random.split(key, 4)
-    x = jax.random.normal(kx, (n_train + n_test, d_in), dtype)
-    w = jax.random.normal(kw, (d_in, d_out), dtype)
-    y = jnp.tanh(x @ w) + 0.1 * jax.random.normal(kn, (n_train + n_test, d_out), dtype)
+    x = jax.random.normal(kx, (n_train + n_test, d_in), jnp.float32).astype(dtype)
+    w = jax.random.normal(kw, (d_in, d_out), jnp.float32).astype(dtype)
+    y = jnp.tanh(x @ w) + 0.1 * jax.random.normal(kn, (n_train + n_test, d_out), jnp.float32).astype(dtype)
     return (x[:n_train], y[:n_train]), (x[n_train:], y[n_train:])
 
 
@@ -83,9 +83,9 @@ def mlp_problem(flavour: str = "linen", *, n_train=23, n_test=5, d_in=4, hidden=
     elif flavour == "plain":
         k1, k2 = jax.random.split(jax.random.key(seed + 1))
         params = {
-            "w1": jax.random.normal(k1, (d_in, hidden), dtype) / jnp.sqrt(d_in),
+            "w1": jax.random.normal(k1, (d_in, hidden), jnp.float32).astype(dtype) / jnp.sqrt(d_in),
             "b1": jnp.zeros((hidden,), dtype),
-            "w2": jax.random.normal(k2, (hidden, out), dtype) / jnp.sqrt(hidden),
+            "w2": jax.random.normal(k2, (hidden, out), jnp.float32).astype(dtype) / jnp.sqrt(hidden),
             "b2": jnp.zeros((out,), dtype),
         }
 
@@ -105,8 +105,8 @@ def logistic_problem(*, n_train=30, n_test=6, d=3, classes=3, l2=0.0, dtype=jnp.
     """Multinomial logistic regression ``softmax(x W + b)`` with optional L2; params ``{"w", "b"}``."""
     key = jax.random.key(seed)
     kx, kw, ky = jax.random.split(key, 3)
-    x = jax.random.normal(kx, (n_train + n_test, d), dtype)
-    w_true = jax.random.normal(kw, (d, classes), dtype)
+    x = jax.random.normal(kx, (n_train + n_test, d), jnp.float32).astype(dtype)
+    w_true = jax.random.normal(kw, (d, classes), jnp.float32).astype(dtype)
     y = jax.random.categorical(ky, x @ w_true)
     params = {"w": 0.3 * w_true, "b": jnp.zeros((classes,), dtype)}
 
@@ -136,7 +136,7 @@ def cnn_problem(*, n_train=10, n_test=3, size=4, channels=2, classes=3, dtype=jn
     """A one-conv-layer Linen CNN classifier on random images (NHWC)."""
     key = jax.random.key(seed)
     kx, ky = jax.random.split(key)
-    x = jax.random.normal(kx, (n_train + n_test, size, size, channels), dtype)
+    x = jax.random.normal(kx, (n_train + n_test, size, size, channels), jnp.float32).astype(dtype)
     y = jax.random.randint(ky, (n_train + n_test,), 0, classes)
     module = LinenCNN(classes)
     params = jax.tree.map(lambda a: a.astype(dtype), module.init(jax.random.key(seed + 1), x[:1]))
