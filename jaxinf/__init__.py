@@ -8,6 +8,8 @@ from jaxinf.curvature import CURVATURES, CurvatureOperator, curvature_operator
 from jaxinf.data import Batches, as_batches
 from jaxinf.influence import ConvergenceError, InfluenceModel, NotFittedError
 from jaxinf.solvers import DirectState, Solver, SolveInfo, direct
+from jaxinf.solvers import arnoldi, nystrom
+from jaxinf.lowrank import LowRankState
 
 __version__ = "0.1.0"
 
@@ -24,4 +26,7 @@ __all__ = [
     "as_batches",
     "curvature_operator",
     "direct",
+    "arnoldi",
+    "nystrom",
+    "LowRankState",
 ]

@@ -1,0 +1,308 @@
+"""Low-rank inverse curvature: shared state, solve, validation and projected scoring.
+
+The low-rank solvers (:func:`jaxinf.arnoldi`, :func:`jaxinf.nystrom`) both
+end with an orthonormal basis ``V`` (``p × r``) and eigenvalue estimates
+``D`` (``r``) with ``C ≈ V diag(D) Vᵀ``, and then solve
+
+    ``x = V (D + λ)⁻¹ Vᵀ b  [+ (1/λ)(I − V Vᵀ) b]``
+
+where the bracketed *completion* is the exact inverse of the damped low-rank
+model ``V D Vᵀ + λI`` (Sherman–Morrison–Woodbury) and needs ``λ > 0``;
+without it the solve only acts on the span of ``V`` (Schioppa et al. 2022).
+
+Scoring (:func:`score`) never forms per-example gradients for the projected
+part: one forward-mode product of the per-example losses along a basis vector
+``v_k`` gives ``g_i · v_k`` for every example ``i`` of a batch, so ``r``
+JVPs project a whole batch, ``P = G V`` (``n × r``), with memory of ``r``
+(or ``projection_batch``) forward passes, independent of ``n × p``. Then
+
+    ``I = P_test (D + λ)⁻¹ P_trainᵀ  [+ (1/λ) g_testᵀ (I − V Vᵀ) g_train]``.
+
+The completion term needs real gradients on one side: per-example
+gradients of the *smaller* batch (memory ``n_small × p``), projected off the
+basis, then one JVP of the other batch's losses per residual. It costs
+``n_small`` backward passes plus ``n_small`` JVPs over the other batch, so
+it is optional.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinf._tree import TreeSpec, check_matches, is_tracer, ravel, ravel_batched, unravel, unravel_batched
+from jaxinf.curvature import CurvatureOperator, per_example_losses
+from jaxinf.data import add_example_axis, batch_size
+from jaxinf.solvers.base import make_info
+
+PyTree = Any
+
+__all__ = ["LowRankState", "lowrank_solve", "lowrank_validate", "project", "score", "scoring_loss_fn", "with_damping"]
+
+
+@jax.tree_util.register_pytree_node_class
+@dataclasses.dataclass(frozen=True)
+class LowRankState:
+    """``C ≈ basis @ diag(eigvals) @ basis.T`` plus damping and diagnostics.
+
+    Attributes:
+      basis: ``(p, r)`` orthonormal columns ``V`` (raveled parameter order).
+      eigvals: ``(r,)`` the eigenvalues ``D`` the solve uses (after the
+        solver's treatment of negative values).
+      raw_eigvals: ``(r,)`` the eigenvalue estimates before that treatment.
+      damping: scalar ``λ``.
+      extras: dict of method-specific diagnostic arrays (e.g. Ritz residuals).
+      spec: (static) layout of the parameter tree.
+      completion: (static) add ``(1/λ)(I − VVᵀ)b`` in the solve and scores.
+      method: (static) the solver's name, for messages.
+      negative: (static) how negative eigenvalues are treated
+        (``"keep"``, ``"clip"``, ``"abs"``).
+      products: (static) curvature-vector products spent by ``init``.
+    """
+
+    basis: jax.Array
+    eigvals: jax.Array
+    raw_eigvals: jax.Array
+    damping: jax.Array
+    extras: dict
+    spec: TreeSpec
+    completion: bool
+    method: str
+    negative: str
+    products: int
+
+    def tree_flatten(self):
+        children = (self.basis, self.eigvals, self.raw_eigvals, self.damping, self.extras)
+        return children, (self.spec, self.completion, self.method, self.negative, self.products)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(*children, *aux)
+
+    @property
+    def rank(self) -> int:
+        return self.basis.shape[-1]
+
+
+def with_damping(state: LowRankState, damping: Any) -> LowRankState:
+    """The same low-rank factorisation with a new scalar damping (no new products)."""
+    return dataclasses.replace(state, damping=jnp.asarray(damping, state.eigvals.dtype))
+
+
+def _shifted(state: LowRankState):
+    """``D + λ``, a mask of the entries that may be inverted, and a singular flag."""
+    shifted = state.eigvals + state.damping.astype(state.eigvals.dtype)
+    top = jnp.max(jnp.abs(shifted))
+    tol = shifted.size * jnp.finfo(shifted.dtype).eps * top
+    invertible = jnp.abs(shifted) > tol
+    # A zero matrix (top == 0) is singular too.
+    return shifted, invertible, ~jnp.all(invertible) | (top == 0)
+
+
+def _bad_damping(state: LowRankState):
+    """Completion needs ``λ > 0``."""
+    if not state.completion:
+        return jnp.asarray(False)
+    return ~(state.damping > 0)
+
+
+def _inverse_diag(state: LowRankState):
+    shifted, invertible, _ = _shifted(state)
+    return jnp.where(invertible, 1.0 / jnp.where(invertible, shifted, 1.0), 0.0)
+
+
+def lowrank_solve(state: LowRankState, v: PyTree):
+    """``x = V (D + λ)⁻¹ Vᵀ v [+ (1/λ)(I − VVᵀ) v]`` for one right-hand side.
+
+    Directions with ``|D + λ|`` at rounding level are not inverted (they get
+    0); that, a non-positive ``λ`` with the completion, or a non-finite result
+    sets ``info.converged = False``. ``info.residual_norm`` is
+    ``‖(I − VVᵀ) v‖``: the part of ``v`` outside the basis, which the solve
+    either drops or treats as having zero curvature (completion).
+    """
+    check_matches(v, state.spec, "v")
+    dtype = state.basis.dtype
+    b = ravel(v, dtype)
+    coeff = state.basis.T @ b
+    x = state.basis @ (coeff * _inverse_diag(state))
+    outside = b - state.basis @ coeff
+    if state.completion:
+        lam = state.damping.astype(dtype)
+        x = x + jnp.where(lam > 0, outside / jnp.where(lam > 0, lam, 1.0), 0.0)
+    finite = jnp.all(jnp.isfinite(x))
+    _, _, singular = _shifted(state)
+    ok = finite & ~singular & ~_bad_damping(state)
+    return unravel(state.spec, x), make_info(1, jnp.linalg.norm(outside), ok, ~finite)
+
+
+def lowrank_validate(state: LowRankState, *, indefinite_note: str = "") -> None:
+    """Host-side checks shared by the low-rank solvers.
+
+    Raises:
+      ValueError: non-finite basis or eigenvalues; completion with ``λ <= 0``;
+        ``D + λ`` singular (some ``|D_k + λ|`` at rounding level).
+
+    Warns:
+      UserWarning: negative eigenvalue estimates (with the treatment used),
+        and ``D + λ < 0`` (influence signs flip along those directions).
+    """
+    name = state.method
+    eig = np.asarray(state.eigvals, np.float64)
+    raw = np.asarray(state.raw_eigvals, np.float64)
+    basis = np.asarray(state.basis)
+    lam = float(state.damping)
+    if not (np.all(np.isfinite(eig)) and np.all(np.isfinite(basis))):
+        raise ValueError(
+            f"{name}: the low-rank factorisation holds NaN or inf. Check that the loss and its curvature "
+            "are finite at these parameters."
+        )
+    if state.completion and not lam > 0:
+        raise ValueError(
+            f"{name}: the Woodbury completion (1/λ)(I − VVᵀ)b needs damping > 0, got damping={lam:.3g}. "
+            f"Set damping > 0 (e.g. {max(1e-3 * float(np.max(np.abs(eig), initial=0.0)), 1e-8):.3g})"
+            + (" or pass completion=False." if name == "arnoldi" else ".")
+        )
+    shifted = eig + lam
+    top = float(np.max(np.abs(shifted), initial=0.0))
+    eps = np.finfo(np.asarray(state.eigvals).dtype).eps
+    tol = eig.size * eps * top
+    if top == 0 or np.min(np.abs(shifted)) <= tol:
+        count = int(np.sum(np.abs(shifted) <= tol)) if top > 0 else eig.size
+        raise ValueError(
+            f"{name}: D + λ is singular: {count} of {eig.size} retained eigenvalues satisfy |D_k + λ| <= "
+            f"{tol:.3g} (damping={lam:.3g}, largest |D + λ| {top:.3g}). Set damping > 0 "
+            f"(e.g. {max(1e-3 * top, 1e-8):.3g}) or lower the rank."
+        )
+    raw_top = float(np.max(np.abs(raw), initial=0.0))
+    negative = raw < -np.sqrt(eps) * raw_top
+    if negative.any():
+        treatment = {
+            "keep": "kept as they are",
+            "clip": "clipped to 0 (so they get (0 + λ)⁻¹)",
+            "abs": "replaced by their absolute values",
+        }[state.negative]
+        warnings.warn(
+            f"{name}: {int(negative.sum())} of {raw.size} retained eigenvalue estimates are negative (most "
+            f"negative {raw.min():.3g}, largest |D| {raw_top:.3g}); the curvature is indefinite. They were "
+            f"{treatment}.{indefinite_note}",
+            UserWarning,
+            stacklevel=3,
+        )
+    if np.any(shifted < 0):
+        warnings.warn(
+            f"{name}: D + λ < 0 along {int(np.sum(shifted < 0))} direction(s) (most negative {shifted.min():.3g}); "
+            "influence flips sign there. Use negative='clip' or 'abs', a PSD curvature "
+            "(curvature='gauss_newton'), or damping > "
+            f"{-float(eig.min()):.3g}.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+# ----------------------------------------------------------------------------
+# Projected scoring
+# ----------------------------------------------------------------------------
+
+
+def scoring_loss_fn(operator: CurvatureOperator) -> Callable:
+    """The per-batch mean loss of ``operator`` (built from ``model_fn``/``output_loss`` if needed)."""
+    if operator.loss_fn is not None:
+        return operator.loss_fn
+    model_fn, output_loss = operator.model_fn, operator.output_loss
+
+    def loss_fn(params, batch):
+        return output_loss(model_fn(params, batch), batch)
+
+    return loss_fn
+
+
+def _map(fn, xs, batch: int | None):
+    if batch is None or batch >= xs.shape[0]:
+        return jax.vmap(fn)(xs)
+    return jax.lax.map(fn, xs, batch_size=batch)
+
+
+def project(state: LowRankState, operator: CurvatureOperator, batch: PyTree, *, projection_batch: int | None = None):
+    """``P[i, k] = ∇θℓ(z_i) · v_k`` for every example of ``batch``: shape ``(n, r)``.
+
+    One JVP of the per-example losses per basis vector; ``projection_batch``
+    basis vectors are pushed forward at once (``None``: all ``r``).
+    """
+    loss_fn = scoring_loss_fn(operator)
+    params = operator.params
+    spec = state.spec
+
+    def along(v):
+        return jax.jvp(lambda p: per_example_losses(loss_fn, p, batch), (params,), (unravel(spec, v),))[1]
+
+    return _map(along, state.basis.T, projection_batch).T
+
+
+def _completion(state, operator, small, other, projected_small, projection_batch):
+    """``g_sᵀ (I − VVᵀ) g_o`` for the examples of ``small`` (rows) and ``other`` (columns)."""
+    loss_fn = scoring_loss_fn(operator)
+    params = operator.params
+    dtype = state.basis.dtype
+    grads = jax.vmap(lambda ex: jax.grad(loss_fn)(params, add_example_axis(ex)))(small)
+    flat = ravel_batched(grads, dtype)
+    residuals = flat - projected_small @ state.basis.T  # (n_small, p), (I − VVᵀ) g_s
+
+    def along(r):
+        return jax.jvp(lambda p: per_example_losses(loss_fn, p, other), (params,), (unravel(state.spec, r),))[1]
+
+    return _map(along, residuals, 1 if projection_batch is None else projection_batch)
+
+
+def score(
+    state: LowRankState,
+    operator: CurvatureOperator,
+    test_batch: PyTree,
+    train_batch: PyTree,
+    *,
+    projection_batch: int | None = None,
+):
+    """Influence matrix ``(n_test, n_train)`` from the low-rank state, by projection.
+
+    ``I = P_test (D + λ)⁻¹ P_trainᵀ`` with ``P = G V`` formed by JVPs
+    (:func:`project`), plus ``(1/λ) g_testᵀ (I − VVᵀ) g_train`` when the state
+    has ``completion=True`` (per-example gradients of the smaller batch).
+    Equals ``∇θℓ(test)ᵀ x(∇θℓ(train))`` with ``x`` the state's solve.
+    """
+    p_test = project(state, operator, test_batch, projection_batch=projection_batch)
+    p_train = project(state, operator, train_batch, projection_batch=projection_batch)
+    scores = (p_test * _inverse_diag(state)) @ p_train.T
+    if state.completion:
+        lam = state.damping.astype(scores.dtype)
+        inv_lam = jnp.where(lam > 0, 1.0 / jnp.where(lam > 0, lam, 1.0), jnp.nan)
+        if batch_size(test_batch) <= batch_size(train_batch):
+            extra = _completion(state, operator, test_batch, train_batch, p_test, projection_batch)
+        else:
+            extra = _completion(state, operator, train_batch, test_batch, p_train, projection_batch).T
+        scores = scores + inv_lam * extra
+    return scores
+
+
+def basis_tree(state: LowRankState) -> PyTree:
+    """The basis as a parameter-shaped pytree with a leading ``r`` axis."""
+    return unravel_batched(state.spec, state.basis.T)
+
+
+def check_concrete_positive(damping, name: str, what: str) -> None:
+    """``ValueError`` at init when a concrete ``damping`` is not ``> 0``."""
+    if not is_tracer(damping) and not float(damping) > 0:
+        raise ValueError(f"{name} needs damping > 0 ({what}), got damping={float(damping):.3g}. Set damping > 0.")
+
+
+def positive_int(value, name: str) -> int:
+    """``int(value)`` if it is an integer ``>= 1``, else a ``ValueError`` naming ``name``."""
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise ValueError(f"{name} must be a positive int, got {value!r}.")
+    value = int(value)
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}.")
+    return value
