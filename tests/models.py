@@ -54,8 +54,8 @@ class LinenMLP(nn.Module):
 
 class NNXMLP(nnx.Module):
     def __init__(self, d_in, hidden, out, *, rngs, dtype=jnp.float64):
-        self.l1 = nnx.Linear(d_in, hidden, rngs=rngs, param_dtype=dtype, dtype=dtype)
-        self.l2 = nnx.Linear(hidden, out, rngs=rngs, param_dtype=dtype, dtype=dtype)
+        self.l1 = nnx.Linear(d_in, hidden, rngs=rngs, param_dtype=jnp.float32)
+        self.l2 = nnx.Linear(hidden, out, rngs=rngs, param_dtype=jnp.float32)
 
     def __call__(self, x):
         return self.l2(jnp.tanh(self.l1(x)))
@@ -76,6 +76,7 @@ def mlp_problem(flavour: str = "linen", *, n_train=23, n_test=5, d_in=4, hidden=
     elif flavour == "nnx":
         model = NNXMLP(d_in, hidden, out, rngs=nnx.Rngs(seed + 1), dtype=dtype)
         graphdef, params = nnx.split(model, nnx.Param)
+        params = jax.tree.map(lambda a: a.astype(dtype), params)  # same values in every dtype
 
         def model_fn(p, batch):
             return nnx.merge(graphdef, p)(batch[0])
