@@ -145,6 +145,9 @@ class InfluenceModel:
         self.operator: CurvatureOperator | None = None
         self.fit_info: dict = {}
 
+        # Solvers' init is jit-compatible by protocol: compiling it once makes a refit on
+        # data of the same shapes (new damping, new data) free of retracing.
+        self._init = jax.jit(lambda operator, key: solver.init(operator, key=key))
         self._grads = jax.jit(lambda p, b: per_example_grads(loss_fn, p, b))
         self._solve_many = jax.jit(lambda state, rhs: solve_many(solver, state, rhs))
         self._contract = jax.jit(lambda p, f, b, method: contract(loss_fn, p, f, b, method), static_argnums=3)
@@ -194,7 +197,7 @@ class InfluenceModel:
 
     def _fit_operator(self, operator: CurvatureOperator, key) -> None:
         self._fit_key = key
-        state = self.solver.init(operator, key=key)
+        state = self._init(operator, key)
         if self.solver.validate is not None:
             self.solver.validate(state)
         self.operator, self.state = operator, state
