@@ -1,0 +1,89 @@
+"""Multi-process (multi-host) runs with ``jax.distributed``: JAX's own runtime, no other cluster.
+
+Every process runs the same script. After :func:`initialize`, ``jax.devices()``
+lists the devices of every process; a :func:`jaxinf.scale.data_mesh` over
+them shards each batch along its examples across hosts, and XLA inserts the
+collectives (all-reduces of curvature products and Kronecker factors). Each
+process reads **only its own part** of the training data:
+
+.. code-block:: python
+
+    import jax, jaxinf
+    from jaxinf import scale
+
+    scale.initialize()                      # TPU pods / SLURM GPU clusters: arguments auto-detected
+    mesh = scale.data_mesh()                # all devices of all processes
+    train = scale.ArraySource(x_y_memmap, batch_size=1024).shard()   # this process's rows only
+    model = jaxinf.InfluenceModel(loss_fn, params, jaxinf.direct(), damping=1e-3)
+    scale.fit(model, list(scale.ArraySource(fit_subset, 256).shard()), mesh)   # collective fit
+    scale.save_state("state.npz", model.state, solver=model.solver)           # process 0 writes
+    scale.compute_influences(model, test, train, "/shared/influences.zarr", mesh=mesh)
+
+* **TPU pods**: call :func:`initialize` with no arguments on every host
+  (``jax.distributed`` reads the pod's metadata); one process per host.
+* **GPU clusters**: under SLURM or Open MPI the arguments are detected too;
+  otherwise pass ``coordinator_address="host0:port"``, ``num_processes`` and
+  ``process_id`` (one process per host, or one per GPU with
+  ``local_device_ids``).
+* **CPU** (tests, laptops): collectives need an implementation;
+  :func:`initialize` selects ``"gloo"`` for the CPU platform. Set
+  ``XLA_FLAGS=--xla_force_host_platform_device_count=k`` before importing
+  JAX for ``k`` devices per process.
+
+The result store must be reachable by every process under the same path (a
+shared file system); each process writes only the chunks of its own
+training columns, and process 0 writes the metadata. The test points are
+read by every process. Fitting across processes needs every process to hold
+the same batch layout (same number and sizes of batches).
+"""
+
+from __future__ import annotations
+
+import jax
+
+__all__ = ["initialize", "is_initialized", "shutdown"]
+
+
+def initialize(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    local_device_ids=None,
+    cpu_collectives: str | None = "gloo",
+    timeout: int = 300,
+) -> None:
+    """Start ``jax.distributed`` (and CPU collectives) in this process.
+
+    Args:
+      coordinator_address: ``"host:port"`` of process 0; ``None`` lets JAX
+        detect it (TPU pods, SLURM, Open MPI).
+      num_processes, process_id: this run's size and this process's rank.
+      local_device_ids: devices this process uses (e.g. one GPU each).
+      cpu_collectives: cross-process collectives for CPU devices (``"gloo"``
+        or ``"mpi"``); ``None`` leaves JAX's setting. Ignored on GPU and TPU.
+      timeout: seconds to wait for the other processes.
+
+    Must be called before any JAX computation.
+    """
+    if cpu_collectives is not None:
+        jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
+    kwargs = dict(
+        coordinator_address=coordinator_address,
+        num_processes=num_processes,
+        process_id=process_id,
+        initialization_timeout=timeout,
+    )
+    if local_device_ids is not None:
+        kwargs["local_device_ids"] = local_device_ids
+    jax.distributed.initialize(**kwargs)
+
+
+def is_initialized() -> bool:
+    """Whether this process is part of a ``jax.distributed`` run."""
+    return jax.process_count() > 1
+
+
+def shutdown() -> None:
+    """Leave the ``jax.distributed`` run (waits for the other processes)."""
+    jax.distributed.shutdown()

@@ -1,0 +1,242 @@
+"""Curvature from a stream: exact products and an exact dense fit without holding the data.
+
+:class:`jaxinf.CurvatureOperator` keeps its dataset in memory so that solvers
+can sweep it inside ``lax`` loops (CG, LiSSA, Arnoldi iterate on device with
+no host round-trip). A collection larger than memory cannot be swept that
+way; what *can* be streamed is anything that needs a fixed, known set of
+products per pass:
+
+* :class:`StreamingCurvature` — ``C V`` for a block of vectors ``V`` in one
+  pass over a source: a host loop over batches, one jitted (and, with a
+  mesh, data-parallel) product per batch, accumulated as the size-weighted
+  mean, so a ragged last batch is exact. Memory: one batch plus ``2 k p``.
+* :func:`direct_from_stream` — the exact solver's state
+  (:class:`jaxinf.DirectState`) from the dense curvature assembled in **one**
+  pass (``p`` products per batch, in column blocks), identical to
+  ``jaxinf.direct().init`` on the same data held in memory. Memory ``O(p²)``,
+  independent of the number of examples.
+
+Which solvers can fit from a stream:
+
+============  =====================================================================
+direct        yes, :func:`direct_from_stream` (one pass).
+nystrom       one pass (``Y = C Ω``) — :meth:`StreamingCurvature.matmat` gives it;
+              the solver's own ``init`` sweeps in-memory data.
+arnoldi       ``krylov_dim`` sequential passes (one product each): not streamed.
+kfac / ekfac  two passes of per-batch factor sums: not streamed yet (the solver
+              sums inside one jitted sweep).
+cg / lissa    iterate inside ``lax`` loops: fit on an in-memory subset (LiSSA
+              samples minibatches anyway) or on a sharded in-memory dataset.
+============  =====================================================================
+
+Scoring never needs the training data in memory: see
+:class:`jaxinf.scale.InfluenceCalculator`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinf._tree import check_matches, ravel, tree_spec, unravel
+from jaxinf.curvature import CURVATURES, curvature_operator, fisher_vp, gauss_newton_vp, hessian_vp
+from jaxinf.data import batch_size as leading_size
+from jaxinf.scale.sharding import mesh_size, replicate, shard_batch
+from jaxinf.scale.sources import as_source
+from jaxinf.solvers.direct import DirectState, required_bytes
+
+PyTree = Any
+
+__all__ = ["StreamingCurvature", "direct_from_stream"]
+
+
+class StreamingCurvature:
+    """Undamped curvature ``C`` of the mean loss over a stream of batches.
+
+    Args:
+      loss_fn: ``loss_fn(params, batch) -> scalar`` mean loss (``"hessian"``,
+        ``"fisher"``).
+      params: the parameters.
+      data: a source (:mod:`jaxinf.scale.sources`), one batch or a list.
+      kind: ``"hessian"``, ``"gauss_newton"`` or ``"fisher"``.
+      model_fn, output_loss: for ``"gauss_newton"``.
+      mesh: optional data mesh; batches whose size divides the devices are
+        sharded along their examples, others replicated (never padded, which
+        would change the mean).
+
+    Examples:
+      >>> import jax.numpy as jnp, numpy as np
+      >>> from jaxinf.scale import ArraySource
+      >>> from jaxinf.scale.streaming import StreamingCurvature
+      >>> loss = lambda w, b: jnp.mean((b[0] @ w - b[1]) ** 2)
+      >>> x = np.eye(3)
+      >>> c = StreamingCurvature(loss, jnp.zeros(3), ArraySource((x, np.ones(3)), batch_size=2))
+      >>> (1.5 * np.asarray(c.matmat(jnp.eye(3)), np.float64)).round(4).tolist()  # H = (2/3) I
+      [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
+    """
+
+    def __init__(
+        self,
+        loss_fn: Callable | None,
+        params: PyTree,
+        data: Any,
+        *,
+        kind: str = "hessian",
+        model_fn: Callable | None = None,
+        output_loss: Callable | None = None,
+        mesh=None,
+    ):
+        if kind not in CURVATURES:
+            raise ValueError(f"Unknown curvature {kind!r}; choose one of {CURVATURES}.")
+        if kind == "gauss_newton" and (model_fn is None or output_loss is None):
+            raise ValueError("curvature='gauss_newton' needs model_fn and output_loss.")
+        if kind != "gauss_newton" and loss_fn is None:
+            raise ValueError(f"curvature={kind!r} needs loss_fn(params, batch) -> mean loss.")
+        self.source = as_source(data)
+        self.kind = kind
+        self.mesh = mesh
+        self.params = params if mesh is None else replicate(params, mesh)
+        self.spec = tree_spec(params)
+
+        def product(params, batch, v):
+            if kind == "hessian":
+                return hessian_vp(loss_fn, params, batch, v)
+            if kind == "gauss_newton":
+                return gauss_newton_vp(model_fn, output_loss, params, batch, v)
+            return fisher_vp(loss_fn, params, batch, v)
+
+        def block_sum(params, batch, vectors, weight):
+            out = jax.vmap(lambda v: product(params, batch, v))(vectors)
+            return jax.tree.map(lambda x: weight * x, out)
+
+        def dense_sum(params, batch, weight, acc, column_batch):
+            p = self.spec.size
+            dtype = self.spec.dtype
+
+            def column(j):
+                e = jax.nn.one_hot(j, p, dtype=dtype)
+                return ravel(product(params, batch, unravel(self.spec, e)), dtype)
+
+            cols = jax.lax.map(column, jnp.arange(p), batch_size=column_batch)
+            return acc + weight * cols
+
+        self._block_sum = jax.jit(block_sum)
+        self._dense_sum = jax.jit(dense_sum, static_argnums=4, donate_argnums=3)
+
+    @property
+    def num_examples(self) -> int:
+        return self.source.num_examples
+
+    def _place(self, batch):
+        if self.mesh is None:
+            return batch
+        if leading_size(batch) % mesh_size(self.mesh) == 0:
+            return shard_batch(batch, self.mesh)
+        return replicate(batch, self.mesh)
+
+    def _weights(self):
+        n = self.num_examples
+        for batch in self.source:
+            yield self._place(batch), leading_size(batch) / n
+
+    def matmat(self, vectors: PyTree) -> PyTree:
+        """``C v_k`` for every ``v_k`` along the leading axis of ``vectors``: one pass over the data."""
+        check_matches(vectors, self.spec, "vectors", leading=1)
+        total = None
+        for batch, weight in self._weights():
+            term = self._block_sum(self.params, batch, vectors, weight)
+            total = term if total is None else jax.tree.map(jnp.add, total, term)
+        return total
+
+    def curvature_vp(self, v: PyTree) -> PyTree:
+        """``C v`` (one pass)."""
+        return jax.tree.map(lambda x: x[0], self.matmat(jax.tree.map(lambda x: x[None], v)))
+
+    def dense(self, *, column_batch: int = 128):
+        """The dense ``p × p`` curvature (symmetrised) in one pass: ``p`` products per batch."""
+        p = self.spec.size
+        acc = jnp.zeros((p, p), self.spec.dtype)
+        if self.mesh is not None:
+            acc = replicate(acc, self.mesh)
+        cb = max(1, min(int(column_batch), p))
+        for batch, weight in self._weights():
+            acc = self._dense_sum(self.params, batch, jnp.asarray(weight, self.spec.dtype), acc, cb)
+        return 0.5 * (acc + acc.T)
+
+
+def direct_from_stream(
+    loss_fn: Callable | None,
+    params: PyTree,
+    data: Any,
+    *,
+    damping: Any = 0.0,
+    kind: str = "hessian",
+    blocks: Any = None,
+    model_fn: Callable | None = None,
+    output_loss: Callable | None = None,
+    mesh=None,
+    max_memory: int | None = None,
+    column_batch: int = 128,
+) -> DirectState:
+    """The state of :func:`jaxinf.direct` fitted on a stream, in one pass over the data.
+
+    Solves ``(C + λI) x = v`` exactly (Koh & Liang 2017) with ``C`` the dense
+    (block-diagonal) curvature of the mean loss over every example of
+    ``data``; the result equals ``jaxinf.direct().init`` on the same data in
+    memory. Use it with the direct solver's ``solve`` (e.g.
+    ``InfluenceCalculator(model, state=state)`` for a model built with
+    ``jaxinf.direct()``).
+
+    Args:
+      loss_fn, params, kind, model_fn, output_loss: as for
+        :func:`jaxinf.curvature_operator`.
+      data: a source, one batch or a list of batches.
+      damping: ``λ``, scalar or ``{block: λ}``.
+      blocks: block structure (``None``, ``"layer"``, ...).
+      mesh: optional data mesh for the products.
+      max_memory: bytes the dense matrices may use (default: free memory).
+      column_batch: products computed at once per batch.
+
+    Raises:
+      ValueError: the dense matrices would not fit (with the bytes needed).
+
+    References:
+      Koh & Liang, "Understanding Black-box Predictions via Influence
+      Functions", ICML 2017.
+    """
+    source = as_source(data)
+    first = source.first()
+    # A one-batch operator gives the block layout and resolved damping (no products run).
+    layout = curvature_operator(
+        loss_fn, params, first, kind=kind, damping=damping, blocks=blocks, model_fn=model_fn, output_loss=output_loss
+    )
+    need = required_bytes(layout) + math.prod((layout.size, layout.size)) * jnp.dtype(layout.dtype).itemsize
+    if max_memory is None:
+        from jaxinf.scale.calculator import _available_bytes
+
+        budget = _available_bytes(jax.local_devices()[0])
+    else:
+        budget = int(max_memory)
+    if need > budget:
+        raise ValueError(
+            f"direct_from_stream needs about {need / 2**30:.2f} GiB for the dense curvature of {layout.size} "
+            f"parameters, but {budget / 2**30:.2f} GiB is available. Use blocks='layer' or a low-rank or "
+            "Kronecker-factored solver."
+        )
+    curvature = StreamingCurvature(
+        loss_fn, params, source, kind=kind, model_fn=model_fn, output_loss=output_loss, mesh=mesh
+    )
+    dense = curvature.dense(column_batch=column_batch)
+    eigvecs, eigvals, indices = [], [], []
+    for b in range(layout.num_blocks):
+        idx = np.asarray(layout.block_flat_indices(b))
+        w, q = jnp.linalg.eigh(dense[np.ix_(idx, idx)])
+        eigvecs.append(q)
+        eigvals.append(w)
+        indices.append(jnp.asarray(idx))
+    block_damping = tuple(layout.damping[layout.block_leaf_indices(b)[0]] for b in range(layout.num_blocks))
+    return DirectState(tuple(eigvecs), tuple(eigvals), block_damping, tuple(indices), layout.spec, layout.block_names)

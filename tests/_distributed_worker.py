@@ -1,0 +1,72 @@
+"""One process of the 2-process loopback test (tests/test_scale_distributed.py).
+
+Usage: python -m tests._distributed_worker PROCESS_ID NUM_PROCESSES PORT OUT_DIR
+
+Each process reads only its own half of the training data, fits the direct
+solver collectively (gloo CPU collectives), saves the state, and writes its
+columns of the influence matrix to OUT_DIR/store; the first run is
+interrupted after two blocks and resumed.
+"""
+
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_enable_x64", True)
+
+import numpy as np  # noqa: E402
+
+import jaxinf  # noqa: E402
+from jaxinf import scale  # noqa: E402
+from tests import models  # noqa: E402
+
+N_TRAIN, N_TEST, BATCH, DAMPING = 24, 5, 4, 0.05
+
+
+class Interrupt(Exception):
+    pass
+
+
+def main(process_id: int, num_processes: int, port: int, out_dir: str) -> None:
+    scale.initialize(f"127.0.0.1:{port}", num_processes, process_id, timeout=60)
+    assert jax.process_count() == num_processes and jax.device_count() == 2 * num_processes
+    problem = models.mlp_problem("plain", n_train=N_TRAIN, n_test=N_TEST)
+    train = jax.tree.map(np.asarray, problem.train)
+    test = jax.tree.map(np.asarray, problem.test)
+    mesh = scale.data_mesh()
+    mine = scale.ArraySource(train, BATCH).shard()  # this process's rows only
+    assert mine.num_examples == N_TRAIN // num_processes
+
+    model = jaxinf.InfluenceModel(problem.loss_fn, problem.params, jaxinf.direct(max_memory=1 << 30), damping=DAMPING)
+    scale.fit(model, list(mine), mesh)
+    scale.save_state(os.path.join(out_dir, "state.npz"), model.state, solver=model.solver)
+
+    calc = scale.InfluenceCalculator(model, mesh=mesh, test_block=2, progress=False)
+    path = os.path.join(out_dir, "store")
+    seen = []
+
+    def stop_after_two(info):
+        seen.append(info)
+        if len(seen) == 2:
+            raise Interrupt
+
+    try:
+        calc.run(test, mine, path, callback=stop_after_two)
+        raise AssertionError("the interrupted run finished")
+    except Interrupt:
+        pass
+    resumed = []
+    calc.run(test, mine, path, callback=resumed.append)
+    steps = -(-(N_TRAIN // num_processes) // BATCH)
+    assert len(resumed) == 3 * steps - 2, (len(resumed), steps)
+    with open(os.path.join(out_dir, f"ok-{process_id}"), "w") as f:
+        f.write("ok")
+    scale.shutdown()
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
