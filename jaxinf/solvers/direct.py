@@ -110,8 +110,8 @@ def direct(*, max_memory: int | None = None, column_batch: int = 128) -> Solver:
       >>> op = jaxinf.curvature_operator(loss, jnp.zeros(3), (x, y), damping=0.0)
       >>> solver = jaxinf.direct()
       >>> sol, info = solver.solve(solver.init(op), jnp.ones(3))
-      >>> sol  # H = (2/3) I
-      Array([1.5, 1.5, 1.5], dtype=float32)
+      >>> sol.tolist()  # H = (2/3) I
+      [1.5, 1.5, 1.5]
 
     References:
       Koh & Liang, "Understanding Black-box Predictions via Influence
