@@ -61,6 +61,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -175,8 +176,12 @@ def curvature_matvec(operator) -> Callable[[jax.Array], jax.Array]:
     return matvec
 
 
+@functools.partial(jax.jit, static_argnames=("rank", "batch_size"))
 def nystrom_of_operator(operator, rank: int, key: jax.Array, *, batch_size: int | None = None) -> NystromApproximation:
-    """:func:`randomized_nystrom` of the undamped curvature of a :class:`jaxinf.CurvatureOperator`."""
+    """:func:`randomized_nystrom` of the undamped curvature of a :class:`jaxinf.CurvatureOperator`.
+
+    Compiled once per operator structure (``rank`` and ``batch_size`` static).
+    """
     return randomized_nystrom(
         curvature_matvec(operator), operator.size, rank, key, dtype=operator.dtype, batch_size=batch_size
     )
