@@ -9,6 +9,7 @@ from jaxinf.data import Batches, as_batches
 from jaxinf.influence import ConvergenceError, InfluenceModel, NotFittedError
 from jaxinf.solvers import DirectState, Solver, SolveInfo, direct
 from jaxinf.solvers import arnoldi, nystrom
+from jaxinf.solvers import cg, jacobi_preconditioner, lissa, nystrom_preconditioner
 from jaxinf.lowrank import LowRankState
 
 __version__ = "0.1.0"
@@ -29,4 +30,8 @@ __all__ = [
     "arnoldi",
     "nystrom",
     "LowRankState",
+    "cg",
+    "lissa",
+    "jacobi_preconditioner",
+    "nystrom_preconditioner",
 ]

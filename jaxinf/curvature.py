@@ -231,22 +231,30 @@ class CurvatureOperator:
         leaves, treedef = jax.tree.flatten(v)
         return jax.tree.unflatten(treedef, [d.astype(x.dtype) * x for d, x in zip(self.damping, leaves)])
 
+    def _blockwise(self, product: Callable[[PyTree], PyTree], v: PyTree) -> PyTree:
+        """``product`` restricted to the diagonal blocks: block ``k`` of the result is ``product(v_k)_k``."""
+        if self.num_blocks == 1:
+            return product(v)
+        leaves, treedef = jax.tree.flatten(v)
+        masked = [
+            jax.tree.unflatten(
+                treedef, [x if b == k else jnp.zeros_like(x) for x, b in zip(leaves, self.block_ids)]
+            )
+            for k in range(self.num_blocks)
+        ]
+        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *masked)
+        products = jax.tree.leaves(jax.vmap(product)(stacked))
+        return jax.tree.unflatten(treedef, [p[b] for p, b in zip(products, self.block_ids)])
+
     def matvec(self, v: PyTree) -> PyTree:
         """``(C_blockdiag + Λ) v``; ``v`` must have the structure and shapes of the params."""
         check_matches(v, self.spec, "v")
-        if self.num_blocks == 1:
-            cv = self.curvature_vp(v)
-        else:
-            leaves, treedef = jax.tree.flatten(v)
-            masked = [
-                jax.tree.unflatten(
-                    treedef, [x if b == k else jnp.zeros_like(x) for x, b in zip(leaves, self.block_ids)]
-                )
-                for k in range(self.num_blocks)
-            ]
-            stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *masked)
-            products = jax.tree.leaves(jax.vmap(self.curvature_vp)(stacked))
-            cv = jax.tree.unflatten(treedef, [p[b] for p, b in zip(products, self.block_ids)])
+        return jax.tree.map(jnp.add, self._blockwise(self.curvature_vp, v), self.damping_vp(v))
+
+    def batch_matvec(self, batch: PyTree, v: PyTree) -> PyTree:
+        """``(C_batch,blockdiag + Λ) v`` with the mean curvature of one ``batch`` (e.g. a minibatch)."""
+        check_matches(v, self.spec, "v")
+        cv = self._blockwise(lambda u: self.batch_curvature_vp(batch, u), v)
         return jax.tree.map(jnp.add, cv, self.damping_vp(v))
 
     __call__ = matvec
