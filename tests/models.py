@@ -125,15 +125,16 @@ def logistic_problem(*, n_train=30, n_test=6, d=3, classes=3, l2=0.0, dtype=jnp.
 
 class LinenCNN(nn.Module):
     classes: int = 3
+    features: int = 2
 
     @nn.compact
     def __call__(self, x):
-        x = nn.tanh(nn.Conv(3, (3, 3), padding="SAME")(x))
+        x = nn.tanh(nn.Conv(self.features, (3, 3), padding="SAME")(x))
         x = x.reshape((x.shape[0], -1))
         return nn.Dense(self.classes)(x)
 
 
-def cnn_problem(*, n_train=10, n_test=3, size=4, channels=2, classes=3, dtype=jnp.float64, seed=0):
+def cnn_problem(*, n_train=10, n_test=3, size=4, channels=1, classes=3, dtype=jnp.float64, seed=0):
     """A one-conv-layer Linen CNN classifier on random images (NHWC)."""
     key = jax.random.key(seed)
     kx, ky = jax.random.split(key)
@@ -155,15 +156,15 @@ def cnn_problem(*, n_train=10, n_test=3, size=4, channels=2, classes=3, dtype=jn
 def dense_hessian(loss_fn, params, batch):
     """Reference: ``jax.hessian`` of the loss on the raveled parameters (one batch = full data)."""
     flat, unravel = jax.flatten_util.ravel_pytree(params)
-    return jax.hessian(lambda f: loss_fn(unravel(f), batch))(flat)
+    return jax.jit(jax.hessian(lambda f, b: loss_fn(unravel(f), b)))(flat, batch)
 
 
 def dense_grads(loss_fn, params, batch):
     """Reference per-example gradients ``(n, p)`` by a Python-free vmap over batches of one."""
     flat, unravel = jax.flatten_util.ravel_pytree(params)
 
-    def one(example):
+    def one(f, example):
         b = jax.tree.map(lambda a: a[None], example)
-        return jax.grad(lambda f: loss_fn(unravel(f), b))(flat)
+        return jax.grad(lambda q: loss_fn(unravel(q), b))(f)
 
-    return jax.vmap(one)(batch)
+    return jax.jit(jax.vmap(one, in_axes=(None, 0)))(flat, batch)

@@ -68,10 +68,15 @@ def test_hvp_matches_finite_differences():
 
 def _dense_ggn(p):
     flat, unr = jax.flatten_util.ravel_pytree(p.params)
-    outputs = p.model_fn(p.params, p.train)
-    jac = jax.jacobian(lambda f: p.model_fn(unr(f), p.train).ravel())(flat)
-    h_out = jax.hessian(lambda o: p.output_loss(o.reshape(outputs.shape), p.train))(outputs.ravel())
-    return jac.T @ h_out @ jac
+
+    @jax.jit
+    def ggn(flat, batch):
+        outputs = p.model_fn(unr(flat), batch)
+        jac = jax.jacobian(lambda f: p.model_fn(unr(f), batch).ravel())(flat)
+        h_out = jax.hessian(lambda o: p.output_loss(o.reshape(outputs.shape), batch))(outputs.ravel())
+        return jac.T @ h_out @ jac
+
+    return ggn(flat, p.train)
 
 
 @pytest.mark.parametrize("problem", ["mlp", "logistic", "cnn"])

@@ -173,10 +173,11 @@ def test_leave_one_out_retraining_agrees_with_influence():
 
         return unravel(jax.lax.scan(step, flat, None, length=30)[0])
 
+    newton = jax.jit(newton)
     theta = newton(jnp.ones(n), p.params)
     removed = jnp.arange(8)
     weights = jnp.ones((8, n)).at[jnp.arange(8), removed].set(0.0)
-    thetas = jax.vmap(newton, in_axes=(0, None))(weights, theta)
+    thetas = jax.jit(jax.vmap(newton, in_axes=(0, None)))(weights, theta)
     test_loss = lambda q: p.loss_fn(q, p.test)  # noqa: E731
     actual = jax.vmap(test_loss)(thetas) - test_loss(theta)
 
