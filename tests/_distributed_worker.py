@@ -11,20 +11,22 @@ interrupted after two blocks and resumed.
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+import jax
+import numpy as np
 
-import jax  # noqa: E402
-
-jax.config.update("jax_enable_x64", True)
-
-import numpy as np  # noqa: E402
-
-import jaxinf  # noqa: E402
-from jaxinf import scale  # noqa: E402
-from tests import models  # noqa: E402
+import jaxinf
+from jaxinf import scale
+from tests import models
 
 N_TRAIN, N_TEST, BATCH, DAMPING = 24, 5, 4, 0.05
+
+
+def reference_model(problem):
+    # max_memory: direct() reads the free memory of jax.devices()[0], which another process owns.
+    return jaxinf.InfluenceModel(
+        None, problem.params, jaxinf.direct(max_memory=1 << 30), damping=DAMPING, curvature="gauss_newton",
+        model_fn=problem.model_fn, output_loss=problem.output_loss,
+    )
 
 
 class Interrupt(Exception):
@@ -41,7 +43,7 @@ def main(process_id: int, num_processes: int, port: int, out_dir: str) -> None:
     mine = scale.ArraySource(train, BATCH).shard()  # this process's rows only
     assert mine.num_examples == N_TRAIN // num_processes
 
-    model = jaxinf.InfluenceModel(problem.loss_fn, problem.params, jaxinf.direct(max_memory=1 << 30), damping=DAMPING)
+    model = reference_model(problem)
     scale.fit(model, list(mine), mesh)
     scale.save_state(os.path.join(out_dir, "state.npz"), model.state, solver=model.solver)
 
@@ -69,4 +71,9 @@ def main(process_id: int, num_processes: int, port: int, out_dir: str) -> None:
 
 
 if __name__ == "__main__":
+    # Read when the backend starts (at the first computation), so setting them here is early enough;
+    # importing this module from a test changes nothing.
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    jax.config.update("jax_enable_x64", True)
     main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])

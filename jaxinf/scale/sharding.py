@@ -268,7 +268,7 @@ def fit(model, train_data: Any, mesh: Mesh, *, key: jax.Array | None = None):
         output_loss=model.output_loss,
     )
     operator = shard_operator(operator, mesh) if jax.process_count() == 1 else _replicate_rest(operator, mesh)
-    state = model.solver.init(operator, key=key)
+    state = model.solver.init(operator, key=key)  # eager: every op follows the data's sharding
     if model.solver.validate is not None:
         model.solver.validate(host_view(state))
     model._fit_key = key

@@ -1,0 +1,71 @@
+"""Two processes on loopback with jax.distributed and gloo CPU collectives.
+
+Each process reads only its half of the training data; the collectively
+fitted state and the influence matrix (written by both processes into one
+zarr store, interrupted and resumed) equal the single-process ones.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import jax.flatten_util
+import numpy as np
+import pytest
+
+from jaxinf import scale
+from tests import _distributed_worker as worker
+from tests import models
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.multiprocess
+def test_two_processes_match_one(tmp_path):
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "tests._distributed_worker", str(k), "2", str(port), str(tmp_path)],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for k in range(2)
+    ]
+    logs = []
+    try:
+        for p in procs:
+            out, _ = p.communicate(timeout=240)
+            logs.append(out)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for k, (p, log) in enumerate(zip(procs, logs)):
+        assert p.returncode == 0, f"process {k} failed:\n{log[-4000:]}"
+        assert (tmp_path / f"ok-{k}").exists()
+
+    problem = models.mlp_problem("plain", n_train=worker.N_TRAIN, n_test=worker.N_TEST)
+    model = worker.reference_model(problem).fit(problem.train)
+    reference = np.asarray(model.influences(problem.test, problem.train))
+    out = scale.open_influences(tmp_path / "store")
+    assert out.shape == (worker.N_TEST, worker.N_TRAIN)
+    np.testing.assert_allclose(out[:], reference, rtol=1e-9, atol=1e-10 * np.abs(reference).max())
+
+    state = scale.load_state(tmp_path / "state.npz", scale.state_skeleton(model.solver, model.operator),
+                             solver=model.solver)
+    x = jax.tree.map(lambda a: a[0], model._grads(model.params, problem.test))
+    np.testing.assert_allclose(
+        np.asarray(jax.flatten_util.ravel_pytree(model.solver.solve(state, x)[0])[0]),
+        np.asarray(jax.flatten_util.ravel_pytree(model.solver.solve(model.state, x)[0])[0]),
+        rtol=1e-9,
+    )

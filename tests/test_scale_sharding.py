@@ -1,0 +1,101 @@
+"""Data parallelism over 8 simulated CPU devices (XLA_FLAGS set in tests/conftest.py)."""
+
+import importlib.util
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxinf
+from jaxinf import scale
+from tests import models
+
+BATCH = 8
+
+
+@pytest.fixture(scope="module")
+def problem():
+    return models.mlp_problem("nnx", n_train=28, n_test=5)  # 3 batches of 8 and a ragged 4
+
+
+def batches(problem):
+    x, y = problem.train
+    return [(x[i : i + BATCH], y[i : i + BATCH]) for i in range(0, 28, BATCH)]
+
+
+def make_model(problem, solver):
+    return jaxinf.InfluenceModel(None, problem.params, solver, damping=1e-2, curvature="gauss_newton",
+                                 model_fn=problem.model_fn, output_loss=problem.output_loss)
+
+
+def test_mesh_and_batch_placement():
+    mesh = scale.data_mesh()
+    assert jax.device_count() == 8 and mesh.devices.size == 8
+    x = scale.shard_batch({"x": np.arange(16.0).reshape(8, 2)}, mesh)["x"]
+    assert {s.data.shape for s in x.addressable_shards} == {(1, 2)}
+    np.testing.assert_array_equal(np.asarray(x), np.arange(16.0).reshape(8, 2))
+    with pytest.raises(ValueError, match="cannot be split evenly over 8 devices"):
+        scale.shard_batch(np.ones((7, 2)), mesh)
+    padded = scale.pad_batch((np.arange(3.0), np.arange(3)), 8)
+    assert padded[0].tolist() == [0, 1, 2, 2, 2, 2, 2, 2]
+    assert scale.global_batch(padded, mesh)[1].sharding.spec == jax.sharding.PartitionSpec("data")
+    r = scale.replicate({"w": jnp.ones(3)}, mesh)["w"]
+    assert r.sharding.is_fully_replicated and len(r.sharding.device_set) == 8
+
+
+def test_sharded_operator_products(problem):
+    op = jaxinf.curvature_operator(problem.loss_fn, problem.params, batches(problem), damping=0.1)
+    sharded = scale.shard_operator(op, scale.data_mesh())
+    stacked = jax.tree.leaves(sharded.data.stacked)[0]
+    assert stacked.sharding.spec == jax.sharding.PartitionSpec(None, "data")  # the example axis
+    assert jax.tree.leaves(sharded.data.rest)[0].sharding.is_fully_replicated  # 4 examples: not divisible by 8
+    v = jax.tree.map(lambda a: jnp.cos(jnp.arange(a.size, dtype=a.dtype).reshape(a.shape)), problem.params)
+    expected = jax.jit(op.matvec)(v)
+    got = jax.jit(sharded.matvec)(v)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        scale.shard_operator(jaxinf.curvature_operator(problem.loss_fn, problem.params,
+                                                       [(problem.train[0][:6], problem.train[1][:6])] * 2),
+                             scale.data_mesh())
+
+
+SOLVERS = {
+    "direct": lambda: jaxinf.direct(),
+    "arnoldi": lambda: jaxinf.arnoldi(rank=8, krylov_dim=12),
+}
+if importlib.util.find_spec("jaxinf.solvers.cg") is not None and hasattr(jaxinf, "cg"):
+    SOLVERS["cg"] = lambda: jaxinf.cg(rtol=1e-10)
+if importlib.util.find_spec("jaxinf.solvers.kfac") is not None and hasattr(jaxinf, "ekfac"):
+    SOLVERS["ekfac"] = lambda: jaxinf.ekfac()
+
+
+@pytest.mark.parametrize("name", sorted(SOLVERS))
+def test_sharded_fit_and_scores_equal_single_device(problem, name, tmp_path):
+    """Fitting (curvature products, Kronecker factors) and scoring data-parallel over 8 devices."""
+    key = jax.random.key(0)
+    solver = SOLVERS[name]()
+    model = make_model(problem, solver)
+    op = jaxinf.curvature_operator(None, problem.params, batches(problem), kind="gauss_newton", damping=1e-2,
+                                   model_fn=problem.model_fn, output_loss=problem.output_loss)
+    single = solver.init(op, key=key)
+    reference = scale.compute_influences(model, problem.test, batches(problem), tmp_path / "one", state=single,
+                                         test_block=8, progress=False)[:]
+    mesh = scale.data_mesh()
+    sharded = solver.init(scale.shard_operator(op, mesh), key=key)
+    out = scale.compute_influences(model, problem.test, batches(problem), tmp_path / "eight", state=sharded,
+                                   mesh=mesh, test_block=8, progress=False)[:]
+    tol = 1e-6 if name == "cg" else 1e-9
+    np.testing.assert_allclose(out, reference, rtol=tol, atol=tol * np.abs(reference).max())
+
+
+def test_fit_helper(problem, tmp_path):
+    mesh = scale.data_mesh()
+    single = make_model(problem, jaxinf.direct()).fit(batches(problem))
+    reference = np.asarray(single.influences(problem.test, problem.train))
+    model = scale.fit(make_model(problem, jaxinf.direct()), batches(problem), mesh)
+    assert jax.tree.leaves(model.operator.data.stacked)[0].sharding.spec[1] == "data"
+    assert model.n_train == 28
+    out = scale.compute_influences(model, problem.test, batches(problem), tmp_path / "s", mesh=mesh, progress=False)
+    np.testing.assert_allclose(out[:], reference, rtol=1e-9, atol=1e-9 * np.abs(reference).max())
