@@ -44,41 +44,63 @@ def run(args) -> dict:
     if args.dtype == "float64":
         jax.config.update("jax_enable_x64", True)
     dtype = jnp.float64 if args.dtype == "float64" else jnp.float32
-    problem = common.mlp_problem(args.n_train, args.n_test, d_in=args.d_in, widths=tuple(args.widths),
-                                 dtype=dtype, seed=args.seed)
-    batches = [jax.tree.map(lambda a, i=i: a[i : i + args.batch_size], problem.train)
-               for i in range(0, args.n_train, args.batch_size)]
+    problem = common.mlp_problem(
+        args.n_train, args.n_test, d_in=args.d_in, widths=tuple(args.widths), dtype=dtype, seed=args.seed
+    )
+    batches = [
+        jax.tree.map(lambda a, i=i: a[i : i + args.batch_size], problem.train)
+        for i in range(0, args.n_train, args.batch_size)
+    ]
     floor = common.gradient_floor(problem, args.repeats)
 
     def build(solver):
-        return jaxinf.InfluenceModel(problem.loss_fn, problem.params, solver, damping=args.damping,
-                                     curvature=args.curvature, model_fn=problem.model_fn,
-                                     output_loss=problem.output_loss, strict=False)
+        return jaxinf.InfluenceModel(
+            problem.loss_fn,
+            problem.params,
+            solver,
+            damping=args.damping,
+            curvature=args.curvature,
+            model_fn=problem.model_fn,
+            output_loss=problem.output_loss,
+            strict=False,
+        )
 
     model = build(make_solver(args.solver, json.loads(args.options)))
     key = jax.random.key(args.seed)
     fit_t, _ = common.time_call(lambda: model.fit(batches, key=key).state, args.repeats)
     score_t, scores = common.time_call(lambda: model.influences(problem.test, batches), args.repeats)
     row = {
-        "solver": args.solver, "options": args.options, "curvature": args.curvature, "P": problem.num_params,
-        "N": args.n_train, "n_test": args.n_test, "dtype": args.dtype, "damping": args.damping,
-        "fit_s": fit_t.median, "fit_compile_s": fit_t.compile, "influences_s": score_t.median,
-        "influences_compile_s": score_t.compile, "floor_s": floor.median,
+        "solver": args.solver,
+        "options": args.options,
+        "curvature": args.curvature,
+        "P": problem.num_params,
+        "N": args.n_train,
+        "n_test": args.n_test,
+        "dtype": args.dtype,
+        "damping": args.damping,
+        "fit_s": fit_t.median,
+        "fit_compile_s": fit_t.compile,
+        "influences_s": score_t.median,
+        "influences_compile_s": score_t.compile,
+        "floor_s": floor.median,
         "influences_x_floor": score_t.median / floor.median,
         "total_x_floor": (fit_t.median + score_t.median) / floor.median,
     }
     if args.solver != "direct" and problem.num_params <= args.max_direct_params:
         exact = build(jaxinf.direct()).fit(batches).influences(problem.test, batches)
         a, b = np.asarray(scores, np.float64), np.asarray(exact, np.float64)
-        row.update(rel_error=float(np.linalg.norm(a - b) / np.linalg.norm(b)),
-                   pearson=float(np.corrcoef(a.ravel(), b.ravel())[0, 1]), spearman=spearman(a, b))
+        row.update(
+            rel_error=float(np.linalg.norm(a - b) / np.linalg.norm(b)),
+            pearson=float(np.corrcoef(a.ravel(), b.ravel())[0, 1]),
+            spearman=spearman(a, b),
+        )
     return row
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--solver", default="direct", help="a jaxinf solver factory name")
-    parser.add_argument("--options", default="{}", help='JSON keyword arguments of the factory, e.g. \'{"rank": 50}\'')
+    parser.add_argument("--options", default="{}", help="JSON keyword arguments of the factory, e.g. '{\"rank\": 50}'")
     parser.add_argument("--curvature", default="gauss_newton", choices=list(jaxinf.CURVATURES))
     parser.add_argument("--damping", type=float, default=1e-3)
     parser.add_argument("--n-train", type=int, default=2000)
@@ -92,9 +114,24 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     row = run(args)
-    columns = ["solver", "curvature", "P", "N", "n_test", "dtype", "fit_s", "fit_compile_s", "influences_s",
-               "influences_compile_s", "floor_s", "influences_x_floor", "total_x_floor", "rel_error", "pearson",
-               "spearman"]
+    columns = [
+        "solver",
+        "curvature",
+        "P",
+        "N",
+        "n_test",
+        "dtype",
+        "fit_s",
+        "fit_compile_s",
+        "influences_s",
+        "influences_compile_s",
+        "floor_s",
+        "influences_x_floor",
+        "total_x_floor",
+        "rel_error",
+        "pearson",
+        "spearman",
+    ]
     table = common.write_results(f"influence_{args.solver}", [row], columns, {"command": " ".join(sys.argv)})
     print(f"machine: {common.machine()}")
     print(table)

@@ -12,7 +12,8 @@ import os
 import platform
 import statistics
 import time
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -73,8 +74,17 @@ def cross_entropy(logits, batch):
     return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, batch[1]))
 
 
-def mlp_problem(n_train: int, n_test: int, *, d_in: int = 32, widths=(64,), classes: int = 10,
-                dtype=jnp.float32, seed: int = 0, train_steps: int = 200) -> Problem:
+def mlp_problem(
+    n_train: int,
+    n_test: int,
+    *,
+    d_in: int = 32,
+    widths=(64,),
+    classes: int = 10,
+    dtype=jnp.float32,
+    seed: int = 0,
+    train_steps: int = 200,
+) -> Problem:
     """A tanh MLP classifier trained briefly (Adam, full batch) on a random teacher task."""
     key = jax.random.key(seed)
     kx, kt, ki = jax.random.split(key, 3)
@@ -112,14 +122,15 @@ def gradient_floor(problem: Problem, repeats: int = 3) -> Timing:
     """One jitted pass of per-example gradients over the test and the train data: the floor of any
     exact-gradient influence method."""
     grads = jax.jit(lambda p, b: per_example_grads(problem.loss_fn, p, b))
-    timing, _ = time_call(lambda: (grads(problem.params, problem.test), grads(problem.params, problem.train)),
-                          repeats)
+    timing, _ = time_call(lambda: (grads(problem.params, problem.test), grads(problem.params, problem.train)), repeats)
     return timing
 
 
 def machine() -> str:
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__} " \
-           f"({jax.devices()[0].platform})"
+    return (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__} "
+        f"({jax.devices()[0].platform})"
+    )
 
 
 def write_results(name: str, rows: list[dict], columns: list[str], meta: dict | None = None) -> str:

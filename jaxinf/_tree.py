@@ -164,9 +164,7 @@ def check_matches(tree: PyTree, spec: TreeSpec, name: str, *, leading: int = 0) 
         got = tuple(np.shape(leaf))
         if got[leading:] != tuple(shape) or len(got) != len(shape) + leading:
             extra = f" plus {leading} leading batch axis" if leading else ""
-            raise ValueError(
-                f"{name}{path} has shape {got}, but the parameter has shape {tuple(shape)}{extra}."
-            )
+            raise ValueError(f"{name}{path} has shape {got}, but the parameter has shape {tuple(shape)}{extra}.")
         if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
             raise ValueError(f"{name}{path} has dtype {jnp.result_type(leaf)}; a float dtype is needed.")
     if leading:

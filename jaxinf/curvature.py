@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
-from typing import Any, Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -237,9 +237,7 @@ class CurvatureOperator:
             return product(v)
         leaves, treedef = jax.tree.flatten(v)
         masked = [
-            jax.tree.unflatten(
-                treedef, [x if b == k else jnp.zeros_like(x) for x, b in zip(leaves, self.block_ids)]
-            )
+            jax.tree.unflatten(treedef, [x if b == k else jnp.zeros_like(x) for x, b in zip(leaves, self.block_ids)])
             for k in range(self.num_blocks)
         ]
         stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *masked)

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import collections.abc
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -64,7 +64,12 @@ def load_digits(n_train: int, n_test: int, n_flip: int, seed: int) -> DigitsData
     order = rng.permutation(len(x))
     x = (x[order] / 16.0).astype(np.float32)
     y = y[order].astype(np.int32)
-    x_train, y_train, x_test, y_test = x[:n_train], y[:n_train], x[n_train : n_train + n_test], y[n_train : n_train + n_test]
+    x_train, y_train, x_test, y_test = (
+        x[:n_train],
+        y[:n_train],
+        x[n_train : n_train + n_test],
+        y[n_train : n_train + n_test],
+    )
     flipped = np.sort(rng.choice(n_train, size=n_flip, replace=False))
     noisy = y_train.copy()
     noisy[flipped] = (y_train[flipped] + rng.integers(1, 10, size=n_flip)) % 10
@@ -152,8 +157,13 @@ def run(args: argparse.Namespace) -> dict:
         for i in range(0, args.n_train, args.batch_size)
     ]
     model = jaxinf.InfluenceModel(
-        loss_fn, params, jaxinf.direct(), damping=args.damping, curvature="gauss_newton",
-        model_fn=model_fn, output_loss=cross_entropy,
+        loss_fn,
+        params,
+        jaxinf.direct(),
+        damping=args.damping,
+        curvature="gauss_newton",
+        model_fn=model_fn,
+        output_loss=cross_entropy,
     )
     with tqdm(total=3, desc="influence", leave=False) as bar:
         t_fit = time.perf_counter()
@@ -170,9 +180,12 @@ def run(args: argparse.Namespace) -> dict:
     flipped = set(data.flipped.tolist())
     for t in shown:
         order = np.argsort(influences[t])
-        fmt = lambda js: ", ".join(  # noqa: E731
-            f"#{j} (label {data.y_train[j]}{'*' if j in flipped else ''}, {influences[t, j]:+.3g})" for j in js
-        )
+
+        def fmt(js, t=t):
+            return ", ".join(
+                f"#{j} (label {data.y_train[j]}{'*' if j in flipped else ''}, {influences[t, j]:+.3g})" for j in js
+            )
+
         print(f"test #{t} (label {data.y_test[t]}):")
         print(f"  most helpful: {fmt(order[::-1][:3])}")
         print(f"  most harmful: {fmt(order[:3])}")
@@ -191,10 +204,17 @@ def run(args: argparse.Namespace) -> dict:
     figure = os.path.join(args.out, "influence_demo.png")
     plot(figure, data, shown, influences[shown], k=3)
     summary = {
-        "n_train": args.n_train, "n_test": args.n_test, "n_flip": args.n_flip, "num_params": int(num_params),
-        "damping": args.damping, "fit_seconds": round(t_fit, 3),
-        "flipped_in_top_harmful": found_harmful, "flipped_in_top_self_influence": found_self,
-        "top_k": k, "random_expectation": expected_random, "figure": figure,
+        "n_train": args.n_train,
+        "n_test": args.n_test,
+        "n_flip": args.n_flip,
+        "num_params": int(num_params),
+        "damping": args.damping,
+        "fit_seconds": round(t_fit, 3),
+        "flipped_in_top_harmful": found_harmful,
+        "flipped_in_top_self_influence": found_self,
+        "top_k": k,
+        "random_expectation": expected_random,
+        "figure": figure,
         "total_seconds": round(time.perf_counter() - t0, 3),
     }
     with open(os.path.join(args.out, "summary.json"), "w") as f:

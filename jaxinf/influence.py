@@ -19,7 +19,8 @@ removing it (``ε = −1/n``) raises that loss by about ``+I[i, j]/n``.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -310,7 +311,10 @@ class InfluenceModel:
             return jnp.concatenate(
                 [
                     jnp.concatenate(
-                        [self._score(self.state, self.operator, tb, rb) for rb in self._batches(train_data, "train_data")],
+                        [
+                            self._score(self.state, self.operator, tb, rb)
+                            for rb in self._batches(train_data, "train_data")
+                        ],
                         axis=1,
                     )
                     for tb in self._batches(test_data, "test_data")
@@ -344,8 +348,9 @@ class InfluenceModel:
 
 @jax.jit
 def _rowwise_dot(a: PyTree, b: PyTree):
-    return sum(jnp.sum(jnp.reshape(x * y, (x.shape[0], -1)), axis=1) for x, y in
-               zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    return sum(
+        jnp.sum(jnp.reshape(x * y, (x.shape[0], -1)), axis=1) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+    )
 
 
 __all__ = ["InfluenceModel", "NotFittedError", "ConvergenceError", "MODES", "solve_many"]

@@ -19,7 +19,8 @@ training input ``x_j`` of the up-weighting influence, of shape
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp

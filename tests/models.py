@@ -7,7 +7,8 @@ batches ``(x, y)``. Everything is float64 unless a dtype is given.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -149,8 +150,9 @@ def cnn_problem(*, n_train=10, n_test=3, size=4, channels=1, classes=3, dtype=jn
     def loss_fn(p, batch):
         return softmax_cross_entropy(model_fn(p, batch), batch)
 
-    return Problem(loss_fn, params, (x[:n_train], y[:n_train]), (x[n_train:], y[n_train:]), model_fn,
-                   softmax_cross_entropy)
+    return Problem(
+        loss_fn, params, (x[:n_train], y[:n_train]), (x[n_train:], y[n_train:]), model_fn, softmax_cross_entropy
+    )
 
 
 def dense_hessian(loss_fn, params, batch):

@@ -5,8 +5,18 @@ import jaxinf
 
 def test_public_names_are_exported():
     expected = {
-        "InfluenceModel", "NotFittedError", "ConvergenceError", "Solver", "SolveInfo", "CurvatureOperator",
-        "curvature_operator", "direct", "DirectState", "Batches", "as_batches", "CURVATURES",
+        "InfluenceModel",
+        "NotFittedError",
+        "ConvergenceError",
+        "Solver",
+        "SolveInfo",
+        "CurvatureOperator",
+        "curvature_operator",
+        "direct",
+        "DirectState",
+        "Batches",
+        "as_batches",
+        "CURVATURES",
     }
     assert expected <= set(jaxinf.__all__)
     for name in jaxinf.__all__:

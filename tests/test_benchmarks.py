@@ -21,8 +21,24 @@ def _load(name):
 def test_bench_influence_runs_and_reports_ratios(solver, tmp_path, monkeypatch):
     bench = _load("bench_influence")
     monkeypatch.setattr(bench.common, "RESULTS", str(tmp_path))
-    row = bench.main(["--solver", solver, "--n-train", "60", "--n-test", "4", "--d-in", "5", "--widths", "4",
-                      "--batch-size", "25", "--repeats", "1"])
+    row = bench.main(
+        [
+            "--solver",
+            solver,
+            "--n-train",
+            "60",
+            "--n-test",
+            "4",
+            "--d-in",
+            "5",
+            "--widths",
+            "4",
+            "--batch-size",
+            "25",
+            "--repeats",
+            "1",
+        ]
+    )
     assert row["P"] == 5 * 4 + 4 + 4 * 10 + 10
     assert row["floor_s"] > 0 and row["influences_x_floor"] > 0
     assert (tmp_path / f"influence_{solver}.json").exists() and (tmp_path / f"influence_{solver}.md").exists()

@@ -81,16 +81,20 @@ def _dense_ggn(p):
 
 @pytest.mark.parametrize("problem", ["mlp", "logistic", "cnn"])
 def test_gauss_newton_matches_dense_jthj(problem):
-    p = {"mlp": models.mlp_problem("linen"), "logistic": models.logistic_problem(), "cnn": models.cnn_problem()}[problem]
-    op = jaxinf.curvature_operator(None, p.params, p.train, kind="gauss_newton", model_fn=p.model_fn,
-                                   output_loss=p.output_loss)
+    p = {"mlp": models.mlp_problem("linen"), "logistic": models.logistic_problem(), "cnn": models.cnn_problem()}[
+        problem
+    ]
+    op = jaxinf.curvature_operator(
+        None, p.params, p.train, kind="gauss_newton", model_fn=p.model_fn, output_loss=p.output_loss
+    )
     np.testing.assert_allclose(dense_operator(op), _dense_ggn(p), atol=1e-12)
 
 
 def test_gauss_newton_equals_hessian_for_linear_model_with_convex_loss():
     p = models.logistic_problem()
-    gn = jaxinf.curvature_operator(None, p.params, p.train, kind="gauss_newton", model_fn=p.model_fn,
-                                   output_loss=p.output_loss)
+    gn = jaxinf.curvature_operator(
+        None, p.params, p.train, kind="gauss_newton", model_fn=p.model_fn, output_loss=p.output_loss
+    )
     h = jaxinf.curvature_operator(p.loss_fn, p.params, p.train)
     np.testing.assert_allclose(dense_operator(gn), dense_operator(h), atol=1e-12)
 
@@ -135,8 +139,13 @@ def test_damping_adds_lambda_identity():
 
 def test_layer_blocks_with_per_block_damping():
     p = models.mlp_problem("linen")
-    op = jaxinf.curvature_operator(p.loss_fn, p.params, p.train, blocks="layer",
-                                   damping={"['params']['Dense_0']": 0.1, "['params']['Dense_1']": 0.5})
+    op = jaxinf.curvature_operator(
+        p.loss_fn,
+        p.params,
+        p.train,
+        blocks="layer",
+        damping={"['params']['Dense_0']": 0.1, "['params']['Dense_1']": 0.5},
+    )
     assert op.block_names == ("['params']['Dense_0']", "['params']['Dense_1']")
     h = np.asarray(models.dense_hessian(p.loss_fn, p.params, p.train))
     n0 = len(op.block_flat_indices(0))
@@ -167,8 +176,11 @@ def test_float32_operator():
     p = models.mlp_problem("plain", dtype=jnp.float32)
     op = jaxinf.curvature_operator(p.loss_fn, p.params, p.train)
     assert op.dtype == jnp.float32
-    ref = models.dense_hessian(p.loss_fn, jax.tree.map(lambda a: a.astype(jnp.float64), p.params),
-                               jax.tree.map(lambda a: a.astype(jnp.float64), p.train))
+    ref = models.dense_hessian(
+        p.loss_fn,
+        jax.tree.map(lambda a: a.astype(jnp.float64), p.params),
+        jax.tree.map(lambda a: a.astype(jnp.float64), p.train),
+    )
     np.testing.assert_allclose(dense_operator(op), ref, atol=1e-5)
 
 

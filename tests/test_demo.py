@@ -9,8 +9,24 @@ from jaxinf import demo
 
 
 def test_demo_runs_small_and_writes_outputs(tmp_path, capsys):
-    summary = demo.main(["--out", str(tmp_path), "--n-train", "150", "--n-test", "20", "--n-flip", "5",
-                         "--hidden", "6", "--steps", "60", "--show", "2"])
+    summary = demo.main(
+        [
+            "--out",
+            str(tmp_path),
+            "--n-train",
+            "150",
+            "--n-test",
+            "20",
+            "--n-flip",
+            "5",
+            "--hidden",
+            "6",
+            "--steps",
+            "60",
+            "--show",
+            "2",
+        ]
+    )
     out = capsys.readouterr().out
     assert "most harmful" in out and "flipped labels among" in out
     assert os.path.getsize(tmp_path / "influence_demo.png") > 1000

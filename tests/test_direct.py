@@ -20,8 +20,9 @@ def _rhs(params, k, seed=0):
 @pytest.mark.parametrize("flavour", ["linen", "nnx", "plain"])
 def test_direct_matches_dense_solve_with_more_rhs_than_params(flavour):
     p = models.mlp_problem(flavour)
-    op = jaxinf.curvature_operator(p.loss_fn, p.params, p.train, kind="gauss_newton", model_fn=p.model_fn,
-                                   output_loss=p.output_loss, damping=1e-3)
+    op = jaxinf.curvature_operator(
+        p.loss_fn, p.params, p.train, kind="gauss_newton", model_fn=p.model_fn, output_loss=p.output_loss, damping=1e-3
+    )
     solver = jaxinf.direct()
     state = solver.init(op)
     n_rhs = op.size + 7  # more right-hand sides than parameters
@@ -90,8 +91,9 @@ def test_changing_damping_needs_no_refactorisation():
 def test_singular_curvature_without_damping_is_refused():
     # More parameters than examples: the Gauss-Newton matrix is rank deficient.
     p = models.mlp_problem("plain", n_train=3)
-    op = jaxinf.curvature_operator(None, p.params, p.train, kind="gauss_newton", model_fn=p.model_fn,
-                                   output_loss=p.output_loss, damping=0.0)
+    op = jaxinf.curvature_operator(
+        None, p.params, p.train, kind="gauss_newton", model_fn=p.model_fn, output_loss=p.output_loss, damping=0.0
+    )
     solver = jaxinf.direct()
     state = solver.init(op)
     with pytest.raises(ValueError, match="singular.*Set damping > 0"):

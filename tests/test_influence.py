@@ -13,8 +13,16 @@ DAMPING = 1e-3
 
 
 def _model(p, curvature="gauss_newton", damping=DAMPING, **kw):
-    return jaxinf.InfluenceModel(p.loss_fn, p.params, jaxinf.direct(), damping=damping, curvature=curvature,
-                                 model_fn=p.model_fn, output_loss=p.output_loss, **kw)
+    return jaxinf.InfluenceModel(
+        p.loss_fn,
+        p.params,
+        jaxinf.direct(),
+        damping=damping,
+        curvature=curvature,
+        model_fn=p.model_fn,
+        output_loss=p.output_loss,
+        **kw,
+    )
 
 
 def _reference(p, model, test, train):
@@ -54,8 +62,9 @@ def test_psd_curvature_influences_match_dense_reference(curvature):
 def test_cnn_influences_match_dense_reference():
     p = models.cnn_problem()
     model = _model(p).fit(p.train)
-    np.testing.assert_allclose(model.influences(p.test, p.train), _reference(p, model, p.test, p.train),
-                               rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(
+        model.influences(p.test, p.train), _reference(p, model, p.test, p.train), rtol=1e-8, atol=1e-10
+    )
 
 
 def test_influences_equal_influences_from_factors_for_both_scoring_paths():
