@@ -8,6 +8,8 @@ from jaxinf.curvature import CURVATURES, CurvatureOperator, curvature_operator
 from jaxinf.data import Batches, as_batches
 from jaxinf.influence import ConvergenceError, InfluenceModel, NotFittedError
 from jaxinf.solvers import DirectState, Solver, SolveInfo, direct
+from jaxinf.solvers import KFACState, ekfac, kfac
+from jaxinf.tagging import LayerTags, find_layers, tag_dense
 from jaxinf.solvers import arnoldi, nystrom
 from jaxinf.solvers import cg, jacobi_preconditioner, lissa, nystrom_preconditioner
 from jaxinf.lowrank import LowRankState
@@ -27,6 +29,12 @@ __all__ = [
     "as_batches",
     "curvature_operator",
     "direct",
+    "KFACState",
+    "LayerTags",
+    "ekfac",
+    "find_layers",
+    "kfac",
+    "tag_dense",
     "arnoldi",
     "nystrom",
     "LowRankState",

@@ -2,12 +2,13 @@
 
 from jaxinf.solvers.base import Solver, SolveInfo
 from jaxinf.solvers.direct import DirectState, direct
+from jaxinf.solvers.kfac import KFACState, ekfac, kfac
 from jaxinf.solvers.arnoldi import arnoldi
 from jaxinf.solvers.nystrom import nystrom
 from jaxinf.solvers.cg import CGState, cg
 from jaxinf.solvers.lissa import LissaState, lissa
 from jaxinf.solvers.preconditioners import Preconditioner, jacobi_preconditioner, nystrom_preconditioner
 
-__all__ = ["Solver", "SolveInfo", "DirectState", "direct", "arnoldi", "nystrom",
+__all__ = ["Solver", "SolveInfo", "DirectState", "direct", "KFACState", "ekfac", "kfac", "arnoldi", "nystrom",
            "CGState", "cg", "LissaState", "lissa", "Preconditioner", "jacobi_preconditioner",
            "nystrom_preconditioner"]

@@ -1,0 +1,721 @@
+"""K-FAC and EK-FAC: Kronecker-factored inverse curvature, layer by layer.
+
+For a layer ``s = W a`` (bias as an appended 1 in ``a``) the curvature block
+of the weights is approximated by a Kronecker product (Martens & Grosse 2015;
+convolutions: Grosse & Martens 2016; repeated layers summed over locations)::
+
+    C_W ≈ A ⊗ G,   A = E[Σ_t a_t a_tᵀ],   G = E[(1/T) Σ_t g_t g_tᵀ],
+
+with ``t`` over the ``T`` locations of the layer (positions of a
+convolution, steps of a ``lax.scan``, uses of a shared weight) and ``g`` the
+gradient with respect to the layer output. With ``A = Q_A diag(λ_A) Q_Aᵀ``
+and ``G = Q_G diag(λ_G) Q_Gᵀ``, the solve is::
+
+    (C_W + λI)⁻¹ v = Q_A [ (Q_Aᵀ V Q_G) / (Λ + λ) ] Q_Gᵀ,
+
+where ``V`` is ``v`` as a ``(d_in+1, d_out)`` matrix and ``Λ = λ_A λ_Gᵀ``
+(K-FAC). EK-FAC (George et al. 2018) keeps the Kronecker eigenbasis but
+replaces ``Λ`` by the second moments of the per-example gradients in that
+basis, ``Λ = E[(Q_Aᵀ ∇_W ℓ_i Q_G)²]`` (elementwise square), which is the
+best diagonal in that basis in Frobenius norm. Parameters outside any tagged
+layer get a diagonal or an exact small block of the same curvature
+(:mod:`jaxinf.tagging` decides and reports which).
+
+Which curvature (the ``fisher`` option):
+
+* ``"sampled"`` — the true Fisher / Monte-Carlo Gauss-Newton: output
+  gradients of ``r ~ N(0, H_out)``, ``H_out`` the Hessian of the per-example
+  output loss (or labels drawn from the model with ``likelihood=``), so
+  ``E[g gᵀ]`` is the Gauss-Newton factor in expectation.
+* ``"exact"`` — the Gauss-Newton in the factors without sampling noise: one
+  backward pass per column of ``H_out^{1/2}`` (one per model output).
+* ``"empirical"`` — gradients of the loss at the true labels (empirical
+  Fisher).
+* ``"auto"`` (default) — ``"empirical"`` for an operator of kind
+  ``"fisher"``, else ``"sampled"`` when the output loss is known (the
+  operator's or the factory's ``model_fn`` and ``output_loss``, or a
+  ``likelihood``), else ``"empirical"``.
+
+Damping: ``λ`` is the operator's damping of the layer's weight leaf. Where
+that is zero, the layer gets ``damping_heuristic × mean(Λ)`` (default 0.1, as
+in kronfluence); a positive operator damping always wins, and
+``damping_heuristic=None`` keeps zero damping (``validate`` then reports a
+singular layer).
+
+References:
+  Martens & Grosse, "Optimizing Neural Networks with Kronecker-factored
+  Approximate Curvature", ICML 2015. Grosse & Martens, "A Kronecker-factored
+  approximate Fisher matrix for convolution layers", ICML 2016. George,
+  Laurent, Bouthillier, Ballas & Vincent, "Fast Approximate Natural Gradient
+  Descent in a Kronecker-factored Eigenbasis", NeurIPS 2018. Grosse et al.,
+  "Studying Large Language Model Generalization with Influence Functions",
+  2023 (EK-FAC for influence).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinf._tree import TreeSpec, check_matches
+from jaxinf.curvature import CurvatureOperator
+from jaxinf.data import Batches, add_example_axis, batch_size
+from jaxinf.solvers.base import Solver, make_info
+from jaxinf.tagging import LayerTags, Tracer, trace_layers
+
+PyTree = Any
+FISHER_MODES = ("auto", "sampled", "exact", "empirical")
+LIKELIHOODS = (None, "categorical", "gaussian")
+MAX_EXACT_OUTPUTS = 4096
+
+
+# ----------------------------------------------------------------------------
+# State
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class KFACPlan:
+    """Static part of a K-FAC state: the traced layers and the configuration."""
+
+    fit: Tracer  # the function whose output gradients build the factors
+    score: Tracer  # the loss, for training-side scores
+    loss_fn: Callable
+    fisher: str
+    likelihood: str | None
+    num_samples: int
+    update_diagonal: bool
+    spec: TreeSpec
+    factor_dtype: Any
+    kind: str  # operator curvature kind, for the report
+
+    @property
+    def tags(self) -> LayerTags:
+        return self.fit.tags
+
+
+@jax.tree_util.register_pytree_node_class
+@dataclasses.dataclass(frozen=True)
+class KFACState:
+    """Fitted Kronecker factors, eigenbases and eigenvalues, per tagged layer.
+
+    Per layer ``l`` (in ``plan.tags.layers`` order): ``factors_a[l]`` ``A``
+    ``(d_in+1, d_in+1)``, ``factors_g[l]`` ``G`` ``(d_out, d_out)``, their
+    eigenvectors ``eigvecs_a[l]``, ``eigvecs_g[l]``, the eigenvalues
+    ``eigvals[l]`` ``(d_in+1, d_out)`` used by the solve (EK-FAC corrected or
+    ``λ_A λ_Gᵀ``) and the effective damping ``damping[l]``. Per fallback leaf
+    (``plan.tags.fallbacks`` order): eigenvectors (``None`` for a diagonal),
+    eigenvalues and damping. ``plan`` (static) holds the traced layers;
+    ``print(state.plan.tags)`` shows the report.
+    """
+
+    factors_a: tuple
+    factors_g: tuple
+    eigvecs_a: tuple
+    eigvecs_g: tuple
+    eigvals: tuple
+    damping: tuple
+    fallback_vecs: tuple
+    fallback_vals: tuple
+    fallback_damping: tuple
+    plan: KFACPlan
+
+    def tree_flatten(self):
+        children = (
+            self.factors_a,
+            self.factors_g,
+            self.eigvecs_a,
+            self.eigvecs_g,
+            self.eigvals,
+            self.damping,
+            self.fallback_vecs,
+            self.fallback_vals,
+            self.fallback_damping,
+        )
+        return children, (self.plan,)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(*children, *aux)
+
+    @property
+    def tags(self) -> LayerTags:
+        return self.plan.tags
+
+
+# ----------------------------------------------------------------------------
+# Per-example layer statistics
+# ----------------------------------------------------------------------------
+
+
+def _output_cotangents(plan: KFACPlan, output_loss, outs, batch1, key):
+    """Cotangents ``r`` (leading axis K) at the traced function's outputs, pre-scaled by √weight."""
+    tracer = plan.fit
+    if plan.fisher == "empirical":
+        return [jnp.ones((1, *o.shape), o.dtype) for o in outs], 1
+    flat = jnp.concatenate([jnp.ravel(o) for o in outs])
+    shapes = [o.shape for o in outs]
+    sizes = [math.prod(s) for s in shapes]
+
+    def split(vec):
+        parts, start = [], 0
+        for s, n in zip(shapes, sizes):
+            parts.append(jnp.reshape(vec[..., start : start + n], (*vec.shape[:-1], *s)))
+            start += n
+        return parts
+
+    m = flat.shape[0]
+    s_count = plan.num_samples
+    if plan.fisher == "sampled" and plan.likelihood == "categorical":
+        logits = outs[0]
+        probs = jax.nn.softmax(logits, axis=-1)
+        labels = jax.random.categorical(key, logits, axis=-1, shape=(s_count, *logits.shape[:-1]))
+        r = (probs[None] - jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)) / np.sqrt(s_count)
+        return [r], s_count
+    if plan.fisher == "sampled" and plan.likelihood == "gaussian":
+        eps = jax.random.normal(key, (s_count, m), flat.dtype) / np.sqrt(s_count)
+        return split(eps), s_count
+    if plan.likelihood == "gaussian":  # exact, H_out = I
+        return split(jnp.eye(m, dtype=flat.dtype)), m
+
+    if plan.likelihood == "categorical":
+
+        def nll(vec):
+            logits = split(vec)[0]
+            return -jnp.sum(jax.nn.log_softmax(logits, axis=-1)[..., 0])
+
+    else:
+
+        def nll(vec):
+            return output_loss(jax.tree.unflatten(tracer.out_tree, split(vec)), batch1)
+
+    hess = jax.hessian(nll)(flat)
+    hess = 0.5 * (hess + hess.T)
+    w, u = jnp.linalg.eigh(hess)
+    root = u * jnp.sqrt(jnp.clip(w, 0.0))[None, :]  # H = root rootᵀ
+    if plan.fisher == "exact":
+        return split(root.T), m
+    eps = jax.random.normal(key, (s_count, m), flat.dtype) / np.sqrt(s_count)
+    return split(eps @ root.T), s_count
+
+
+def example_statistics(tracer: Tracer, params_leaves, batch1, cotangent_fn):
+    """Layer inputs, output gradients and rest-gradients for one example.
+
+    Args:
+      tracer: from :func:`jaxinf.tagging.trace_layers`.
+      params_leaves: the parameter leaves.
+      batch1: a batch of one example.
+      cotangent_fn: ``(outs, batch1) -> (cotangents with leading K, K)``.
+
+    Returns:
+      ``(records, pert_grads, diff_grads)``: ``records[sid]`` the input of
+      site ``sid``; ``pert_grads[sid]`` ``(K, ...)`` output gradients;
+      ``diff_grads[leaf]`` ``(K, ...)`` gradients of the non-layer uses.
+    """
+    diff0 = {i: params_leaves[i] for i in tracer.diff_leaves}
+    perts0 = tracer.zero_perts()
+
+    def f(diff, perts):
+        return tracer.run(params_leaves, diff, perts, batch1)
+
+    outs, vjp_fn, records = jax.vjp(f, diff0, perts0, has_aux=True)
+    cots, _ = cotangent_fn(outs, batch1)
+    diff_grads, pert_grads = jax.vmap(vjp_fn)(cots)
+    return records, pert_grads, diff_grads
+
+
+def _layer_matrices(layer, records, pert_grads, dtype):
+    """Per example: ``a`` ``(T, rows)`` and ``g`` ``(K, T, d_out)`` of a layer, sites concatenated."""
+    a_parts, g_parts = [], []
+    for site in layer.sites:
+        a = site.inputs_matrix(records[site.sid]).astype(dtype)
+        if layer.bias is not None:
+            beta = 1.0 if (site.bias is not None and site.bias[0] == layer.bias) else 0.0
+            a = jnp.concatenate([a, jnp.full((a.shape[0], 1), beta, dtype)], axis=1)
+        a_parts.append(a)
+        g_parts.append(jax.vmap(site.outputs_matrix)(pert_grads[site.sid]).astype(dtype))
+    return jnp.concatenate(a_parts, axis=0), jnp.concatenate(g_parts, axis=1)
+
+
+def _rest_matrix(layer, diff_grads, dtype):
+    """Per example: gradients of a layer's non-layer uses as ``(K, rows, d_out)``, or ``None``."""
+    if layer.weight not in diff_grads and (layer.bias is None or layer.bias not in diff_grads):
+        return None
+    k = next(iter(jax.tree.leaves(diff_grads))).shape[0]
+    w = diff_grads.get(layer.weight)
+    wm = (
+        jax.vmap(layer.canon.to_matrix)(w).astype(dtype)
+        if w is not None
+        else jnp.zeros((k, layer.d_in, layer.d_out), dtype)
+    )
+    if layer.bias is None:
+        return wm
+    b = diff_grads.get(layer.bias)
+    row = jax.vmap(layer.bias_row)(b).astype(dtype) if b is not None else jnp.zeros((k, layer.d_out), dtype)
+    return jnp.concatenate([wm, row[:, None, :]], axis=1)
+
+
+def _weighted_sum(fn: Callable, data: Batches):
+    """``Σ_b (n_b / n) fn(batch_b, b)`` (the pattern of :func:`jaxinf.data.weighted_mean`, plus a batch index)."""
+    n = data.num_examples
+    total, offset = None, 0
+    if data.stacked is not None:
+        k = np.shape(jax.tree.leaves(data.stacked)[0])[0]
+        first = jax.tree.map(lambda a: a[0], data.stacked)
+        weight = batch_size(first) / n
+        zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fn, first, 0))
+
+        def body(acc, xs):
+            batch, i = xs
+            return jax.tree.map(lambda s, t: s + weight * t, acc, fn(batch, i)), None
+
+        total, _ = jax.lax.scan(body, zero, (data.stacked, jnp.arange(k)))
+        offset = k
+    for j, b in enumerate(data.rest):
+        weight = batch_size(b) / n
+        term = jax.tree.map(lambda t, w=weight: w * t, fn(b, offset + j))
+        total = term if total is None else jax.tree.map(jnp.add, total, term)
+    return total
+
+
+# ----------------------------------------------------------------------------
+# The factory
+# ----------------------------------------------------------------------------
+
+
+def ekfac(
+    *,
+    update_diagonal: bool = True,
+    fisher: str = "auto",
+    likelihood: str | None = None,
+    num_samples: int = 1,
+    model_fn: Callable | None = None,
+    output_loss: Callable | None = None,
+    damping_heuristic: float | None = 0.1,
+    factor_dtype: Any = None,
+    block_max_size: int = 256,
+) -> Solver:
+    """EK-FAC (or, with ``update_diagonal=False``, K-FAC) on automatically tagged layers.
+
+    Solves ``(C + λI) x = v`` with ``C`` replaced, layer by layer, by
+    ``(Q_A ⊗ Q_G) diag(Λ) (Q_A ⊗ Q_G)ᵀ`` (see the module docstring), and
+    fallback leaves by a diagonal or exact block. ``init`` fits the factors
+    over ``operator.data`` (size-weighted over batches); ``solve`` costs two
+    small matrix products per layer.
+
+    Args:
+      update_diagonal: EK-FAC's eigenvalue correction
+        ``Λ = E[(Q_Aᵀ ∇_W ℓ_i Q_G)²]`` (one more pass over the data); ``False``
+        gives K-FAC's ``Λ = λ_A λ_Gᵀ``.
+      fisher: ``"auto"``, ``"sampled"``, ``"exact"`` or ``"empirical"``; see the
+        module docstring.
+      likelihood: how ``"sampled"`` draws output gradients: ``None`` (Gaussian
+        with the covariance ``H_out`` of the output loss), ``"categorical"``
+        (labels drawn from ``softmax(outputs)``, the outputs being logits) or
+        ``"gaussian"`` (``y ~ N(outputs, I)``). With a likelihood, the output
+        loss is not needed.
+      num_samples: draws per example for ``"sampled"``.
+      model_fn, output_loss: ``model_fn(params, batch) -> outputs`` and
+        ``output_loss(outputs, batch) -> mean loss``, overriding the
+        operator's (needed for ``"sampled"``/``"exact"`` with an operator of
+        kind ``"hessian"`` or ``"fisher"``).
+      damping_heuristic: where the operator's damping is zero, use this times
+        the mean eigenvalue of the layer (or fallback block); ``None``: never.
+      factor_dtype: dtype for accumulating and eigendecomposing the factors
+        (e.g. ``jnp.float64`` with float32 parameters; needs
+        ``jax_enable_x64``); default: the parameters' dtype.
+      block_max_size: fallback leaves up to this many entries get an exact
+        block, larger ones a diagonal.
+
+    Returns:
+      A :class:`jaxinf.Solver` with ``score`` (layer-wise influence scores).
+
+    Raises:
+      ValueError: on a bad option (at once) or, from ``init``, when the
+        chosen Fisher needs an output loss the operator does not have.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, jaxinf
+      >>> x = jax.random.normal(jax.random.key(0), (8, 3)); y = x @ jnp.ones((3, 1))
+      >>> params = {"w": jnp.zeros((3, 1)), "b": jnp.zeros(1)}
+      >>> model = lambda p, b: b[0] @ p["w"] + p["b"]
+      >>> mse = lambda out, b: 0.5 * jnp.mean(jnp.sum((out - b[1]) ** 2, -1))
+      >>> op = jaxinf.curvature_operator(None, params, (x, y), kind="gauss_newton",
+      ...                                model_fn=model, output_loss=mse, damping=0.1)
+      >>> solver = jaxinf.ekfac(fisher="exact")
+      >>> state = solver.init(op)
+      >>> print(state.tags.table().splitlines()[2])
+      ['b']      (1,)    dense bias (auto)    <root>
+      >>> sol, info = solver.solve(state, params)
+      >>> bool(info.converged)
+      True
+
+    References:
+      George et al., NeurIPS 2018 (EK-FAC); Martens & Grosse, ICML 2015
+      (K-FAC); Grosse & Martens, ICML 2016 (convolutions).
+    """
+    if fisher not in FISHER_MODES:
+        raise ValueError(f"Unknown fisher={fisher!r}; choose one of {FISHER_MODES}.")
+    if likelihood not in LIKELIHOODS:
+        raise ValueError(f"Unknown likelihood={likelihood!r}; choose None, 'categorical' or 'gaussian'.")
+    if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
+        raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}.")
+    if damping_heuristic is not None and not (np.isfinite(damping_heuristic) and damping_heuristic >= 0):
+        raise ValueError(f"damping_heuristic must be >= 0 or None, got {damping_heuristic!r}.")
+    if block_max_size < 0:
+        raise ValueError(f"block_max_size must be >= 0, got {block_max_size}.")
+    if factor_dtype is not None and not jnp.issubdtype(jnp.dtype(factor_dtype), jnp.floating):
+        raise ValueError(f"factor_dtype must be a float dtype such as jnp.float64, got {factor_dtype!r}.")
+    if (model_fn is None) != (output_loss is None) and likelihood is None:
+        raise ValueError("Give both model_fn and output_loss (or model_fn with a likelihood), not one of them.")
+
+    def make_plan(operator: CurvatureOperator) -> tuple[KFACPlan, Callable | None]:
+        m_fn = model_fn or operator.model_fn
+        o_loss = output_loss or operator.output_loss
+        mode = fisher
+        knows_output = m_fn is not None and (o_loss is not None or likelihood is not None)
+        if mode == "auto":
+            mode = "empirical" if operator.kind == "fisher" or not knows_output else "sampled"
+        if mode in ("sampled", "exact") and not knows_output:
+            raise ValueError(
+                f"ekfac(fisher={mode!r}) needs the model outputs and the output loss: build the operator with "
+                "curvature='gauss_newton' (model_fn, output_loss), or pass ekfac(model_fn=..., output_loss=...) "
+                "or ekfac(model_fn=..., likelihood='categorical'|'gaussian'); or use fisher='empirical'."
+            )
+        loss_fn = operator.loss_fn
+        if loss_fn is None:
+            mf, ol = operator.model_fn, operator.output_loss
+
+            def loss_fn(p, batch):
+                return ol(mf(p, batch), batch)
+
+        dtype = jnp.dtype(factor_dtype) if factor_dtype is not None else jnp.dtype(operator.dtype)
+        if dtype == jnp.float64 and not jax.config.jax_enable_x64:
+            raise ValueError(
+                "factor_dtype=float64 needs 64-bit JAX: call jax.config.update('jax_enable_x64', True) first."
+            )
+        example = next(operator.data.batches())
+        shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.result_type(a)), operator.params)
+        fit_fn = loss_fn if mode == "empirical" else m_fn
+        fit = trace_layers(fit_fn, shapes, example, block_max_size=block_max_size)
+        if mode == "empirical":
+            score = fit
+        else:
+            score = trace_layers(loss_fn, shapes, example, block_max_size=block_max_size, restrict_to=fit.tags)
+        if mode != "empirical":
+            out_size = sum(math.prod(a.shape) for a in fit.out_avals)
+            if out_size > MAX_EXACT_OUTPUTS and (mode == "exact" or likelihood is None):
+                raise ValueError(
+                    f"The model has {out_size} outputs per example; forming the output-loss Hessian is too costly. "
+                    "Use fisher='sampled' with likelihood='categorical' or 'gaussian', or fisher='empirical'."
+                )
+        plan = KFACPlan(
+            fit, score, loss_fn, mode, likelihood, int(num_samples), update_diagonal, operator.spec, dtype,
+            operator.kind,
+        )
+        return plan, o_loss
+
+    def init(operator: CurvatureOperator, *, key=None) -> KFACState:
+        plan, o_loss = make_plan(operator)
+        key = jax.random.key(0) if key is None else key
+        return jax.jit(lambda op, k: _fit(plan, o_loss, op, k, damping_heuristic))(operator, key)
+
+    def solve(state: KFACState, v):
+        check_matches(v, state.plan.spec, "v")
+        return _solve(state, v)
+
+    def validate(state: KFACState) -> None:
+        _validate(state)
+
+    name = "ekfac" if update_diagonal else "kfac"
+    advice = "Increase damping (or damping_heuristic); check the tagging report (print(state.tags))."
+    return Solver(init=init, solve=solve, validate=validate, name=name, advice=advice, score=score)
+
+
+def kfac(**kwargs) -> Solver:
+    """K-FAC: :func:`ekfac` without the eigenvalue correction (``Λ = λ_A λ_Gᵀ``).
+
+    Takes the same keyword options as :func:`ekfac` (except
+    ``update_diagonal``).
+
+    Examples:
+      >>> import jaxinf
+      >>> jaxinf.kfac(fisher="exact").name
+      'kfac'
+    """
+    if "update_diagonal" in kwargs:
+        raise ValueError("kfac() has no update_diagonal option; use ekfac(update_diagonal=...) instead.")
+    return ekfac(update_diagonal=False, **kwargs)
+
+
+# ----------------------------------------------------------------------------
+# Fitting
+# ----------------------------------------------------------------------------
+
+
+def _batch_key(key, index):
+    return jax.random.fold_in(key, index)
+
+
+def _batch_statistics(plan: KFACPlan, output_loss, params_leaves, batch, key):
+    """Per example of ``batch`` (vmapped): records, output gradients, rest gradients."""
+    tracer = plan.fit
+    n = batch_size(batch)
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(n))
+
+    def one(example, k):
+        batch1 = add_example_axis(example)
+        return example_statistics(
+            tracer, params_leaves, batch1, lambda outs, b1: _output_cotangents(plan, output_loss, outs, b1, k)
+        )
+
+    return jax.vmap(one)(batch, keys)
+
+
+def _fit(plan: KFACPlan, output_loss, operator: CurvatureOperator, key, heuristic) -> KFACState:
+    tags = plan.tags
+    dtype = plan.factor_dtype
+    params_leaves = jax.tree.leaves(operator.params)
+
+    def pass1(batch, index):
+        records, pert, diff = _batch_statistics(plan, output_loss, params_leaves, batch, _batch_key(key, index))
+        n = batch_size(batch)
+        out = {"A": [], "G": [], "F": []}
+        for layer in tags.layers:
+            a, g = jax.vmap(lambda r, p, L=layer: _layer_matrices(L, r, p, dtype))(records, pert)
+            t = a.shape[1]
+            out["A"].append(jnp.einsum("nti,ntj->ij", a, a) / n)
+            out["G"].append(jnp.einsum("nkto,nktp->op", g, g) / (n * t))
+        for fb in tags.fallbacks:
+            gl = jnp.reshape(diff[fb.leaf], (n, -1, math.prod(tags.shapes[fb.leaf]))).astype(dtype)
+            if fb.method == "block":
+                out["F"].append(jnp.einsum("nki,nkj->ij", gl, gl) / n)
+            else:
+                out["F"].append(jnp.sum(gl * gl, axis=(0, 1)) / n)
+        return out
+
+    stats = _weighted_sum(pass1, operator.data)
+    eig_a, vec_a, eig_g, vec_g = [], [], [], []
+    for a, g in zip(stats["A"], stats["G"]):
+        wa, qa = jnp.linalg.eigh(0.5 * (a + a.T))
+        wg, qg = jnp.linalg.eigh(0.5 * (g + g.T))
+        eig_a.append(jnp.clip(wa, 0.0))
+        vec_a.append(qa)
+        eig_g.append(jnp.clip(wg, 0.0))
+        vec_g.append(qg)
+
+    if plan.update_diagonal:
+
+        def pass2(batch, index):
+            # the same draws as pass 1: Λ is then exactly the diagonal of the same estimate in the eigenbasis
+            records, pert, diff = _batch_statistics(plan, output_loss, params_leaves, batch, _batch_key(key, index))
+            n = batch_size(batch)
+            out = []
+            for layer, qa, qg in zip(tags.layers, vec_a, vec_g):
+
+                def rotated(r, p, d, L=layer, qa=qa, qg=qg):
+                    a, g = _layer_matrices(L, r, p, dtype)
+                    m = jnp.einsum("ti,kto->kio", a @ qa, g @ qg)
+                    rest = _rest_matrix(L, d, dtype)
+                    if rest is not None:
+                        m = m + jnp.einsum("ij,kjl,lo->kio", qa.T, rest, qg)
+                    return jnp.sum(m * m, axis=0)
+
+                out.append(jnp.sum(jax.vmap(rotated)(records, pert, diff), axis=0) / n)
+            return out
+
+        eigvals = list(_weighted_sum(pass2, operator.data)) if tags.layers else []
+    else:
+        eigvals = [wa[:, None] * wg[None, :] for wa, wg in zip(eig_a, eig_g)]
+
+    def effective(leaf, values):
+        lam = operator.damping[leaf].astype(dtype)
+        if heuristic is None:
+            return lam
+        return jnp.where(lam > 0, lam, heuristic * jnp.mean(values))
+
+    damping = tuple(effective(layer.weight, ev) for layer, ev in zip(tags.layers, eigvals))
+    fb_vecs, fb_vals, fb_damp = [], [], []
+    for fb, f in zip(tags.fallbacks, stats["F"]):
+        if fb.method == "block":
+            w, q = jnp.linalg.eigh(0.5 * (f + f.T))
+            fb_vecs.append(q)
+            fb_vals.append(jnp.clip(w, 0.0))
+        else:
+            fb_vecs.append(None)
+            fb_vals.append(f)
+        fb_damp.append(effective(fb.leaf, fb_vals[-1]))
+    return KFACState(
+        tuple(stats["A"]),
+        tuple(stats["G"]),
+        tuple(vec_a),
+        tuple(vec_g),
+        tuple(eigvals),
+        damping,
+        tuple(fb_vecs),
+        tuple(fb_vals),
+        tuple(fb_damp),
+        plan,
+    )
+
+
+# ----------------------------------------------------------------------------
+# Solving
+# ----------------------------------------------------------------------------
+
+
+def _inverse(values, damping):
+    denom = values + damping
+    safe = jnp.where(denom > 0, denom, 1.0)
+    return jnp.where(denom > 0, 1.0 / safe, 0.0)
+
+
+def _apply(state: KFACState, v: PyTree, power: int, damped: bool = True) -> PyTree:
+    """``(K + λ)^power v`` with ``K`` the fitted approximation, for ``power`` in ``{1, -1}``."""
+    tags = state.tags
+    leaves, treedef = jax.tree.flatten(v)
+    out = list(leaves)
+    dtype = state.plan.factor_dtype
+    for i, layer in enumerate(tags.layers):
+        lam = state.damping[i] if damped else jnp.zeros((), dtype)
+        vm = layer.to_matrix([x.astype(dtype) if x is not None else None for x in leaves])
+        qa, qg = state.eigvecs_a[i], state.eigvecs_g[i]
+        rot = qa.T @ vm @ qg
+        scale = _inverse(state.eigvals[i], lam) if power < 0 else state.eigvals[i] + lam
+        xm = qa @ (rot * scale) @ qg.T
+        w, b = layer.from_matrix(xm, tags.shapes[layer.bias] if layer.bias is not None else None)
+        out[layer.weight] = w.astype(leaves[layer.weight].dtype)
+        if layer.bias is not None:
+            out[layer.bias] = b.astype(leaves[layer.bias].dtype)
+    for fb, q, vals, lam in zip(tags.fallbacks, state.fallback_vecs, state.fallback_vals, state.fallback_damping):
+        lam = lam if damped else jnp.zeros_like(lam)
+        x = jnp.ravel(leaves[fb.leaf]).astype(dtype)
+        scale = _inverse(vals, lam) if power < 0 else vals + lam
+        y = q @ ((q.T @ x) * scale) if q is not None else x * scale
+        out[fb.leaf] = jnp.reshape(y, tags.shapes[fb.leaf]).astype(leaves[fb.leaf].dtype)
+    return jax.tree.unflatten(treedef, out)
+
+
+def _solve(state: KFACState, v):
+    x = _apply(state, v, -1)
+    back = _apply(state, x, 1)
+    residual = jnp.sqrt(sum(jnp.sum((a - b) ** 2) for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(v))))
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(x)]))
+    return x, make_info(1, residual, finite, ~finite)
+
+
+def approx_curvature_vp(state: KFACState, v: PyTree, *, damped: bool = False) -> PyTree:
+    """``K v`` (or ``(K + λ) v``) with ``K`` the fitted K-FAC / EK-FAC curvature, for checks and diagnostics."""
+    check_matches(v, state.plan.spec, "v")
+    return _apply(state, v, 1, damped)
+
+
+def _validate(state: KFACState) -> None:
+    tags = state.tags
+    items = [(layer.name, ev, lam) for layer, ev, lam in zip(tags.layers, state.eigvals, state.damping)]
+    items += [
+        (tags.paths[fb.leaf], vals, lam)
+        for fb, vals, lam in zip(tags.fallbacks, state.fallback_vals, state.fallback_damping)
+    ]
+    for name, ev, lam in items:
+        ev = np.asarray(ev, np.float64)
+        lam = float(lam)
+        if not np.all(np.isfinite(ev)) or not np.isfinite(lam):
+            raise ValueError(
+                f"The K-FAC factors of {name} contain NaN or inf: check the data, the parameters and the loss."
+            )
+        top = float(np.max(ev)) if ev.size else 0.0
+        if top == 0.0 and lam == 0.0:
+            continue  # unused parameter: zero gradient, solved as zero
+        if lam == 0.0 and float(np.min(ev)) <= ev.size * np.finfo(np.float64).eps * top:
+            raise ValueError(
+                f"The (E)K-FAC curvature of {name} is singular (smallest eigenvalue {float(np.min(ev)):.3g}, largest "
+                f"{top:.3g}) and its damping is 0. Set damping > 0 (e.g. {max(1e-3 * top, 1e-8):.3g}) or leave "
+                "damping_heuristic on."
+            )
+
+
+# ----------------------------------------------------------------------------
+# Scores
+# ----------------------------------------------------------------------------
+
+
+def _test_gradients(loss_fn, params, batch):
+    return jax.vmap(lambda example: jax.grad(loss_fn)(params, add_example_axis(example)))(batch)
+
+
+@jax.jit
+def influences_by_layer(state: KFACState, operator: CurvatureOperator, test_batch, train_batch) -> dict:
+    """Influence scores split by layer: ``{name: (n_test, n_train)}``, summing to :func:`score`.
+
+    Keys are the layer names of ``state.tags`` and the paths of fallback
+    leaves. Each term is ``Σ_l ⟨(K + λ)⁻¹ ∇ℓ(test_i), ∇ℓ(train_j)⟩`` restricted
+    to that layer's parameters; the training gradients are never formed for
+    layers where contracting layer inputs and output gradients directly is
+    cheaper (one test point, or one location per example).
+    """
+    plan = state.plan
+    params = operator.params
+    params_leaves = jax.tree.leaves(params)
+    dtype = plan.factor_dtype
+    test_grads = _test_gradients(plan.loss_fn, params, test_batch)
+    factors, _ = jax.vmap(_solve, in_axes=(None, 0))(state, test_grads)
+    f_leaves = jax.tree.leaves(factors)
+    n_test = f_leaves[0].shape[0]
+    tracer = plan.score
+    ones = lambda outs, b1: ([jnp.ones((1, *o.shape), o.dtype) for o in outs], 1)  # noqa: E731
+    records, pert, diff = jax.vmap(
+        lambda example: example_statistics(tracer, params_leaves, add_example_axis(example), ones)
+    )(train_batch)
+    out = {}
+    for layer in tracer.tags.layers:
+        fm = jax.vmap(lambda *ls, L=layer: L.to_matrix(list(ls)))(*[x.astype(dtype) for x in f_leaves])
+        a, g = jax.vmap(lambda r, p, L=layer: _layer_matrices(L, r, p, dtype))(records, pert)
+        g = g[:, 0]  # (n, T, d_out)
+        t_loc = a.shape[1]
+        if n_test == 1 or t_loc == 1:
+            # contract without forming per-example gradients; keep the smaller intermediate
+            if layer.d_out <= layer.rows:
+                s = jnp.einsum("fnto,nto->fn", jnp.einsum("nti,fio->fnto", a, fm), g)
+            else:
+                s = jnp.einsum("fnti,nti->fn", jnp.einsum("nto,fio->fnti", g, fm), a)
+        else:
+            per_example = jnp.einsum("nti,nto->nio", a, g)
+            s = jnp.einsum("fio,nio->fn", fm, per_example)
+        if layer.weight in diff or (layer.bias is not None and layer.bias in diff):
+            rest = jax.vmap(lambda d, L=layer: _rest_matrix(L, d, dtype))(diff)
+            s = s + jnp.einsum("fio,nio->fn", fm, rest[:, 0])
+        out[layer.name] = s
+    for fb in tracer.tags.fallbacks:
+        x = jnp.reshape(f_leaves[fb.leaf], (n_test, -1)).astype(dtype)
+        d = diff[fb.leaf][:, 0]
+        gl = jnp.reshape(d, (d.shape[0], -1)).astype(dtype)
+        out[tracer.tags.paths[fb.leaf]] = x @ gl.T
+    return out
+
+
+@jax.jit
+def score(state: KFACState, operator: CurvatureOperator, test_batch, train_batch):
+    """``I[i, j] = ∇ℓ(test_i)ᵀ (K + λ)⁻¹ ∇ℓ(train_j)``, shape ``(n_test, n_train)``, contracted layer by layer."""
+    parts = influences_by_layer(state, operator, test_batch, train_batch)
+    return sum(parts.values())
+
+
+__all__ = [
+    "FISHER_MODES",
+    "KFACPlan",
+    "KFACState",
+    "approx_curvature_vp",
+    "ekfac",
+    "example_statistics",
+    "influences_by_layer",
+    "kfac",
+    "score",
+]
