@@ -306,3 +306,16 @@ def positive_int(value, name: str) -> int:
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}.")
     return value
+
+
+def check_operator(operator: CurvatureOperator, name: str, rank: int) -> int:
+    """Structural checks shared by the low-rank factories' ``init``; returns ``p``."""
+    p = operator.size
+    if operator.num_blocks > 1:
+        raise ValueError(
+            f"{name}() does not support block-diagonal curvature yet (the operator has {operator.num_blocks} "
+            "blocks). Use blocks=None, or a solver with block support (direct, cg)."
+        )
+    if rank > p:
+        raise ValueError(f"rank ({rank}) exceeds the number of parameters ({p}); use rank <= {p}.")
+    return p

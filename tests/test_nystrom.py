@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 import jaxinf
-from jaxinf._tree import ravel, tree_spec, unravel_batched
+from jaxinf._tree import ravel
 from jaxinf.curvature import to_dense
-from jaxinf.lowrank import lowrank_solve
 from tests import models
+from tests.test_arnoldi import _flat_solves, _quadratic, _rhs
 
 
 @functools.cache
@@ -29,31 +29,11 @@ def _ggn(p, data, damping):
                                      output_loss=p.output_loss, damping=damping)
 
 
-def _rhs(params, k, seed=0):
-    spec = tree_spec(params)
-    return unravel_batched(spec, jax.random.normal(jax.random.key(seed), (k, spec.size), spec.dtype))
-
-
-@jax.jit
-def _flat_solves(state, rhs):
-    x, info = jax.vmap(lowrank_solve, in_axes=(None, 0))(state, rhs)
-    return jax.vmap(ravel)(x), info
-
-
 def _woodbury(state, b):
     """``(U Λ Uᵀ + λI)⁻¹ b`` in numpy, rows of ``b``."""
     u, w, lam = np.asarray(state.basis), np.asarray(state.eigvals), float(state.damping)
     c = b @ u
     return (c / (w + lam)) @ u.T + (b - c @ u.T) / lam
-
-
-def _quadratic(diag, damping):
-    a = jnp.asarray(diag, jnp.float64)
-
-    def loss(w, batch):
-        return 0.5 * jnp.sum(a * w * w) + 0.0 * jnp.mean(batch)
-
-    return jaxinf.curvature_operator(loss, jnp.ones(a.shape[0]), jnp.ones((3, 1)), damping=damping)
 
 
 def test_exact_when_rank_covers_the_curvature():
@@ -104,6 +84,9 @@ def test_zero_damping_is_rejected():
         assert not bool(info.converged)
         with pytest.raises(ValueError, match="damping > 0"):
             solver.validate(state)
+    # Through the wrapper (which compiles init, so the damping is traced there too).
+    with pytest.raises(ValueError, match="damping > 0"):
+        jaxinf.InfluenceModel(op.loss_fn, op.params, jaxinf.nystrom(2), damping=0.0).fit(jnp.ones((3, 1)))
 
 
 def test_indefinite_curvature_warns():

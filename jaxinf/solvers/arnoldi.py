@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxinf.curvature import CurvatureOperator
-from jaxinf.lowrank import LowRankState, lowrank_solve, lowrank_validate, positive_int, score
+from jaxinf.lowrank import LowRankState, check_operator, lowrank_solve, lowrank_validate, positive_int, score
 from jaxinf.sketch import curvature_matvec
 from jaxinf.solvers.base import Solver
 
@@ -202,14 +202,7 @@ def arnoldi(
         projection_batch = positive_int(projection_batch, "projection_batch")
 
     def init(operator: CurvatureOperator, *, key=None) -> LowRankState:
-        p = operator.size
-        if operator.num_blocks > 1:
-            raise ValueError(
-                f"arnoldi() does not support block-diagonal curvature yet (the operator has {operator.num_blocks} "
-                "blocks). Use blocks=None, or a solver with block support (direct, cg)."
-            )
-        if rank > p:
-            raise ValueError(f"rank ({rank}) exceeds the number of parameters ({p}); use rank <= {p}.")
+        p = check_operator(operator, "arnoldi", rank)
         m = min(p, 2 * rank + 10) if krylov_dim is None else krylov_dim
         if m > p:
             raise ValueError(f"krylov_dim ({m}) exceeds the number of parameters ({p}); use krylov_dim <= {p}.")

@@ -34,7 +34,15 @@ import jax
 import jax.numpy as jnp
 
 from jaxinf.curvature import CurvatureOperator
-from jaxinf.lowrank import LowRankState, check_concrete_positive, lowrank_solve, lowrank_validate, positive_int, score
+from jaxinf.lowrank import (
+    LowRankState,
+    check_concrete_positive,
+    check_operator,
+    lowrank_solve,
+    lowrank_validate,
+    positive_int,
+    score,
+)
 from jaxinf.sketch import nystrom_of_operator
 from jaxinf.solvers.base import Solver
 
@@ -95,14 +103,7 @@ def nystrom(
         projection_batch = positive_int(projection_batch, "projection_batch")
 
     def init(operator: CurvatureOperator, *, key=None) -> LowRankState:
-        p = operator.size
-        if operator.num_blocks > 1:
-            raise ValueError(
-                f"nystrom() does not support block-diagonal curvature yet (the operator has {operator.num_blocks} "
-                "blocks). Use blocks=None, or a solver with block support (direct, cg)."
-            )
-        if rank > p:
-            raise ValueError(f"rank ({rank}) exceeds the number of parameters ({p}); use rank <= {p}.")
+        check_operator(operator, "nystrom", rank)
         damping = operator.damping[0]
         check_concrete_positive(damping, "nystrom()", "the Woodbury inverse divides by λ")
         key = jax.random.key(0) if key is None else key
