@@ -38,15 +38,36 @@ def per_example_grads(loss_fn: Callable, params: PyTree, batch: PyTree) -> PyTre
     return jax.vmap(lambda example: jax.grad(loss_fn)(params, add_example_axis(example)))(batch)
 
 
-def choose_method(num_factors: int, batch_examples: int, num_params: int) -> str:
-    """Pick the cheaper contraction.
+#: Cost of forming one entry of the per-example gradient matrix ``G`` (``b × p``), in multiply-adds,
+#: for models of up to ``GRADIENT_COST_PARAMS`` parameters; it grows as ``sqrt(p)`` above that (bigger
+#: per-example outer products stream through memory rather than cache), up to ``GRADIENT_COST_CAP``.
+#: Measured on CPU with ``benchmarks/bench_scale.py --pick``.
+GRADIENT_COST = 16.0
+GRADIENT_COST_PARAMS = 2048
+GRADIENT_COST_CAP = 128.0
 
-    A JVP costs about two forward passes per (factor, example); a per-example
-    gradient about three forward passes per example plus a ``num_factors × p``
-    product per example. So JVPs win only for very few factors.
+
+def choose_method(num_factors: int, batch_examples: int, num_params: int) -> str:
+    """Pick the cheaper contraction by a cost model in multiply-adds.
+
+    With ``F`` factors, ``b`` examples and ``p`` parameters (a forward pass
+    costs about ``p`` multiply-adds per example):
+
+    * ``"jvp"``: one primal pass plus ``F`` tangent passes of about ``2p``
+      each: ``(1 + 2F) b p``;
+    * ``"gradients"``: the backward passes (``3 b p``), forming and storing the
+      ``b × p`` per-example gradients (``κ b p``) and the ``F × p`` by
+      ``p × b`` product (``F b p``): ``(3 + κ + F) b p``.
+
+    So JVPs win for ``F < 2 + κ``. ``κ`` is what one stored gradient entry
+    costs in multiply-adds: a memory write and read, worth many arithmetic
+    operations (about 16 for small models, growing as ``sqrt(p)`` to 128 for
+    large ones, :data:`GRADIENT_COST`). ``b`` cancels: both costs are linear
+    in the batch.
     """
-    del batch_examples, num_params
-    return "jvp" if num_factors <= 1 else "gradients"
+    del batch_examples
+    kappa = GRADIENT_COST * min(max(1.0, (num_params / GRADIENT_COST_PARAMS) ** 0.5), GRADIENT_COST_CAP / GRADIENT_COST)
+    return "jvp" if num_factors < 2 + kappa else "gradients"
 
 
 def contract(loss_fn: Callable, params: PyTree, factors: PyTree, batch: PyTree, method: str = "gradients"):
