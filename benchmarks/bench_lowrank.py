@@ -50,19 +50,32 @@ def run(args) -> tuple[list[dict], dict]:
     if args.dtype == "float64":
         jax.config.update("jax_enable_x64", True)
     dtype = jnp.float64 if args.dtype == "float64" else jnp.float32
-    problem = common.mlp_problem(args.n_train, args.n_test, d_in=args.d_in, widths=tuple(args.widths),
-                                 dtype=dtype, seed=args.seed)
-    batches = [jax.tree.map(lambda a, i=i: a[i : i + args.batch_size], problem.train)
-               for i in range(0, args.n_train, args.batch_size)]
+    problem = common.mlp_problem(
+        args.n_train, args.n_test, d_in=args.d_in, widths=tuple(args.widths), dtype=dtype, seed=args.seed
+    )
+    batches = [
+        jax.tree.map(lambda a, i=i: a[i : i + args.batch_size], problem.train)
+        for i in range(0, args.n_train, args.batch_size)
+    ]
     floor = common.gradient_floor(problem, args.repeats)
-    print(f"P = {problem.num_params}, N = {args.n_train}, n_test = {args.n_test}, {args.dtype}, "
-          f"curvature = {args.curvature}, damping = {args.damping}; per-example-gradient floor "
-          f"{floor.median * 1e3:.1f} ms", flush=True)
+    print(
+        f"P = {problem.num_params}, N = {args.n_train}, n_test = {args.n_test}, {args.dtype}, "
+        f"curvature = {args.curvature}, damping = {args.damping}; per-example-gradient floor "
+        f"{floor.median * 1e3:.1f} ms",
+        flush=True,
+    )
 
     def build(solver):
-        return jaxinf.InfluenceModel(problem.loss_fn, problem.params, solver, damping=args.damping,
-                                     curvature=args.curvature, model_fn=problem.model_fn,
-                                     output_loss=problem.output_loss, strict=False)
+        return jaxinf.InfluenceModel(
+            problem.loss_fn,
+            problem.params,
+            solver,
+            damping=args.damping,
+            curvature=args.curvature,
+            model_fn=problem.model_fn,
+            output_loss=problem.output_loss,
+            strict=False,
+        )
 
     key = jax.random.key(args.seed)
     if problem.num_params <= args.max_direct_params:
@@ -83,21 +96,38 @@ def run(args) -> tuple[list[dict], dict]:
             fit_t, state = common.time_call(lambda m=model: m.fit(batches, key=key).state, args.repeats)
             score_t, scores = common.time_call(lambda m=model: m.influences(problem.test, batches), args.repeats)
             factors_t, _ = common.time_call(
-                lambda m=model: m.influences_from_factors(m.influence_factors(problem.test), batches), args.repeats)
+                lambda m=model: m.influences_from_factors(m.influence_factors(problem.test), batches), args.repeats
+            )
             got = np.asarray(scores, np.float64)
             row = {
-                "method": name, "rank": rank, "products": state.products, "fit_s": fit_t.median,
-                "fit_compile_s": fit_t.compile, "score_s": score_t.median, "score_compile_s": score_t.compile,
-                "score_x_floor": score_t.median / floor.median, "factors_path_s": factors_t.median,
+                "method": name,
+                "rank": rank,
+                "products": state.products,
+                "fit_s": fit_t.median,
+                "fit_compile_s": fit_t.compile,
+                "score_s": score_t.median,
+                "score_compile_s": score_t.compile,
+                "score_x_floor": score_t.median / floor.median,
+                "factors_path_s": factors_t.median,
                 "score_x_factors_path": score_t.median / factors_t.median,
                 "rel_error": float(np.linalg.norm(got - exact) / np.linalg.norm(exact)),
-                "pearson": float(np.corrcoef(got.ravel(), exact.ravel())[0, 1]), "spearman": spearman(got, exact),
+                "pearson": float(np.corrcoef(got.ravel(), exact.ravel())[0, 1]),
+                "spearman": spearman(got, exact),
             }
             rows.append(row)
             print(" ".join(f"{k}={common._fmt(v)}" for k, v in row.items()), flush=True)
-    meta = {"P": problem.num_params, "N": args.n_train, "n_test": args.n_test, "dtype": args.dtype,
-            "curvature": args.curvature, "damping": args.damping, "reference": ref_name,
-            "reference_s": ref_s, "floor_s": floor.median, "command": " ".join(sys.argv)}
+    meta = {
+        "P": problem.num_params,
+        "N": args.n_train,
+        "n_test": args.n_test,
+        "dtype": args.dtype,
+        "curvature": args.curvature,
+        "damping": args.damping,
+        "reference": ref_name,
+        "reference_s": ref_s,
+        "floor_s": floor.median,
+        "command": " ".join(sys.argv),
+    }
     return rows, meta
 
 
@@ -119,13 +149,26 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     rows, meta = run(args)
-    columns = ["method", "rank", "products", "fit_s", "fit_compile_s", "score_s", "score_x_floor",
-               "score_x_factors_path", "rel_error", "pearson", "spearman"]
+    columns = [
+        "method",
+        "rank",
+        "products",
+        "fit_s",
+        "fit_compile_s",
+        "score_s",
+        "score_x_floor",
+        "score_x_factors_path",
+        "rel_error",
+        "pearson",
+        "spearman",
+    ]
     table = common.write_results("lowrank", rows, columns, meta)
     print(f"machine: {common.machine()}")
-    print(f"P = {meta['P']}, N = {meta['N']}, n_test = {meta['n_test']}, {meta['dtype']}, {meta['curvature']}, "
-          f"damping = {meta['damping']}; reference: {meta['reference']} ({meta['reference_s']:.1f} s); "
-          f"per-example-gradient floor {meta['floor_s'] * 1e3:.1f} ms")
+    print(
+        f"P = {meta['P']}, N = {meta['N']}, n_test = {meta['n_test']}, {meta['dtype']}, {meta['curvature']}, "
+        f"damping = {meta['damping']}; reference: {meta['reference']} ({meta['reference_s']:.1f} s); "
+        f"per-example-gradient floor {meta['floor_s'] * 1e3:.1f} ms"
+    )
     print(table)
     return rows
 

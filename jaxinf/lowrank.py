@@ -29,13 +29,14 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinf._tree import TreeSpec, check_matches, is_tracer, ravel, ravel_batched, unravel, unravel_batched
+from jaxinf._tree import TreeSpec, check_matches, is_tracer, ravel, ravel_batched, unravel
 from jaxinf.curvature import CurvatureOperator, per_example_losses
 from jaxinf.data import add_example_axis, batch_size
 from jaxinf.solvers.base import make_info
@@ -272,6 +273,11 @@ def score(
     (:func:`project`), plus ``(1/λ) g_testᵀ (I − VVᵀ) g_train`` when the state
     has ``completion=True`` (per-example gradients of the smaller batch).
     Equals ``∇θℓ(test)ᵀ x(∇θℓ(train))`` with ``x`` the state's solve.
+
+    Cost: ``r`` JVPs over each batch (the test batch is projected again for
+    every training batch it is scored against, ``r`` JVPs each time), plus,
+    with the completion, ``n_small`` per-example gradients and ``n_small`` JVPs
+    over the other batch.
     """
     p_test = project(state, operator, test_batch, projection_batch=projection_batch)
     p_train = project(state, operator, train_batch, projection_batch=projection_batch)
@@ -285,11 +291,6 @@ def score(
             extra = _completion(state, operator, train_batch, test_batch, p_train, projection_batch).T
         scores = scores + inv_lam * extra
     return scores
-
-
-def basis_tree(state: LowRankState) -> PyTree:
-    """The basis as a parameter-shaped pytree with a leading ``r`` axis."""
-    return unravel_batched(state.spec, state.basis.T)
 
 
 def check_concrete_positive(damping, name: str, what: str) -> None:

@@ -6,7 +6,6 @@ functions are reused across tests.
 
 import dataclasses
 import functools
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -234,8 +233,9 @@ def test_configuration_errors():
 def test_projected_scoring_equals_naive_per_example_gradients():
     p = _mlp()
     # loss_fn=None: scoring rebuilds the loss from model_fn and output_loss.
-    op = jaxinf.curvature_operator(None, p.params, p.train, kind="gauss_newton", model_fn=p.model_fn,
-                                   output_loss=p.output_loss, damping=0.01)
+    op = jaxinf.curvature_operator(
+        None, p.params, p.train, kind="gauss_newton", model_fn=p.model_fn, output_loss=p.output_loss, damping=0.01
+    )
     solver = jaxinf.arnoldi(8, projection_batch=3)
     state = solver.init(op)
     v, d = np.asarray(state.basis), np.asarray(state.eigvals)
@@ -256,13 +256,15 @@ def test_projected_scoring_equals_naive_per_example_gradients():
 def test_influence_model_scores_correlate_with_direct(name):
     p = models.mlp_problem("nnx", n_train=40, n_test=10, hidden=8)  # p = 58, GGN of rank 58
     kw = dict(curvature="gauss_newton", model_fn=p.model_fn, output_loss=p.output_loss, damping=0.1)
-    ref = np.asarray(jaxinf.InfluenceModel(None, p.params, jaxinf.direct(), **kw).fit(p.train)
-                     .influences(p.test, p.train)).ravel()
+    ref = np.asarray(
+        jaxinf.InfluenceModel(None, p.params, jaxinf.direct(), **kw).fit(p.train).influences(p.test, p.train)
+    ).ravel()
     solver = {"arnoldi": jaxinf.arnoldi(20, completion=True), "nystrom": jaxinf.nystrom(20)}[name]
     model = jaxinf.InfluenceModel(None, p.params, solver, **kw).fit(p.train, key=jax.random.key(0))
     got = np.asarray(model.influences(p.test, p.train)).ravel()
     assert np.corrcoef(got, ref)[0, 1] > 0.95  # measured: 0.999 (arnoldi), 0.99 (nystrom)
     # Through the wrapper, the projected scores equal factors contracted with training gradients.
     factors = model.influence_factors(p.test)
-    np.testing.assert_allclose(model.influences_from_factors(factors, p.train).ravel(), got, rtol=1e-8,
-                               atol=1e-10 * np.max(np.abs(got)))
+    np.testing.assert_allclose(
+        model.influences_from_factors(factors, p.train).ravel(), got, rtol=1e-8, atol=1e-10 * np.max(np.abs(got))
+    )

@@ -25,8 +25,9 @@ def _mlp(n_train=23, hidden=6):
 
 
 def _ggn(p, data, damping):
-    return jaxinf.curvature_operator(p.loss_fn, p.params, data, kind="gauss_newton", model_fn=p.model_fn,
-                                     output_loss=p.output_loss, damping=damping)
+    return jaxinf.curvature_operator(
+        p.loss_fn, p.params, data, kind="gauss_newton", model_fn=p.model_fn, output_loss=p.output_loss, damping=damping
+    )
 
 
 def _woodbury(state, b):
@@ -40,8 +41,9 @@ def test_exact_when_rank_covers_the_curvature():
     p = _mlp()
     b = np.random.default_rng(0).standard_normal((4, 44))
     # Empirical Fisher of 5 examples: rank <= 5. GGN of 3 examples with 2 outputs: rank <= 6.
-    fisher = jaxinf.curvature_operator(p.loss_fn, p.params, jax.tree.map(lambda a: a[:5], p.train), kind="fisher",
-                                       damping=1e-3)
+    fisher = jaxinf.curvature_operator(
+        p.loss_fn, p.params, jax.tree.map(lambda a: a[:5], p.train), kind="fisher", damping=1e-3
+    )
     ggn = _ggn(p, jax.tree.map(lambda a: a[:3], p.train), 1e-3)
     for op, rank in [(fisher, 5), (fisher, 9), (ggn, 6)]:
         solver = jaxinf.nystrom(rank)

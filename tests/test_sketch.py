@@ -115,8 +115,9 @@ def test_operator_matvec_is_undamped_and_block_diagonal():
     x = jax.random.normal(jax.random.key(0), (op.size,))
     full = jax.jit(curvature_matvec(op))(x)
     np.testing.assert_allclose(full, jax.jit(lambda v: ravel(op.curvature_vp(unravel(op.spec, v))))(x), rtol=1e-12)
-    opb = jaxinf.curvature_operator(prob.loss_fn, prob.params, prob.train, kind="fisher", blocks="parameter",
-                                    damping=0.5)
+    opb = jaxinf.curvature_operator(
+        prob.loss_fn, prob.params, prob.train, kind="fisher", blocks="parameter", damping=0.5
+    )
     assert opb.num_blocks == 4
     damped = jax.jit(lambda v: ravel(opb.matvec(unravel(op.spec, v))))(x)
     blocked = jax.jit(curvature_matvec(opb))(x)

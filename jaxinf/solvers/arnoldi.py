@@ -220,9 +220,7 @@ def arnoldi(
     def score_fn(state, operator, test_batch, train_batch):
         return score(state, operator, test_batch, train_batch, projection_batch=projection_batch)
 
-    return Solver(
-        init=init, solve=lowrank_solve, validate=validate, name="arnoldi", advice=ADVICE, score=score_fn
-    )
+    return Solver(init=init, solve=lowrank_solve, validate=validate, name="arnoldi", advice=ADVICE, score=score_fn)
 
 
 __all__ = ["arnoldi", "arnoldi_iteration", "NEGATIVE"]
