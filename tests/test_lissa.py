@@ -69,7 +69,7 @@ def test_deterministic_recursion_matches_direct_with_ragged_batches_and_dampen(l
 
 def test_stochastic_minibatches_are_within_one_percent_of_direct():
     """Minibatches of 500 of 1000 examples drawn with replacement; a large scale averages the noise out."""
-    p = models.logistic_problem(n_train=1000, n_test=3)
+    p = models.logistic_problem(n_train=1000, n_test=2)
     op = jaxinf.curvature_operator(p.loss_fn, p.params, _split(p.train, (128,) * 7 + (104,)), damping=0.05)
     rhs = jax.vmap(jax.grad(p.loss_fn), in_axes=(None, 0))(p.params, jax.tree.map(lambda a: a[:, None], p.test))
     ref = np.linalg.solve(np.asarray(_dense(op)), np.asarray(_rows(rhs)).T).T
@@ -77,7 +77,7 @@ def test_stochastic_minibatches_are_within_one_percent_of_direct():
     x, info = _vmap(solver)(solver.init(op, key=jax.random.key(0)), rhs)
     assert not bool(jnp.any(info.diverged))
     assert not bool(jnp.any(info.converged))  # the minibatch noise floor keeps the steps above rtol
-    assert info.iterations.tolist() == [6000] * 3
+    assert info.iterations.tolist() == [6000] * 2
     assert np.max(_rel_err(_rows(x), ref)) <= 1e-2
 
 
@@ -85,12 +85,11 @@ def test_too_small_scale_reports_divergence(logistic):
     p, op, dense = logistic
     top = np.linalg.eigvalsh(dense)[-1]
     rhs = _rhs(p.params, 2)
-    for batch_size in (None, 4):
-        solver = jaxinf.lissa(scale=float(top) / 4, maxiter=500, batch_size=batch_size)
-        x, info = _vmap(solver)(solver.init(op), rhs)
-        assert bool(jnp.all(info.diverged)) and not bool(jnp.any(info.converged))
-        assert bool(jnp.all(info.iterations < 500))  # stopped once the norm outgrew the bound
-        assert bool(jnp.all(jnp.isfinite(_rows(x))))  # the last finite iterate, flagged, not NaN
+    solver = jaxinf.lissa(scale=float(top) / 4, maxiter=500, batch_size=4)
+    x, info = _vmap(solver)(solver.init(op), rhs)
+    assert bool(jnp.all(info.diverged)) and not bool(jnp.any(info.converged))
+    assert bool(jnp.all(info.iterations < 500))  # stopped once the norm outgrew the bound
+    assert bool(jnp.all(jnp.isfinite(_rows(x))))  # the last finite iterate, flagged, not NaN
     assert "scale" in solver.advice
     model = jaxinf.InfluenceModel(p.loss_fn, p.params, solver, damping=0.05).fit(p.train)
     with pytest.raises(jaxinf.ConvergenceError, match="diverged.*larger scale"):
