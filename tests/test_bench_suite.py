@@ -1,0 +1,82 @@
+"""Smoke tests of benchmarks/suite.py and benchmarks/loo.py at tiny sizes (no timing is asserted)."""
+
+import importlib.util
+import json
+import os
+import sys
+
+import pytest
+
+BENCH = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
+
+
+def _load(name):
+    sys.path.insert(0, BENCH)
+    spec = importlib.util.spec_from_file_location(name, os.path.join(BENCH, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_suite_discovers_every_exported_solver():
+    suite = _load("suite")
+    found = suite.discover()
+    assert {"direct", "cg"} <= set(found)
+    ctx = {"P": 30, "N": 100, "damping": 1e-3, "lam_max": 1.0, "dtype": "float32"}
+    configs, notes = suite.configurations(ctx)
+    families = {c.family.split("+")[0] for c in configs}
+    for name in found:  # each factory is run, with a configuration of the suite or its defaults
+        assert name in families or any(n.startswith(name) for n in notes), name
+    assert all(int(c.label.split("r=")[1]) <= 30 for c in configs if "r=" in c.label)  # ranks capped at P
+
+
+def test_suite_runs_and_writes_results(tmp_path, monkeypatch):
+    suite = _load("suite")
+    monkeypatch.setattr(suite.common, "RESULTS", str(tmp_path))
+    rows, meta = suite.main(
+        [
+            "--n-train",
+            "40",
+            "--n-test",
+            "3",
+            "--d-in",
+            "4",
+            "--widths",
+            "3",
+            "--batch-size",
+            "25",
+            "--repeats",
+            "1",
+            "--methods",
+            "cg rtol=0.01",
+            "--name",
+            "tiny",
+        ]
+    )
+    assert [r["method"] for r in rows] == ["cg rtol=0.01"]
+    row = rows[0]
+    assert "error" not in row, row
+    assert row["solve_products"] > 0 and row["total_x_floor"] > 0
+    assert row["ihvp_rel_err"] < 0.05 and row["pearson"] > 0.99  # CG to rtol 1e-2 against the float64 reference
+    assert meta["P"] == 4 * 3 + 3 + 3 * 10 + 10
+    for ext in ("json", "md", "png"):
+        assert (tmp_path / f"tiny.{ext}").exists()
+    assert json.loads((tmp_path / "tiny.json").read_text())["rows"][0]["method"] == "cg rtol=0.01"
+
+
+def test_loo_exact_influence_tracks_retraining(tmp_path, monkeypatch):
+    loo = _load("loo")
+    monkeypatch.setattr(loo.common, "RESULTS", str(tmp_path))
+    rows, meta = loo.main(["--n-train", "120", "--n-test", "2", "--k", "30", "--methods", "direct"])
+    (row,) = rows
+    assert "error" not in row, row
+    assert meta["K"] == 30 and meta["max_loo_grad_norm"] < 1e-10
+    assert row["pearson"] > 0.9  # Koh & Liang's check: first-order influence predicts leave-one-out retraining
+    assert (tmp_path / "loo.json").exists() and (tmp_path / "loo.png").exists()
+
+
+@pytest.mark.parametrize("bad", [["--methods", "no-such-method"]])
+def test_suite_with_no_matching_method_runs_nothing(bad, tmp_path, monkeypatch):
+    suite = _load("suite")
+    configs, _ = suite.configurations({"P": 10, "N": 10, "damping": 1e-3, "lam_max": 1.0}, bad[1:])
+    assert configs == []
