@@ -485,9 +485,7 @@ class LayerTags:
                 out[layer.bias] = (f"{layer.kind} bias ({layer.source})", f"{layer.name}")
         for fb in self.fallbacks:
             out[fb.leaf] = (f"fallback: {fb.method}", fb.reason)
-        return [
-            (path, str(tuple(shape)), *out[i]) for i, (path, shape) in enumerate(zip(self.paths, self.shapes))
-        ]
+        return [(path, str(tuple(shape)), *out[i]) for i, (path, shape) in enumerate(zip(self.paths, self.shapes))]
 
     def table(self) -> str:
         rows = [("parameter", "shape", "treatment", "layer / reason"), *self.rows()]
@@ -587,7 +585,12 @@ class _Analysis:
                 if o is not None and i not in handled:
                     what = f"`{name}`" + (" inside lax.scan" if stack else "")
                     if name == "scan":
-                        what = "a lax.scan loop carry or scanned input"
+                        nc, ncar = node.params["num_consts"], node.params["num_carry"]
+                        what = (
+                            "a lax.scan loop carry"
+                            if i < nc + ncar
+                            else "lax.scan as a scanned input (stacked per-step weights, e.g. a scan over layers)"
+                        )
                     elif name in ("custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr"):
                         what = f"an opaque `{name}`" + (" inside lax.scan" if stack else "")
                     self.uses.append(_Use(o[0], o[1], node, i, what, bool(stack)))
@@ -735,8 +738,21 @@ class _Analysis:
         except ValueError:
             return None
         tmp = Site(
-            0, 0, site["kind"], 0, 0, None, (), site["x_shape"], site["out_shape"], None, (), site["canon"],
-            x_perm=site.get("x_perm", ()), out_perm=site.get("out_perm", ()), conv=site.get("conv"),
+            0,
+            0,
+            site["kind"],
+            0,
+            0,
+            None,
+            (),
+            site["x_shape"],
+            site["out_shape"],
+            None,
+            (),
+            site["canon"],
+            x_perm=site.get("x_perm", ()),
+            out_perm=site.get("out_perm", ()),
+            conv=site.get("conv"),
         )
         with jax.ensure_compile_time_eval():
             rows = np.asarray(tmp._canon_out(jnp.asarray(probe)))
@@ -952,7 +968,7 @@ def _analyse(fn, params, batch, *, block_max_size=256, restrict_to=None):
         else:
             row = bias_row.get(b) if b is not None else None
             bperm = None if row is None or np.array_equal(row, np.arange(row.size)) else row
-        name = label[w] if counts[label[w]] == 1 else paths[w]
+        name = label[w] if counts[label[w]] == 1 and label[w] != "<root>" else paths[w]
         kind = "dense" if explicit else layer_kind[w]
         if allowed is not None:
             name = allowed[w].name
@@ -1089,9 +1105,7 @@ class Tracer:
         return any(n.uid in self.overrides or (n.body is not None and self._has_override(n.body)) for n in g.nodes)
 
     def zero_perts(self):
-        return {
-            sid: jnp.zeros((*s.stack, *s.out_shape), s.out_dtype) for sid, s in self.sites.items()
-        }
+        return {sid: jnp.zeros((*s.stack, *s.out_shape), s.out_dtype) for sid, s in self.sites.items()}
 
     def run(self, params_leaves, diff: dict, perts: dict, batch):
         batch_leaves = jax.tree.leaves(batch)

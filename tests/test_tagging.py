@@ -75,9 +75,11 @@ def check_report_complete(tags, params):
     assert [r[0] for r in tags.rows()] == paths
     for path in paths:
         assert path in table
-    covered = {layer.weight for layer in tags.layers} | {layer.bias for layer in tags.layers} | {
-        f.leaf for f in tags.fallbacks
-    }
+    covered = (
+        {layer.weight for layer in tags.layers}
+        | {layer.bias for layer in tags.layers}
+        | {f.leaf for f in tags.fallbacks}
+    )
     assert covered - {None} == set(range(len(paths)))
 
 
@@ -382,7 +384,8 @@ def test_tag_dense_rejects_bad_shapes():
 
 def test_public_names():
     assert jaxinf.find_layers is find_layers and jaxinf.tag_dense is tag_dense
-    tags = find_layers(models.mlp_problem("plain").loss_fn, models.mlp_problem("plain").params,
-                       models.mlp_problem("plain").train)
+    tags = find_layers(
+        models.mlp_problem("plain").loss_fn, models.mlp_problem("plain").params, models.mlp_problem("plain").train
+    )
     assert "LayerTags(2 layers, 0 fallback leaves)" in repr(tags)
     assert math.prod(tags.shapes[0]) == 6

@@ -351,8 +351,8 @@ def ekfac(
       ...                                model_fn=model, output_loss=mse, damping=0.1)
       >>> solver = jaxinf.ekfac(fisher="exact")
       >>> state = solver.init(op)
-      >>> print(state.tags.table().splitlines()[2])
-      ['b']      (1,)    dense bias (auto)    <root>
+      >>> [(path, treatment) for path, _, treatment, _ in state.tags.rows()]
+      [("['b']", 'dense bias (auto)'), ("['w']", 'dense weight (auto)')]
       >>> sol, info = solver.solve(state, params)
       >>> bool(info.converged)
       True
@@ -417,7 +417,15 @@ def ekfac(
                     "Use fisher='sampled' with likelihood='categorical' or 'gaussian', or fisher='empirical'."
                 )
         plan = KFACPlan(
-            fit, score, loss_fn, mode, likelihood, int(num_samples), update_diagonal, operator.spec, dtype,
+            fit,
+            score,
+            loss_fn,
+            mode,
+            likelihood,
+            int(num_samples),
+            update_diagonal,
+            operator.spec,
+            dtype,
             operator.kind,
         )
         return plan, o_loss
@@ -705,7 +713,7 @@ def influences_by_layer(state: KFACState, operator: CurvatureOperator, test_batc
 def score(state: KFACState, operator: CurvatureOperator, test_batch, train_batch):
     """``I[i, j] = ∇ℓ(test_i)ᵀ (K + λ)⁻¹ ∇ℓ(train_j)``, shape ``(n_test, n_train)``, contracted layer by layer."""
     parts = influences_by_layer(state, operator, test_batch, train_batch)
-    return sum(parts.values())
+    return sum(parts.values()).astype(state.plan.spec.dtype)
 
 
 __all__ = [
