@@ -122,17 +122,23 @@ def classifier_problem(kind, n_train=48, n_test=6, seed=0):
     )
 
 
+def gradients_of_points(p):
+    """Dense per-example gradients of the test and training points (one compiled pass)."""
+    n_test = jax.tree.leaves(p.test)[0].shape[0]
+    both = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), p.test, p.train)
+    g = jax.jit(lambda b: models.dense_grads(p.loss_fn, p.params, b))(both)
+    return g[:n_test], g[n_test:]
+
+
 def reference_scores(p, curvature, damping):
-    tg = models.dense_grads(p.loss_fn, p.params, p.test)
-    trg = models.dense_grads(p.loss_fn, p.params, p.train)
+    tg, trg = gradients_of_points(p)
     return tg @ jnp.linalg.solve(curvature + damping * jnp.eye(curvature.shape[0]), trg.T)
 
 
 def kfac_scores_by_solve(solver, state, p):
     """``solve`` on each test gradient, contracted with dense per-example training gradients."""
     _, unravel = ravel_pytree(p.params)
-    tg = models.dense_grads(p.loss_fn, p.params, p.test)
-    trg = models.dense_grads(p.loss_fn, p.params, p.train)
+    tg, trg = gradients_of_points(p)
     x = jax.jit(jax.vmap(lambda g: ravel_pytree(solver.solve(state, unravel(g))[0])[0]))(tg)
     return x @ trg.T
 
@@ -355,6 +361,7 @@ def test_scores_with_fallback_leaves_and_penalty():
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
 def test_ekfac_identity_and_correlation_with_direct(kind):
     """EK-FAC's Λ is diag((Q_A ⊗ Q_G)ᵀ C (Q_A ⊗ Q_G)) per layer exactly, and its scores correlate with the exact
