@@ -60,7 +60,6 @@ LAYOUT_PRIMITIVES = frozenset(
 _VALUE_ONLY = frozenset({"convert_element_type", "copy", "copy_p"})
 # Calls whose body is inlined when building the graph.
 _INLINE = frozenset({"jit", "pjit", "closed_call", "core_call", "call", "remat2", "checkpoint", "remat"})
-FALLBACKS = ("diagonal", "block")
 
 
 # ----------------------------------------------------------------------------
@@ -528,13 +527,13 @@ class _Analysis:
         self.biases: list[dict] = []  # bias candidates
         self.uses: list[_Use] = []  # every non-layout use of a parameter-derived value
         self.explicit: list[dict] = []
-        self.scan_of: dict[int, tuple] = {}  # node uid -> enclosing scan uids (for sites)
+        self.rejected: dict[int, str] = {}  # node uid -> why a dot/conv with a parameter is not a layer
 
     # -- helpers -------------------------------------------------------------
     def shape(self, ref):
         return tuple(ref.val.shape) if isinstance(ref, _Lit) else tuple(self.b.avals[ref].shape)
 
-    def walk(self, g: _Graph, origin: dict, stack: tuple, scans: tuple) -> None:
+    def walk(self, g: _Graph, origin: dict, stack: tuple) -> None:
         site_out: dict[int, dict] = {}
         for node in g.nodes:
             org = [origin.get(r) if isinstance(r, int) else None for r in node.inputs]
@@ -545,20 +544,20 @@ class _Analysis:
                     continue
             handled: set[int] = set()
             if node.prim is dense_tag_p:
-                self._explicit(node, org, stack, scans)
+                self._explicit(node, org, stack)
                 handled = {i for i in range(1, len(node.inputs))}
                 for i in range(2, len(node.inputs)):
                     if org[i] is not None:
                         self.uses.append(_Use(org[i][0], org[i][1], node, i, "tag", bool(stack)))
             elif name == "dot_general" and (org[0] is None) != (org[1] is None):
                 w_pos = 0 if org[0] is not None else 1
-                cand = self._dense(node, w_pos, org[w_pos], stack, scans)
+                cand = self._dense(node, w_pos, org[w_pos], stack)
                 if cand is not None:
                     site_out[node.outputs[0]] = cand
                     handled = {w_pos}
                     self.uses.append(_Use(org[w_pos][0], org[w_pos][1], node, w_pos, "site", bool(stack)))
             elif name == "conv_general_dilated" and org[1] is not None and org[0] is None:
-                cand = self._conv(node, org[1], stack, scans)
+                cand = self._conv(node, org[1], stack)
                 if cand is not None:
                     site_out[node.outputs[0]] = cand
                     handled = {1}
@@ -580,10 +579,10 @@ class _Analysis:
                         inner[node.body.inputs[i]] = org[i]
                         self.uses.append(_Use(org[i][0], org[i][1], node, i, "scan-const", bool(stack)))
                         handled.add(i)
-                self.walk(node.body, inner, stack + (node.params["length"],), scans + (node.uid,))
+                self.walk(node.body, inner, stack + (node.params["length"],))
             for i, o in enumerate(org):
                 if o is not None and i not in handled:
-                    what = f"`{name}`" + (" inside lax.scan" if stack else "")
+                    what = self.rejected.get(node.uid) or f"`{name}`" + (" inside lax.scan" if stack else "")
                     if name == "scan":
                         nc, ncar = node.params["num_consts"], node.params["num_carry"]
                         what = (
@@ -606,7 +605,7 @@ class _Analysis:
         with jax.ensure_compile_time_eval():  # concrete even when fitting under an outer jit
             return np.asarray(apply_chain(jnp.asarray(base, dtype), chain, probe=True))
 
-    def _dense(self, node, w_pos, org, stack, scans):
+    def _dense(self, node, w_pos, org, stack):
         (lc, rc), (lb, rb) = node.params["dimension_numbers"]
         if lb or rb:
             self._reject(org, node, "a dot_general with batch dimensions (e.g. per-head weights)", stack)
@@ -628,11 +627,9 @@ class _Analysis:
             return None
         nx, nw = len(x_free), len(w_free)
         out_perm = tuple(range(nx + nw)) if x_pos == 0 else tuple(range(nw, nw + nx)) + tuple(range(nw))
-        return self._site(
-            node, "dense", org, x_pos, w_pos, canon, stack, scans, x_perm=x_free + x_con, out_perm=out_perm
-        )
+        return self._site(node, "dense", org, x_pos, w_pos, canon, stack, x_perm=x_free + x_con, out_perm=out_perm)
 
-    def _conv(self, node, org, stack, scans):
+    def _conv(self, node, org, stack):
         p = node.params
         if p["feature_group_count"] != 1 or p["batch_group_count"] != 1:
             self._reject(org, node, f"a grouped convolution (feature_group_count={p['feature_group_count']})", stack)
@@ -657,9 +654,9 @@ class _Analysis:
             lhs_dilation=tuple(p["lhs_dilation"]),
             rhs_dilation=tuple(p["rhs_dilation"]),
         )
-        return self._site(node, "conv", org, 0, 1, canon, stack, scans, conv=conv)
+        return self._site(node, "conv", org, 0, 1, canon, stack, conv=conv)
 
-    def _site(self, node, kind, org, x_pos, w_pos, canon, stack, scans, **kw):
+    def _site(self, node, kind, org, x_pos, w_pos, canon, stack, **kw):
         out_aval = self.b.avals[node.outputs[0]]
         cand = dict(
             node=node,
@@ -676,14 +673,14 @@ class _Analysis:
             **kw,
         )
         self.sites.append(cand)
-        self.scan_of[node.uid] = scans
         return cand
 
     def _reject(self, org, node, what, stack):
-        # recorded as an ordinary use by the caller (not handled)
-        del org, node, what, stack
+        """Remember why ``node`` is not a layer; the use is then reported with this description."""
+        del org
+        self.rejected[node.uid] = what + (" inside lax.scan" if stack else "")
 
-    def _explicit(self, node, org, stack, scans):
+    def _explicit(self, node, org, stack):
         y_shape = self.shape(node.inputs[0])
         transposed = node.params["transposed"]
         if org[2] is None:
@@ -724,7 +721,6 @@ class _Analysis:
                 bias=bias,
             )
         )
-        self.scan_of[node.uid] = scans
 
     def bias_row(self, cand) -> np.ndarray | None:
         """Flat bias index at each output feature if ``cand`` is a valid bias add, else ``None``."""
@@ -762,10 +758,6 @@ class _Analysis:
         if not np.array_equal(np.sort(row), np.arange(row.size)):
             return None
         return row
-
-
-def _describe(use: _Use) -> str:
-    return use.what
 
 
 def find_layers(
@@ -820,7 +812,7 @@ def _analyse(fn, params, batch, *, block_max_size=256, restrict_to=None):
     graph = builder.graph(closed.jaxpr, closed.consts)
     an = _Analysis(builder, leaves)
     origin = {graph.inputs[i]: (i, ()) for i in range(len(leaves))}
-    an.walk(graph, origin, (), ())
+    an.walk(graph, origin, ())
 
     uses_by_leaf: dict[int, list[_Use]] = {}
     for u in an.uses:
