@@ -18,7 +18,7 @@ full-data equivalents (``steps · batch_size / N``, plus its final residual).
 The cost of one curvature-vector product is measured as a multiple of one
 gradient of the mean loss over the same data (both jitted, median time).
 
-Writes ``benchmarks/results/iterative.json`` and ``.md``.
+Writes ``benchmarks/results/iterative<tag>.json`` and ``.md``.
 """
 
 from __future__ import annotations
@@ -172,7 +172,7 @@ def main(argv=None):
     parser.add_argument("--rtol", type=float, default=1e-6)
     parser.add_argument("--maxiter", type=int, default=2000)
     parser.add_argument("--block-size", type=int, default=8)
-    parser.add_argument("--ranks", type=int, nargs="+", default=[50, 200])
+    parser.add_argument("--ranks", type=int, nargs="+", default=[100])
     parser.add_argument("--jacobi-samples", type=int, default=50)
     parser.add_argument("--lissa-steps", type=int, default=1000)
     parser.add_argument("--lissa-batch", type=int, default=100)
@@ -180,12 +180,13 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-direct-params", type=int, default=4000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tag", default="", help="suffix of the result files: results/iterative<tag>.json")
     args = parser.parse_args(argv)
     rows, meta = run(args)
     columns = ["method", "fit_s", "fit_compile_s", "fit_products", "solve_s", "solve_compile_s", "solve_x_cg",
                "iterations_max", "products", "converged", "diverged", "rel_error_max"]
     meta["command"] = " ".join(sys.argv)
-    table = common.write_results("iterative", rows, columns, meta)
+    table = common.write_results(f"iterative{args.tag}", rows, columns, meta)
     print(table)
     return rows, meta
 

@@ -125,8 +125,11 @@ def test_sampling_is_uniform_over_every_example_and_size_correct():
     expected = 2000 * 5 / 23
     chi2 = np.sum((counts - expected) ** 2 / expected)
     assert chi2 < 60  # 22 degrees of freedom: P(chi2 > 60) < 1e-4
-    only_rest = jaxinf.as_batches({"id": ids})
+    only_rest = jaxinf.as_batches({"id": ids})  # one batch: kept apart, no stacked group
     assert sample_minibatch(only_rest, jax.random.key(1), 30)["id"].shape == (30,)
+    only_stacked = jaxinf.as_batches([{"id": ids[:8]}, {"id": ids[8:16]}])  # two equal batches, nothing apart
+    drawn = np.asarray(sample_minibatch(only_stacked, jax.random.key(2), 200)["id"])
+    assert set(drawn.astype(int).tolist()) == set(range(16))
 
 
 def test_h0_jit_vmap_and_no_recompilation(logistic):
