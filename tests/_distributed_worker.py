@@ -24,8 +24,13 @@ N_TRAIN, N_TEST, BATCH, DAMPING = 24, 5, 4, 0.05
 def reference_model(problem):
     # max_memory: direct() reads the free memory of jax.devices()[0], which another process owns.
     return jaxinf.InfluenceModel(
-        None, problem.params, jaxinf.direct(max_memory=1 << 30), damping=DAMPING, curvature="gauss_newton",
-        model_fn=problem.model_fn, output_loss=problem.output_loss,
+        None,
+        problem.params,
+        jaxinf.direct(max_memory=1 << 30),
+        damping=DAMPING,
+        curvature="gauss_newton",
+        model_fn=problem.model_fn,
+        output_loss=problem.output_loss,
     )
 
 

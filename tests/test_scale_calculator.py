@@ -20,8 +20,14 @@ def problem():
 
 def make_model(problem, solver=None, **kwargs):
     return jaxinf.InfluenceModel(
-        None, problem.params, solver or jaxinf.direct(), damping=1e-3, curvature="gauss_newton",
-        model_fn=problem.model_fn, output_loss=problem.output_loss, **kwargs,
+        None,
+        problem.params,
+        solver or jaxinf.direct(),
+        damping=1e-3,
+        curvature="gauss_newton",
+        model_fn=problem.model_fn,
+        output_loss=problem.output_loss,
+        **kwargs,
     ).fit(problem.train)
 
 
@@ -47,8 +53,9 @@ def sources(kind, train, tmp_path):
             maps.append(np.load(tmp_path / f"leaf{i}.npy", mmap_mode="r"))
         return scale.ArraySource(tuple(maps), BATCH)
     if kind == "iterable":
-        return scale.IterableSource(lambda: scale.ArraySource(train, BATCH).batches(), num_examples=N_TRAIN,
-                                    batch_size=BATCH)
+        return scale.IterableSource(
+            lambda: scale.ArraySource(train, BATCH).batches(), num_examples=N_TRAIN, batch_size=BATCH
+        )
     return [jax.tree.map(lambda a, i=i: a[i : i + BATCH], train) for i in range(0, N_TRAIN, BATCH)]
 
 
@@ -56,8 +63,9 @@ def sources(kind, train, tmp_path):
 def test_matches_in_memory_influences(problem, fitted, tmp_path, kind):
     model, reference = fitted
     train, test = numpy_data(problem)
-    out = scale.compute_influences(model, test, sources(kind, train, tmp_path), tmp_path / "store", test_block=2,
-                                   progress=False)
+    out = scale.compute_influences(
+        model, test, sources(kind, train, tmp_path), tmp_path / "store", test_block=2, progress=False
+    )
     assert out.shape == (N_TEST, N_TRAIN)
     assert out.chunks == (2, BATCH)
     np.testing.assert_allclose(out[:], reference, rtol=1e-10, atol=1e-10 * np.abs(reference).max())
@@ -68,8 +76,9 @@ def test_matches_in_memory_influences(problem, fitted, tmp_path, kind):
 
 def test_in_memory_batch_cut_by_batch_size(problem, fitted, tmp_path):
     model, reference = fitted
-    out = scale.compute_influences(model, problem.test, problem.train, tmp_path / "s", batch_size=7, test_block=3,
-                                   progress=True)
+    out = scale.compute_influences(
+        model, problem.test, problem.train, tmp_path / "s", batch_size=7, test_block=3, progress=True
+    )
     assert out.chunks == (3, 7)
     np.testing.assert_allclose(out[:], reference, rtol=1e-10, atol=1e-10 * np.abs(reference).max())
 
@@ -116,23 +125,28 @@ def test_store_with_other_arguments_is_refused(problem, fitted, tmp_path):
     path = tmp_path / "store"
     scale.compute_influences(model, problem.test, problem.train, path, batch_size=BATCH, test_block=2, progress=False)
     with pytest.raises(ValueError, match="other arguments.*test_block"):
-        scale.compute_influences(model, problem.test, problem.train, path, batch_size=BATCH, test_block=3,
-                                 progress=False)
+        scale.compute_influences(
+            model, problem.test, problem.train, path, batch_size=BATCH, test_block=3, progress=False
+        )
     other = make_model(problem)
     other.damping = 0.5
     with pytest.raises(ValueError, match="other arguments.*digest"):
-        scale.compute_influences(other, problem.test, problem.train, path, batch_size=BATCH, test_block=2,
-                                 progress=False)
+        scale.compute_influences(
+            other, problem.test, problem.train, path, batch_size=BATCH, test_block=2, progress=False
+        )
     with pytest.raises(ValueError, match="already holds an influence run.*overwrite=True"):
-        scale.compute_influences(model, problem.test, problem.train, path, batch_size=BATCH, test_block=2,
-                                 progress=False, resume=False)
-    out = scale.compute_influences(model, problem.test, problem.train, path, batch_size=BATCH, test_block=3,
-                                   progress=False, overwrite=True)
+        scale.compute_influences(
+            model, problem.test, problem.train, path, batch_size=BATCH, test_block=2, progress=False, resume=False
+        )
+    out = scale.compute_influences(
+        model, problem.test, problem.train, path, batch_size=BATCH, test_block=3, progress=False, overwrite=True
+    )
     np.testing.assert_allclose(out[:], reference, rtol=1e-10, atol=1e-10 * np.abs(reference).max())
     zarr.open_group(str(tmp_path / "foreign"), mode="w")
     with pytest.raises(ValueError, match="not a jaxinf influence store"):
-        scale.compute_influences(model, problem.test, problem.train, tmp_path / "foreign", batch_size=BATCH,
-                                 progress=False)
+        scale.compute_influences(
+            model, problem.test, problem.train, tmp_path / "foreign", batch_size=BATCH, progress=False
+        )
     with pytest.raises(ValueError, match="not a jaxinf influence store"):
         scale.open_influences(tmp_path / "foreign")
 
@@ -158,16 +172,32 @@ def test_memory_plan_and_refusal(problem, fitted, tmp_path):
 @pytest.mark.parametrize("scoring", ["gradients", "jvp", "auto"])
 def test_scoring_methods_agree(problem, fitted, tmp_path, scoring):
     model, reference = fitted
-    out = scale.compute_influences(model, problem.test, problem.train, tmp_path / "s", batch_size=BATCH,
-                                   test_block=2, scoring=scoring, progress=False)
+    out = scale.compute_influences(
+        model,
+        problem.test,
+        problem.train,
+        tmp_path / "s",
+        batch_size=BATCH,
+        test_block=2,
+        scoring=scoring,
+        progress=False,
+    )
     np.testing.assert_allclose(out[:], reference, rtol=1e-10, atol=1e-10 * np.abs(reference).max())
 
 
 def test_perturbation_mode(problem, fitted, tmp_path):
     model, _ = fitted
     reference = np.asarray(model.influences(problem.test, problem.train, mode="perturbation"))
-    out = scale.compute_influences(model, problem.test, problem.train, tmp_path / "s", batch_size=BATCH,
-                                   test_block=2, mode="perturbation", progress=False)
+    out = scale.compute_influences(
+        model,
+        problem.test,
+        problem.train,
+        tmp_path / "s",
+        batch_size=BATCH,
+        test_block=2,
+        mode="perturbation",
+        progress=False,
+    )
     assert out.shape == reference.shape == (N_TEST, N_TRAIN, 4)
     np.testing.assert_allclose(out[:], reference, rtol=1e-10, atol=1e-10 * np.abs(reference).max())
 
@@ -176,16 +206,18 @@ def test_low_rank_solver_and_more_test_points_than_parameters(tmp_path):
     problem = models.mlp_problem("plain", n_train=12, n_test=60, d_in=2, hidden=3, out=1)  # p = 13 < 60
     model = make_model(problem, jaxinf.arnoldi(rank=6, krylov_dim=10))
     reference = np.asarray(model.influences(problem.test, problem.train))  # the solver's projected score
-    out = scale.compute_influences(model, problem.test, problem.train, tmp_path / "s", batch_size=5,
-                                   test_block=64, progress=False)
+    out = scale.compute_influences(
+        model, problem.test, problem.train, tmp_path / "s", batch_size=5, test_block=64, progress=False
+    )
     np.testing.assert_allclose(out[:], reference, rtol=1e-9, atol=1e-9 * np.abs(reference).max())
 
 
 def test_float32(fitted, tmp_path):
     _, reference = fitted  # float64
     p32 = models.mlp_problem("plain", n_train=N_TRAIN, n_test=N_TEST, dtype=jnp.float32)
-    out = scale.compute_influences(make_model(p32), p32.test, p32.train, tmp_path / "s", batch_size=BATCH,
-                                   test_block=2, progress=False)
+    out = scale.compute_influences(
+        make_model(p32), p32.test, p32.train, tmp_path / "s", batch_size=BATCH, test_block=2, progress=False
+    )
     assert out.dtype == np.float32
     np.testing.assert_allclose(out[:], reference, rtol=2e-3, atol=1e-4 * np.abs(reference).max())
 
@@ -212,20 +244,25 @@ def test_bad_arguments(problem, fitted, tmp_path):
     with pytest.raises(jaxinf.NotFittedError):
         scale.InfluenceCalculator(unfitted)
     train = numpy_data(problem)[0]
-    uneven = [jax.tree.map(lambda a: a[:5], train), jax.tree.map(lambda a: a[5:8], train),
-              jax.tree.map(lambda a: a[8:], train)]
+    uneven = [
+        jax.tree.map(lambda a: a[:5], train),
+        jax.tree.map(lambda a: a[5:8], train),
+        jax.tree.map(lambda a: a[8:], train),
+    ]
     with pytest.raises(ValueError, match="batches of one size except a smaller last one"):
         scale.compute_influences(model, problem.test, uneven, tmp_path / "s", progress=False)
     wrong = scale.IterableSource(lambda: scale.ArraySource(train, BATCH).batches(), num_examples=30, batch_size=BATCH)
     with pytest.raises(ValueError, match="Batch 4 has 3 examples but 5 were expected"):
         scale.compute_influences(model, problem.test, wrong, tmp_path / "w", progress=False)
-    short = scale.IterableSource(lambda: list(scale.ArraySource(train, BATCH).batches())[:2], num_examples=N_TRAIN,
-                                 batch_size=BATCH)
+    short = scale.IterableSource(
+        lambda: list(scale.ArraySource(train, BATCH).batches())[:2], num_examples=N_TRAIN, batch_size=BATCH
+    )
     with pytest.raises(ValueError, match="yielded 10 examples, but num_examples=23"):
         scale.compute_influences(model, problem.test, short, tmp_path / "x", progress=False)
     with pytest.raises(ValueError, match="whole training set"):
-        scale.compute_influences(model, problem.test, scale.ArraySource(train, BATCH).shard(0, 2), tmp_path / "h",
-                                 progress=False)
+        scale.compute_influences(
+            model, problem.test, scale.ArraySource(train, BATCH).shard(0, 2), tmp_path / "h", progress=False
+        )
     with pytest.raises(TypeError, match="factory"):
         scale.IterableSource(iter([]), num_examples=1, batch_size=1)
 

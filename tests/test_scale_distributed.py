@@ -36,7 +36,11 @@ def test_two_processes_match_one(tmp_path):
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "tests._distributed_worker", str(k), "2", str(port), str(tmp_path)],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         for k in range(2)
     ]
@@ -61,8 +65,9 @@ def test_two_processes_match_one(tmp_path):
     assert out.shape == (worker.N_TEST, worker.N_TRAIN)
     np.testing.assert_allclose(out[:], reference, rtol=1e-9, atol=1e-10 * np.abs(reference).max())
 
-    state = scale.load_state(tmp_path / "state.npz", scale.state_skeleton(model.solver, model.operator),
-                             solver=model.solver)
+    state = scale.load_state(
+        tmp_path / "state.npz", scale.state_skeleton(model.solver, model.operator), solver=model.solver
+    )
     x = jax.tree.map(lambda a: a[0], model._grads(model.params, problem.test))
     np.testing.assert_allclose(
         np.asarray(jax.flatten_util.ravel_pytree(model.solver.solve(state, x)[0])[0]),

@@ -19,8 +19,15 @@ def problem():
 
 
 def operator(problem, damping=1e-2):
-    return jaxinf.curvature_operator(None, problem.params, problem.train, kind="gauss_newton", damping=damping,
-                                     model_fn=problem.model_fn, output_loss=problem.output_loss)
+    return jaxinf.curvature_operator(
+        None,
+        problem.params,
+        problem.train,
+        kind="gauss_newton",
+        damping=damping,
+        model_fn=problem.model_fn,
+        output_loss=problem.output_loss,
+    )
 
 
 SOLVERS = {
@@ -53,8 +60,15 @@ def test_round_trip_through_a_skeleton(problem, tmp_path, name):
 
 def test_fit_and_score_in_separate_jobs(problem, tmp_path):
     def new_model():
-        return jaxinf.InfluenceModel(None, problem.params, jaxinf.direct(), damping=1e-2, curvature="gauss_newton",
-                                     model_fn=problem.model_fn, output_loss=problem.output_loss)
+        return jaxinf.InfluenceModel(
+            None,
+            problem.params,
+            jaxinf.direct(),
+            damping=1e-2,
+            curvature="gauss_newton",
+            model_fn=problem.model_fn,
+            output_loss=problem.output_loss,
+        )
 
     fitted = new_model().fit(problem.train)  # job 1: fit and save
     scale.save_state(tmp_path / "state.npz", fitted.state, solver=fitted.solver)
@@ -63,14 +77,19 @@ def test_fit_and_score_in_separate_jobs(problem, tmp_path):
     scorer = new_model()  # job 2: load (no curvature product runs) and score to disk
     skeleton = scale.state_skeleton(scorer.solver, operator(problem))
     state = scale.load_state(tmp_path / "state.npz", skeleton, solver=scorer.solver)
-    out = scale.compute_influences(scorer, problem.test, problem.train, tmp_path / "store", state=state,
-                                   batch_size=8, progress=False)
+    out = scale.compute_influences(
+        scorer, problem.test, problem.train, tmp_path / "store", state=state, batch_size=8, progress=False
+    )
     np.testing.assert_allclose(out[:], reference, rtol=1e-12, atol=1e-12 * np.abs(reference).max())
 
 
 def test_prng_keys_and_low_precision_leaves(tmp_path):
-    state = {"key": jax.random.key(7), "raw": jax.random.PRNGKey(1), "bf16": jnp.arange(4, dtype=jnp.bfloat16) / 3,
-             "i": np.arange(3, dtype=np.int32)}
+    state = {
+        "key": jax.random.key(7),
+        "raw": jax.random.PRNGKey(1),
+        "bf16": jnp.arange(4, dtype=jnp.bfloat16) / 3,
+        "i": np.arange(3, dtype=np.int32),
+    }
     scale.save_state(tmp_path / "s.npz", state)
     loaded = scale.load_state(tmp_path / "s.npz", jax.eval_shape(lambda: state))
     assert jax.dtypes.issubdtype(loaded["key"].dtype, jax.dtypes.prng_key)

@@ -21,15 +21,28 @@ def source(problem, batch=5):
 
 
 def operator(problem, kind, **kwargs):
-    return jaxinf.curvature_operator(problem.loss_fn, problem.params, problem.train, kind=kind,
-                                     model_fn=problem.model_fn, output_loss=problem.output_loss, **kwargs)
+    return jaxinf.curvature_operator(
+        problem.loss_fn,
+        problem.params,
+        problem.train,
+        kind=kind,
+        model_fn=problem.model_fn,
+        output_loss=problem.output_loss,
+        **kwargs,
+    )
 
 
 @pytest.mark.parametrize("kind", ["hessian", "gauss_newton", "fisher"])
 def test_products_equal_in_memory_operator(problem, kind):
     op = operator(problem, kind)
-    stream = scale.StreamingCurvature(problem.loss_fn, problem.params, source(problem), kind=kind,
-                                      model_fn=problem.model_fn, output_loss=problem.output_loss)
+    stream = scale.StreamingCurvature(
+        problem.loss_fn,
+        problem.params,
+        source(problem),
+        kind=kind,
+        model_fn=problem.model_fn,
+        output_loss=problem.output_loss,
+    )
     assert stream.num_examples == 23
     k = jax.random.split(jax.random.key(0), 3)
     vs = jax.tree.map(lambda a: jax.random.normal(k[0], (3, *a.shape), a.dtype), problem.params)
@@ -50,8 +63,9 @@ def test_direct_from_stream_equals_direct_in_memory(problem, blocks, tmp_path):
     with pytest.warns(UserWarning, match="negative eigenvalue"):
         model.fit(problem.train)
     reference = np.asarray(model.influences(problem.test, problem.train))
-    state = scale.direct_from_stream(problem.loss_fn, problem.params, source(problem), damping=0.05, blocks=blocks,
-                                     mesh=scale.data_mesh())
+    state = scale.direct_from_stream(
+        problem.loss_fn, problem.params, source(problem), damping=0.05, blocks=blocks, mesh=scale.data_mesh()
+    )
     assert state.block_names == model.state.block_names
     for w1, w2 in zip(state.eigvals, model.state.eigvals):
         np.testing.assert_allclose(np.asarray(w1), np.asarray(w2), rtol=1e-10, atol=1e-12)

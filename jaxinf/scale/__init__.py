@@ -21,8 +21,8 @@ from jaxinf.scale.sharding import (
     shard_operator,
 )
 from jaxinf.scale.sources import ArraySource, IterableSource, ListSource, as_source, process_range
-from jaxinf.scale.streaming import StreamingCurvature, direct_from_stream
 from jaxinf.scale.storage import load_state, read_header, save_state, state_skeleton
+from jaxinf.scale.streaming import StreamingCurvature, direct_from_stream
 
 __all__ = [
     "ArraySource",

@@ -56,12 +56,14 @@ import hashlib
 import math
 import os
 import shutil
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxinf.data import batch_size as leading_size
 from jaxinf.influence import MODES, solve_many
@@ -147,7 +149,8 @@ class MemoryPlan:
 
     def __str__(self) -> str:
         rows = [
-            ("test block × train batch", f"{self.test_block} × {self.train_batch} ({self.method}, p = {self.num_params})"),
+            ("test block × train batch", f"{self.test_block} × {self.train_batch}"),
+            ("scoring, parameters", f"{self.method}, p = {self.num_params}"),
             ("devices (this host)", f"{self.devices} ({self.local_devices})"),
             ("factor kernel / device", _fmt(self.factors_bytes)),
             ("scoring kernel / device", _fmt(self.scoring_bytes)),
@@ -237,9 +240,9 @@ def _factors_kernel(params, state, batch, *, loss_fn, solver):
     """``(C + λI)⁻¹ ∇θℓ(test_i)`` for a block, the solve infos and a finiteness flag per row."""
     grads = per_example_grads(loss_fn, params, batch)
     factors, info = solve_many(solver, state, grads)
-    finite = jnp.stack(
-        [jnp.all(jnp.isfinite(x), axis=tuple(range(1, x.ndim))) for x in jax.tree.leaves(factors)]
-    ).all(axis=0)
+    finite = jnp.stack([jnp.all(jnp.isfinite(x), axis=tuple(range(1, x.ndim))) for x in jax.tree.leaves(factors)]).all(
+        axis=0
+    )
     return factors, info, finite
 
 
@@ -345,7 +348,9 @@ class InfluenceCalculator:
         loss_fn, solver = self.model.loss_fn, self.model.solver
         f_compiled = _factors_kernel.lower(self.params, self.state, test_like, loss_fn=loss_fn, solver=solver).compile()
         factors_like = jax.eval_shape(
-            lambda p, s, b: _factors_kernel(p, s, b, loss_fn=loss_fn, solver=solver), self.params, self.state,
+            lambda p, s, b: _factors_kernel(p, s, b, loss_fn=loss_fn, solver=solver),
+            self.params,
+            self.state,
             test_like,
         )[0]
         replicated = NamedSharding(self.mesh, P())
@@ -491,6 +496,11 @@ class InfluenceCalculator:
             )
         per = math.ceil(n_train / (processes * b)) * b  # examples per process (see process_range)
         steps = per // b
+        if (processes - 1) * per >= n_train:  # the same verdict on every process
+            raise ValueError(
+                f"{n_train} training points in batches of {b} leave the last of {processes} processes without "
+                "examples; use a smaller batch size or fewer processes."
+            )
         if processes > 1:
             _check_process_source(train_source, per, b)
         n_blocks = math.ceil(n_test / self.test_block)
@@ -502,8 +512,9 @@ class InfluenceCalculator:
         pid = jax.process_index()
         path = os.fspath(path)
         if pid == 0:
-            root = self._open_store(path, fingerprint, shape, chunks, dtype, (n_blocks, steps, processes), plan,
-                                    resume, overwrite)
+            root = self._open_store(
+                path, fingerprint, shape, chunks, dtype, (n_blocks, steps, processes), plan, resume, overwrite
+            )
         _barrier("jaxinf-calculator-open")
         if pid != 0:
             root = zarr.open_group(path, mode="r+")
@@ -515,8 +526,9 @@ class InfluenceCalculator:
             return min((i + 1) * self.test_block, n_test) - i * self.test_block
 
         def columns(j):  # real columns of step j over all processes
-            return sum(max(0, min(k * per + (j + 1) * b, (k + 1) * per, n_train) - (k * per + j * b))
-                       for k in range(processes))
+            return sum(
+                max(0, min(k * per + (j + 1) * b, (k + 1) * per, n_train) - (k * per + j * b)) for k in range(processes)
+            )
 
         total = n_test * n_train
         finished = sum(rows(i) * columns(j) for i, j in zip(*np.nonzero(all_done)))
@@ -548,8 +560,16 @@ class InfluenceCalculator:
                     done_arr[i, j, pid] = 1
                     bar.update((r1 - r0) * columns(j))
                     if callback is not None:
-                        callback({"test_block": i, "step": j, "rows": (r0, r1), "columns": (c0, c0 + real),
-                                  "done": bar.n, "total": total})
+                        callback(
+                            {
+                                "test_block": i,
+                                "step": j,
+                                "rows": (r0, r1),
+                                "columns": (c0, c0 + real),
+                                "done": bar.n,
+                                "total": total,
+                            }
+                        )
         finally:
             bar.close()
         _barrier("jaxinf-calculator-done")
@@ -559,9 +579,7 @@ class InfluenceCalculator:
 
     # ------------------------------------------------------------ helpers
     def _factors(self, compiled, test_batch, real: int, tb_pad: int):
-        placed = jax.tree.map(
-            lambda a: _place(np.asarray(a), data_sharding(self.mesh)), pad_batch(test_batch, tb_pad)
-        )
+        placed = jax.tree.map(lambda a: _place(np.asarray(a), data_sharding(self.mesh)), pad_batch(test_batch, tb_pad))
         factors, info, finite = compiled(self.params, self.state, placed)
         info = jax.tree.map(lambda x: _host(x)[:real], info)
         self.model._check_info(info, "right-hand sides")
@@ -600,7 +618,9 @@ class InfluenceCalculator:
             root = zarr.open_group(path, mode="r+")
             meta = dict(root.attrs).get(FORMAT)
             if meta is None:
-                raise ValueError(f"{path} holds a zarr group that is not a jaxinf influence store; choose another path.")
+                raise ValueError(
+                    f"{path} holds a zarr group that is not a jaxinf influence store; choose another path."
+                )
             if not resume:
                 raise ValueError(
                     f"{path} already holds an influence run. Pass resume=True to continue it or overwrite=True "

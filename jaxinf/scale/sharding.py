@@ -38,10 +38,12 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxinf.curvature import CurvatureOperator, curvature_operator
-from jaxinf.data import Batches, as_batches, batch_size as leading_size
+from jaxinf.data import Batches, as_batches
+from jaxinf.data import batch_size as leading_size
 
 PyTree = Any
 AXIS = "data"
@@ -195,9 +197,7 @@ def shard_operator(operator: CurvatureOperator, mesh: Mesh) -> CurvatureOperator
                 f"devices. Use a batch size that is a multiple of {size}."
             )
         stacked = jax.tree.map(lambda x: _place(x, data_sharding(mesh, 1)), stacked)
-    rest = tuple(
-        shard_batch(b, mesh) if leading_size(b) % size == 0 else replicate(b, mesh) for b in data.rest
-    )
+    rest = tuple(shard_batch(b, mesh) if leading_size(b) % size == 0 else replicate(b, mesh) for b in data.rest)
     return dataclasses.replace(
         operator,
         params=replicate(operator.params, mesh),
@@ -300,4 +300,3 @@ def _check_same_layout(local: Batches) -> None:
             "Every process must hold the same batch layout (number and sizes of batches) for a multi-process fit; "
             f"got {everyone.tolist()} (per process: stacked count, batch size, other batches, their sizes)."
         )
-

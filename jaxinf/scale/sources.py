@@ -24,12 +24,14 @@ the same chunk of the on-disk result) and :attr:`offset` /
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import jax
 import numpy as np
 
-from jaxinf.data import Batches, batch_size as leading_size, iterate_batches
+from jaxinf.data import Batches, iterate_batches
+from jaxinf.data import batch_size as leading_size
 
 PyTree = Any
 

@@ -129,8 +129,9 @@ def _header(f, path) -> dict:
         raise ValueError(f"{path} is not a jaxinf state file (no header); write it with jaxinf.scale.save_state.")
     header = json.loads(bytes(f["__header__"]).decode())
     if header.get("format") != FORMAT or header.get("version", 0) > VERSION:
-        raise ValueError(f"{path} has format {header.get('format')!r} v{header.get('version')}; expected {FORMAT} "
-                         f"v<={VERSION}.")
+        raise ValueError(
+            f"{path} has format {header.get('format')!r} v{header.get('version')}; expected {FORMAT} v<={VERSION}."
+        )
     return header
 
 

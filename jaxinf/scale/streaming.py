@@ -36,7 +36,8 @@ Scoring never needs the training data in memory: see
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp

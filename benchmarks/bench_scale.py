@@ -1,0 +1,384 @@
+"""Scale-out benchmark: streamed influence to disk against N, devices, and the scoring pick.
+
+    python benchmarks/bench_scale.py                # N = 1e4, 1e5; 1 vs 8 devices at N = 1e5; scoring pick
+    python benchmarks/bench_scale.py --large        # adds N = 1e6 (about 10x the 1e5 row's time)
+    python benchmarks/bench_scale.py --only pick    # just the scoring-pick table
+
+Three tables:
+
+1. **Scaling with N** (one fresh process per row, one device): a tanh MLP
+   classifier (``P`` parameters, ``common.mlp_problem``), the exact solver
+   fitted on 4096 in-memory points, and ``InfluenceCalculator`` scoring 100
+   test points against ``N`` training points **streamed from a raw file**
+   (``np.fromfile`` per batch through an ``IterableSource``; no memmap, so
+   the resident memory is honest) into a zarr store. Columns: ``run_s``
+   (everything: reading, solving the 100 factors, scoring, writing),
+   ``compile_s`` (the kernels, apart), ``floor_s`` (one jitted pass of
+   per-example gradients over the same stream, the floor of any exact method),
+   ``x_floor`` = run / floor, ``peak_mb`` (process peak RSS during the run)
+   and ``growth_mb`` (peak minus the RSS before the run). Time should grow
+   linearly in N and the growth stay flat.
+2. **Devices**: the same run at ``--devices-n`` points with 1 and 8 simulated
+   host devices (``--xla_force_host_platform_device_count``); the speed-up is
+   bounded by the physical cores (``os.cpu_count()``), not by 8.
+3. **Scoring pick**: for differently shaped cases (model width, batch,
+   number of factors) the median time of both contractions
+   (``"gradients"``, ``"jvp"``) and the method ``choose_method`` picks;
+   ``pick_is_fastest`` says whether the pick was the faster one. There is no
+   per-layer contraction in :mod:`jaxinf.scoring` yet, so two methods are
+   compared.
+
+Writes ``benchmarks/results/scale.json`` and ``scale.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+D_IN, CLASSES = 32, 10
+
+
+# ----------------------------------------------------------------------------
+# One scaling run, in a fresh process (its device count and peak memory are its own)
+# ----------------------------------------------------------------------------
+
+
+def _rss_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def write_data(directory: str, n: int, seed: int = 0, chunk: int = 1 << 16) -> None:
+    """``n`` examples as raw float32 ``x`` (n × 32) and int32 ``y`` files, written in chunks."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    teacher = rng.standard_normal((D_IN, CLASSES)).astype(np.float32)
+    with open(os.path.join(directory, "x.f32"), "wb") as fx, open(os.path.join(directory, "y.i32"), "wb") as fy:
+        for start in range(0, n, chunk):
+            m = min(chunk, n - start)
+            x = rng.standard_normal((m, D_IN)).astype(np.float32)
+            y = np.argmax(x @ teacher + 0.5 * rng.standard_normal((m, CLASSES)), axis=1).astype(np.int32)
+            x.tofile(fx)
+            y.tofile(fy)
+
+
+def file_source(directory: str, n: int, batch: int):
+    """An ``IterableSource`` reading ``(x, y)`` batches from the raw files with ``np.fromfile``."""
+    import numpy as np
+
+    from jaxinf.scale import IterableSource
+
+    def factory():
+        with open(os.path.join(directory, "x.f32"), "rb") as fx, open(os.path.join(directory, "y.i32"), "rb") as fy:
+            for start in range(0, n, batch):
+                m = min(batch, n - start)
+                yield np.fromfile(fx, np.float32, m * D_IN).reshape(m, D_IN), np.fromfile(fy, np.int32, m)
+
+    return IterableSource(factory, num_examples=n, batch_size=batch)
+
+
+def child(args: dict) -> dict:
+    sys.path.insert(0, HERE)
+    import common
+    import jax
+
+    import jaxinf
+    from jaxinf import scale
+    from jaxinf.scoring import per_example_grads
+
+    n, batch = args["n"], args["batch"]
+    problem = common.mlp_problem(
+        args.get("fit_n", 4096),
+        args["n_test"],
+        d_in=D_IN,
+        widths=tuple(args["widths"]),
+        classes=CLASSES,
+        train_steps=args.get("train_steps", 200),
+    )
+    start = time.perf_counter()
+    model = jaxinf.InfluenceModel(
+        None,
+        problem.params,
+        jaxinf.direct(),
+        damping=1e-3,
+        curvature="gauss_newton",
+        model_fn=problem.model_fn,
+        output_loss=problem.output_loss,
+    ).fit(problem.train)
+    fit_s = time.perf_counter() - start
+    source = file_source(args["data"], n, batch)
+    mesh = scale.data_mesh() if args["devices"] > 1 else None
+    calc = scale.InfluenceCalculator(model, mesh=mesh, test_block=args["n_test"], progress=False)
+    start = time.perf_counter()
+    plan = calc.plan(problem.test, source)
+    compile_s = time.perf_counter() - start
+    warm = file_source(args["data"], min(n, 2 * batch), batch)
+    calc.run(problem.test, warm, os.path.join(args["store"], f"{args['tag']}-warm{n}-{args['devices']}"))
+    before = _rss_mb("VmRSS")
+    reset = _reset_peak()
+    start = time.perf_counter()
+    out = calc.run(problem.test, source, os.path.join(args["store"], f"{args['tag']}-n{n}-d{args['devices']}"))
+    run_s = time.perf_counter() - start
+    peak = _rss_mb("VmHWM") if reset else float("nan")
+    assert out.shape == (args["n_test"], n)
+    row = {
+        "N": n,
+        "devices": len(jax.devices()),
+        "P": problem.num_params,
+        "n_test": args["n_test"],
+        "batch": batch,
+        "method": plan.method,
+        "fit_s": fit_s,
+        "compile_s": compile_s,
+        "run_s": run_s,
+        "scores_per_s": args["n_test"] * n / run_s,
+        "peak_mb": peak,
+        "growth_mb": peak - before,
+        "plan_mb": plan.total_bytes / 2**20,
+    }
+    if args["floor"]:
+        # the same padded batches as the calculator (one compiled shape), the same stream
+        grads = jax.jit(lambda p, b: per_example_grads(problem.loss_fn, p, b))
+        jax.block_until_ready(grads(problem.params, source.first()))
+        start = time.perf_counter()
+        for b in source:
+            jax.block_until_ready(grads(problem.params, scale.pad_batch(b, batch)))
+        row["floor_s"] = time.perf_counter() - start
+        row["x_floor"] = run_s / row["floor_s"]
+    return row
+
+
+def run_child(args: dict) -> dict:
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(HERE) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--child", json.dumps(args)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode:
+        raise RuntimeError(f"child {args} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------
+# The scoring pick (in this process, one device)
+# ----------------------------------------------------------------------------
+
+PICK_CASES = [  # (hidden widths, training batch, factors)
+    ((64,), 1024, 1),
+    ((64,), 1024, 256),
+    ((512, 512), 64, 16),
+    ((256,), 512, 512),
+    ((256,), 512, 8),
+]
+
+
+def _time_methods(common, contract, problem, factors: int, repeats: int) -> dict:
+    """Median seconds of both contractions of ``factors`` random factors with the training batch."""
+    import jax
+
+    key = jax.random.key(1)
+    f = jax.tree.map(lambda a: jax.random.normal(key, (factors, *a.shape), a.dtype), problem.params)
+    times = {}
+    for method in ("gradients", "jvp"):
+        kernel = jax.jit(lambda p, fa, b, m=method: contract(problem.loss_fn, p, fa, b, m))
+        timing, _ = common.time_call(lambda k=kernel: k(problem.params, f, problem.train), repeats)
+        times[method] = timing.median
+    return times
+
+
+def pick_rows(repeats: int, scale_factor: float = 1.0) -> list[dict]:
+    sys.path.insert(0, HERE)
+    import common
+
+    from jaxinf.scoring import choose_method, contract
+
+    rows = []
+    for widths, batch, factors in PICK_CASES:
+        widths = tuple(max(2, int(w * scale_factor)) for w in widths)
+        batch = max(2, int(batch * scale_factor))
+        factors = max(1, int(factors * scale_factor)) if factors > 1 else 1
+        problem = common.mlp_problem(
+            batch, 1, d_in=D_IN if scale_factor >= 1 else 4, widths=widths, classes=CLASSES, train_steps=1
+        )
+        times = _time_methods(common, contract, problem, factors, repeats)
+        pick = choose_method(factors, batch, problem.num_params)
+        fastest = min(times, key=times.get)
+        rows.append(
+            {
+                "widths": "x".join(map(str, widths)),
+                "P": problem.num_params,
+                "batch": batch,
+                "factors": factors,
+                "gradients_ms": 1e3 * times["gradients"],
+                "jvp_ms": 1e3 * times["jvp"],
+                "pick": pick,
+                "fastest": fastest,
+                "pick_is_fastest": pick == fastest,
+                "pick_over_best": times[pick] / times[fastest],
+            }
+        )
+    return rows
+
+
+# ----------------------------------------------------------------------------
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=float, nargs="+", default=[1e4, 1e5], help="numbers of training points")
+    parser.add_argument("--large", action="store_true", help="add N = 1e6")
+    parser.add_argument("--devices-n", type=float, default=1e5, help="N for the 1-vs-8-devices rows")
+    parser.add_argument("--devices", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--n-test", type=int, default=100)
+    parser.add_argument("--batch", type=int, default=1024)
+    parser.add_argument("--widths", type=int, nargs="+", default=[64])
+    parser.add_argument("--fit-n", type=int, default=4096, help="in-memory points the solver is fitted on")
+    parser.add_argument("--train-steps", type=int, default=200, help="Adam steps training the model")
+    parser.add_argument("--repeats", type=int, default=5, help="repetitions for the pick timings")
+    parser.add_argument("--pick-scale", type=float, default=1.0, help="shrink the pick cases (smoke tests)")
+    parser.add_argument("--only", choices=["scaling", "devices", "pick"], nargs="+")
+    parser.add_argument("--inline", action="store_true", help="run the rows in this process (smoke tests)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        spec = json.loads(args.child)
+        os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={spec['devices']}"  # before JAX starts
+        print(json.dumps(child(spec)))
+        return {}
+    sys.path.insert(0, HERE)
+    import common
+
+    parts = set(args.only or ["scaling", "devices", "pick"])
+    sizes = sorted({int(n) for n in args.sizes} | ({10**6} if args.large else set()))
+    results: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        need = max(sizes + [int(args.devices_n)])
+        if parts & {"scaling", "devices"}:
+            write_data(tmp, need)
+        base = {
+            "data": tmp,
+            "store": tmp,
+            "batch": args.batch,
+            "n_test": args.n_test,
+            "widths": args.widths,
+            "fit_n": args.fit_n,
+            "train_steps": args.train_steps,
+        }
+        if "scaling" in parts:
+            runner = child if args.inline else run_child
+            results["scaling"] = [
+                runner({**base, "n": n, "devices": 1, "floor": True, "tag": "scaling"}) for n in sizes
+            ]
+            first = results["scaling"][0]
+            for r in results["scaling"]:
+                r["time_per_N_vs_first"] = (r["run_s"] / r["N"]) / (first["run_s"] / first["N"])
+        if "devices" in parts:
+            rows = [
+                run_child({**base, "n": int(args.devices_n), "devices": d, "floor": False, "tag": "devices"})
+                for d in args.devices
+            ]
+            for r in rows:
+                r["speedup"] = rows[0]["run_s"] / r["run_s"]
+            results["devices"] = rows
+    if "pick" in parts:
+        results["pick"] = pick_rows(args.repeats, args.pick_scale)
+
+    tables = []
+    meta = {
+        "cpu_count": os.cpu_count(),
+        "dtype": "float32",
+        "solver": "direct",
+        "curvature": "gauss_newton",
+        "damping": 1e-3,
+    }
+    if "scaling" in results:
+        tables.append(
+            common.write_results(
+                "scale_scaling",
+                results["scaling"],
+                [
+                    "N",
+                    "P",
+                    "n_test",
+                    "batch",
+                    "method",
+                    "compile_s",
+                    "run_s",
+                    "floor_s",
+                    "x_floor",
+                    "time_per_N_vs_first",
+                    "scores_per_s",
+                    "peak_mb",
+                    "growth_mb",
+                    "plan_mb",
+                ],
+                meta,
+            )
+        )
+    if "devices" in results:
+        tables.append(
+            common.write_results(
+                "scale_devices",
+                results["devices"],
+                ["N", "devices", "P", "method", "compile_s", "run_s", "speedup", "peak_mb"],
+                meta,
+            )
+        )
+    if "pick" in results:
+        tables.append(
+            common.write_results(
+                "scale_pick",
+                results["pick"],
+                [
+                    "widths",
+                    "P",
+                    "batch",
+                    "factors",
+                    "gradients_ms",
+                    "jvp_ms",
+                    "pick",
+                    "fastest",
+                    "pick_is_fastest",
+                    "pick_over_best",
+                ],
+                meta,
+            )
+        )
+    os.makedirs(common.RESULTS, exist_ok=True)
+    with open(os.path.join(common.RESULTS, "scale.json"), "w") as f:
+        json.dump({"machine": common.machine(), "meta": meta, **results}, f, indent=2, default=float)
+    with open(os.path.join(common.RESULTS, "scale.md"), "w") as f:
+        f.write("\n\n".join(tables) + "\n")
+    print(
+        f"{common.machine()}; float32, direct solver, Gauss-Newton, damping 1e-3; {os.cpu_count()} physical cores "
+        "(8 simulated devices share them)\n"
+    )
+    print("\n\n".join(tables))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,23 @@
+"""benchmarks/bench_scale.py runs end to end at tiny sizes, in this process (no timing is asserted)."""
+
+import importlib.util
+import os
+import sys
+
+BENCH = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
+
+
+def test_bench_scale_smoke(tmp_path, monkeypatch):
+    sys.path.insert(0, BENCH)
+    spec = importlib.util.spec_from_file_location("bench_scale", os.path.join(BENCH, "bench_scale.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    import common
+
+    monkeypatch.setattr(common, "RESULTS", str(tmp_path))
+    argv = "--only scaling --inline --sizes 300 --batch 64 --n-test 5 --widths 4 --fit-n 64 --train-steps 1"
+    results = bench.main(argv.split())
+    (row,) = results["scaling"]
+    assert row["N"] == 300 and row["x_floor"] > 0 and row["method"] in ("gradients", "jvp")
+    assert len(bench.PICK_CASES) >= 3
+    assert (tmp_path / "scale.json").exists() and (tmp_path / "scale.md").exists()
