@@ -101,7 +101,7 @@ CONFIGS: dict[str, Callable[[dict], list[Config]]] = {
         Config(
             "lissa",
             f"lissa T={t} bs=64",
-            lambda c, t=t: jaxinf.lissa(maxiter=t, scale=float(1.2 * (c["lam_max"] + c["damping"])), batch_size=64),
+            lambda c, t=t: jaxinf.lissa(maxiter=t, scale=float(5 * (c["lam_max"] + c["damping"])), batch_size=64),
         )
         for t in (100, 1000)
     ],

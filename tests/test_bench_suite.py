@@ -80,3 +80,19 @@ def test_suite_with_no_matching_method_runs_nothing(bad, tmp_path, monkeypatch):
     suite = _load("suite")
     configs, _ = suite.configurations({"P": 10, "N": 10, "damping": 1e-3, "lam_max": 1.0}, bad[1:])
     assert configs == []
+
+
+def test_pydvl_compare_same_weights_same_answers(tmp_path, monkeypatch):
+    pytest.importorskip("torch")
+    pytest.importorskip("pydvl.influence.torch")
+    cmp = _load("pydvl_compare")
+    monkeypatch.setattr(cmp.common, "RESULTS", str(tmp_path))
+    rows, meta = cmp.main(
+        ["--n-train", "40", "--n-test", "3", "--d-in", "4", "--widths", "3", "--batch-size", "20", "--repeats", "1"]
+        + ["--rank", "5", "--damping", "0.1", "--methods", "arnoldi r"]
+    )
+    assert meta["torch_vs_jax_logits_max_gap"] < 1e-4
+    (arn,) = rows  # the same truncated eigenbasis in both libraries: the same (inexact) answer
+    assert arn["method"] == "arnoldi r=5" and "jaxinf_error" not in arn and "pydvl_error" not in arn
+    assert abs(arn["jaxinf_pearson"] - arn["pydvl_pearson"]) < 1e-3
+    assert abs(arn["jaxinf_ihvp_err"] - arn["pydvl_ihvp_err"]) < 1e-3
