@@ -197,7 +197,7 @@ def nystrom_inverse(approx: NystromApproximation, damping, b):
     u, lam = approx.basis, approx.eigvals
     damping = jnp.asarray(damping, lam.dtype)
     coeff = u.T @ b
-    return u @ (coeff / (lam + damping)) + (b - u @ coeff) / damping
+    return (b + u @ (coeff * (damping / (lam + damping) - 1.0))) / damping
 
 
 def nystrom_precondition(approx: NystromApproximation, damping, b):
@@ -209,4 +209,5 @@ def nystrom_precondition(approx: NystromApproximation, damping, b):
     u, lam = approx.basis, approx.eigvals
     damping = jnp.asarray(damping, lam.dtype)
     coeff = u.T @ b
-    return u @ (coeff * ((lam[-1] + damping) / (lam + damping))) + (b - u @ coeff)
+    # b + U ((Λ_r + λ)/(Λ + λ) − 1) Uᵀ b: two products with U instead of three.
+    return b + u @ (coeff * ((lam[-1] + damping) / (lam + damping) - 1.0))
