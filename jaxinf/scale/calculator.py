@@ -75,6 +75,7 @@ from jaxinf.scale.sharding import (
     mesh_size,
     pad_batch,
     replicate,
+    to_host,
 )
 from jaxinf.scale.sources import as_source
 from jaxinf.scoring import SCORING_METHODS, choose_method, contract, per_example_grads, perturbation, resolve_input_leaf
@@ -196,17 +197,6 @@ def _nbytes(tree) -> int:
 # ----------------------------------------------------------------------------
 
 
-def _host(x) -> np.ndarray:
-    """The value of ``x`` on this host (replicated or gathered across processes)."""
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        if x.is_fully_replicated:
-            return np.asarray(x.addressable_data(0))
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(x)
-
-
 def _hash_tree(tree, h) -> None:
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
         h.update(jax.tree_util.keystr(path).encode())
@@ -215,7 +205,7 @@ def _hash_tree(tree, h) -> None:
         if isinstance(leaf, jax.Array) and not (leaf.is_fully_addressable or leaf.is_fully_replicated):
             h.update(repr((leaf.shape, str(leaf.dtype))).encode())  # sharded over processes: shape only
             continue
-        value = _host(leaf)
+        value = to_host(leaf)
         h.update(repr((value.shape, str(value.dtype))).encode())
         h.update(np.ascontiguousarray(value).tobytes())
 
@@ -581,9 +571,9 @@ class InfluenceCalculator:
     def _factors(self, compiled, test_batch, real: int, tb_pad: int):
         placed = jax.tree.map(lambda a: _place(np.asarray(a), data_sharding(self.mesh)), pad_batch(test_batch, tb_pad))
         factors, info, finite = compiled(self.params, self.state, placed)
-        info = jax.tree.map(lambda x: _host(x)[:real], info)
+        info = jax.tree.map(lambda x: to_host(x)[:real], info)
         self.model._check_info(info, "right-hand sides")
-        if not _host(finite)[:real].all():
+        if not to_host(finite)[:real].all():
             solver = self.model.solver
             raise _convergence_error()(f"{solver.name} returned NaN or inf influence factors. {solver.advice}".strip())
         return jax.tree.map(lambda x: jax.device_put(x, NamedSharding(self.mesh, P())), factors)

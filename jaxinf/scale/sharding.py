@@ -61,6 +61,7 @@ __all__ = [
     "replicated_sharding",
     "shard_batch",
     "shard_operator",
+    "to_host",
 ]
 
 
@@ -204,6 +205,20 @@ def shard_operator(operator: CurvatureOperator, mesh: Mesh) -> CurvatureOperator
         data=Batches(stacked, rest),
         damping=tuple(replicate(d, mesh) for d in operator.damping),
     )
+
+
+def to_host(x) -> np.ndarray:
+    """The whole value of array ``x`` on this host: copied, taken from a replica, or gathered from every process.
+
+    Gathering (an array sharded over processes) is a collective: every process must call it.
+    """
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        if x.is_fully_replicated:
+            return np.asarray(x.addressable_data(0))
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
 
 
 def host_view(tree: PyTree) -> PyTree:

@@ -45,6 +45,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxinf.scale.sharding import replicate, to_host
+
 PyTree = Any
 FORMAT = "jaxinf-state"
 VERSION = 1
@@ -55,20 +57,6 @@ __all__ = ["load_state", "save_state", "state_skeleton"]
 def state_skeleton(solver, operator, *, key: jax.Array | None = None) -> PyTree:
     """The structure of ``solver.init(operator, key=key)`` with shapes only (``jax.eval_shape``; no products run)."""
     return jax.eval_shape(lambda op, k: solver.init(op, key=k), operator, key)
-
-
-def _paths(tree: PyTree) -> list[str]:
-    return [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
-
-
-def _to_host(x) -> np.ndarray:
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        if x.is_fully_replicated:
-            return np.asarray(x.addressable_data(0))
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(x)
 
 
 def save_state(path: str | os.PathLike, state: PyTree, *, solver=None, metadata: dict | None = None) -> None:
@@ -88,7 +76,7 @@ def save_state(path: str | os.PathLike, state: PyTree, *, solver=None, metadata:
         if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
             entry["key_impl"] = str(jax.random.key_impl(leaf))
             leaf = jax.random.key_data(leaf)
-        value = _to_host(leaf)
+        value = to_host(leaf)
         entry["shape"] = list(value.shape)
         entry["dtype"] = str(jnp.dtype(value.dtype))
         if value.dtype.kind not in "biufc":  # bfloat16, float8...: store the bytes
@@ -190,7 +178,5 @@ def load_state(path: str | os.PathLike, like: PyTree, *, solver=None, mesh=None)
                 leaves.append(jnp.asarray(value) if mesh is None else value)
     state = jax.tree.unflatten(treedef, leaves)
     if mesh is not None:
-        from jaxinf.scale.sharding import replicate
-
         state = replicate(state, mesh)
     return state
