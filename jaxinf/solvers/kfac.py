@@ -176,10 +176,10 @@ def _output_cotangents(plan: KFACPlan, output_loss, outs, batch1, key):
         logits = outs[0]
         probs = jax.nn.softmax(logits, axis=-1)
         labels = jax.random.categorical(key, logits, axis=-1, shape=(s_count, *logits.shape[:-1]))
-        r = (probs[None] - jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)) / np.sqrt(s_count)
+        r = (probs[None] - jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)) / math.sqrt(s_count)
         return [r], s_count
     if plan.fisher == "sampled" and plan.likelihood == "gaussian":
-        eps = jax.random.normal(key, (s_count, m), flat.dtype) / np.sqrt(s_count)
+        eps = jax.random.normal(key, (s_count, m), flat.dtype) / math.sqrt(s_count)
         return split(eps), s_count
     if plan.likelihood == "gaussian":  # exact, H_out = I
         return split(jnp.eye(m, dtype=flat.dtype)), m
@@ -201,7 +201,7 @@ def _output_cotangents(plan: KFACPlan, output_loss, outs, batch1, key):
     root = u * jnp.sqrt(jnp.clip(w, 0.0))[None, :]  # H = root rootᵀ
     if plan.fisher == "exact":
         return split(root.T), m
-    eps = jax.random.normal(key, (s_count, m), flat.dtype) / np.sqrt(s_count)
+    eps = jax.random.normal(key, (s_count, m), flat.dtype) / math.sqrt(s_count)
     return split(eps @ root.T), s_count
 
 
