@@ -23,12 +23,16 @@ How the penalty enters. The training objective is
 whole term, so its gradient includes ``αw``; the test quantity is the plain
 log-loss. Both come from one ``loss_fn`` by carrying the penalty weight as a
 batch leaf (``α`` for training points, ``0`` for test points). The curvature
-is then the exact Hessian ``H + αI`` with zero damping. Solvers that need
-``λ > 0`` or that factor only the data term (``nystrom``, ``kfac``,
-``ekfac``) get the penalty as damping ``λ = α`` instead and training
-gradients without ``αw``: their prediction for test point ``i`` is then off by
-``−∇ℓ_iᵀ(H + αI)⁻¹αw / n``, the same for every ``j``, which the per-test-point
-correlation ignores (the ``mode`` column says which form was used).
+is then the exact Hessian ``H + αP`` (``P`` selects the weights, not the
+bias) with zero damping. Solvers that need ``λ > 0`` or that factor only the
+data term (``nystrom``, ``kfac``, ``ekfac``) get the penalty as damping
+``λ = α`` instead, with training gradients without ``αw``. That is a slightly
+different model of the same retraining: its prediction for test point ``i``
+is off by ``∇ℓ_iᵀ(H + αI)⁻¹αw / n`` (the same for every ``j``, which the
+per-test-point correlation ignores) and the damping also acts on the bias.
+For reference, ``direct`` in that form scores Pearson 0.983 / Spearman 0.969
+against 0.987 / 0.999 in the exact form (defaults). The ``mode`` column says
+which form each row used.
 
 Writes ``benchmarks/results/loo.json``, ``loo.md`` and ``loo.png``.
 """

@@ -123,8 +123,15 @@ CONFIGS: dict[str, Callable[[dict], list[Config]]] = {
         )
         for r in (10, 40, 160)
     ],
-    "kfac": lambda ctx: [Config("kfac", "kfac", lambda c: jaxinf.kfac())],
-    "ekfac": lambda ctx: [Config("ekfac", "ekfac", lambda c: jaxinf.ekfac())],
+    # default (sampled Fisher, one draw per example) and the exact output-loss Hessian in the factors
+    "kfac": lambda ctx: [
+        Config("kfac", "kfac", lambda c: jaxinf.kfac()),
+        Config("kfac", "kfac fisher=exact", lambda c: jaxinf.kfac(fisher="exact")),
+    ],
+    "ekfac": lambda ctx: [
+        Config("ekfac", "ekfac", lambda c: jaxinf.ekfac()),
+        Config("ekfac", "ekfac fisher=exact", lambda c: jaxinf.ekfac(fisher="exact")),
+    ],
 }
 
 
