@@ -70,7 +70,7 @@ def dense_curvature(operator: CurvatureOperator, block: int = 0, *, column_batch
 
 
 def _available_bytes() -> int:
-    device = jax.devices()[0]
+    device = jax.local_devices()[0]
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     if stats and "bytes_limit" in stats:
         return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
