@@ -130,61 +130,32 @@ def configurations(ctx: dict):
     mi = min(10 * ctx["P"], 1000)  # CG iterations per right-hand side, both libraries
     kd = min(ctx["P"], 2 * r + 10)
     loss = F.cross_entropy
+
+    def cg_pair(label, jx_pre, pd_pre, block=False):
+        """CG with the same tolerance, iteration cap and pre-conditioner in both libraries (block: Ji & Li 2017)."""
+        return (
+            label,
+            lambda: jaxinf.cg(rtol=rtol, maxiter=mi, preconditioner=jx_pre, block=block),
+            lambda m: CgInfluence(
+                m,
+                loss,
+                regularization=lam,
+                rtol=rtol,
+                atol=0.0,
+                maxiter=mi,
+                preconditioner=pd_pre,
+                solve_simultaneously=block,
+                warn_on_max_iteration=False,
+            ),
+            None,
+        )
+
     return [
         ("direct", lambda: jaxinf.direct(), lambda m: DirectInfluence(m, loss, regularization=lam), None),
-        (
-            f"cg rtol={rtol:g}",
-            lambda: jaxinf.cg(rtol=rtol, maxiter=mi),
-            lambda m: CgInfluence(
-                m, loss, regularization=lam, rtol=rtol, atol=0.0, maxiter=mi, warn_on_max_iteration=False
-            ),
-            None,
-        ),
-        (
-            f"cg+jacobi rtol={rtol:g}",
-            lambda: jaxinf.cg(rtol=rtol, maxiter=mi, preconditioner=jaxinf.jacobi_preconditioner(100)),
-            lambda m: CgInfluence(
-                m,
-                loss,
-                regularization=lam,
-                rtol=rtol,
-                atol=0.0,
-                maxiter=mi,
-                preconditioner=JacobiPreconditioner(100),
-                warn_on_max_iteration=False,
-            ),
-            None,
-        ),
-        (
-            f"cg+nystrom({r}) rtol={rtol:g}",
-            lambda: jaxinf.cg(rtol=rtol, maxiter=mi, preconditioner=jaxinf.nystrom_preconditioner(r)),
-            lambda m: CgInfluence(
-                m,
-                loss,
-                regularization=lam,
-                rtol=rtol,
-                atol=0.0,
-                maxiter=mi,
-                preconditioner=NystroemPreconditioner(r),
-                warn_on_max_iteration=False,
-            ),
-            None,
-        ),
-        (
-            f"block_cg rtol={rtol:g}",
-            lambda: jaxinf.cg(rtol=rtol, maxiter=mi, block=True),
-            lambda m: CgInfluence(
-                m,
-                loss,
-                regularization=lam,
-                rtol=rtol,
-                atol=0.0,
-                maxiter=mi,
-                solve_simultaneously=True,
-                warn_on_max_iteration=False,
-            ),
-            None,
-        ),
+        cg_pair(f"cg rtol={rtol:g}", None, None),
+        cg_pair(f"cg+jacobi rtol={rtol:g}", jaxinf.jacobi_preconditioner(100), JacobiPreconditioner(100)),
+        cg_pair(f"cg+nystrom({r}) rtol={rtol:g}", jaxinf.nystrom_preconditioner(r), NystroemPreconditioner(r)),
+        cg_pair(f"block_cg rtol={rtol:g}", None, None, block=True),
         (
             f"lissa T={it} s={scale:.3g}",
             lambda: jaxinf.lissa(maxiter=it, scale=scale, batch_size=64),
@@ -259,10 +230,7 @@ def run(args):
     )
     if args.n_train % args.batch_size:
         raise SystemExit("--n-train must be a multiple of --batch-size (pyDVL 0.10 averages ragged batches unweighted)")
-    batches = [
-        jax.tree.map(lambda a, i=i: a[i : i + args.batch_size], problem.train)
-        for i in range(0, args.n_train, args.batch_size)
-    ]
+    batches = suite.split(problem.train, args.batch_size)
 
     # the same model in torch
     tmodel = torch_model(problem.params, tdtype)
@@ -422,18 +390,10 @@ COLUMNS = [
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", nargs="+", default=None, help="substrings of the method labels to run")
-    parser.add_argument("--damping", type=float, default=1e-2)
     parser.add_argument("--rtol", type=float, default=1e-5)
     parser.add_argument("--rank", type=int, default=50)
     parser.add_argument("--lissa-iters", type=int, default=1000)
-    parser.add_argument("--n-train", type=int, default=1000)
-    parser.add_argument("--n-test", type=int, default=50)
-    parser.add_argument("--d-in", type=int, default=32)
-    parser.add_argument("--widths", type=int, nargs="+", default=[32])
-    parser.add_argument("--batch-size", type=int, default=500)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
+    suite.problem_arguments(parser, damping=1e-2, repeats=2, name="pydvl_compare")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     args.argv = argv
@@ -446,7 +406,7 @@ def main(argv=None):
         return [], {}
     rows, meta = run(args)
     errors = [c for c in ("jaxinf_error", "pydvl_error") if any(c in r for r in rows)]
-    table = common.write_results("pydvl_compare", rows, COLUMNS + errors, meta)
+    table = common.write_results(args.name, rows, COLUMNS + errors, meta)
     print(
         f"\nmachine: {meta['machine']}; torch {meta['torch']} ({meta['torch_threads']} threads), pyDVL {meta['pydvl']}"
     )

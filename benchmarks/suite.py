@@ -205,16 +205,33 @@ def solve_products(cfg: Config, solver: jaxinf.Solver, info, ctx: dict) -> float
     return 0.0
 
 
+def problem_arguments(parser: argparse.ArgumentParser, *, damping: float, repeats: int, name: str) -> None:
+    """The options shared by the scripts that use ``common.mlp_problem`` (sizes, dtype, damping, timing, output)."""
+    parser.add_argument("--damping", type=float, default=damping)
+    parser.add_argument("--n-train", type=int, default=1000)
+    parser.add_argument("--n-test", type=int, default=50)
+    parser.add_argument("--d-in", type=int, default=32)
+    parser.add_argument("--widths", type=int, nargs="+", default=[32])
+    parser.add_argument("--batch-size", type=int, default=500)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    parser.add_argument("--repeats", type=int, default=repeats, help="timed calls after the first")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--name", default=name, help=f"results/<name>.* (default {name})")
+
+
+def split(data, batch_size: int) -> list:
+    """``data`` cut into batches of ``batch_size`` along the leading axis (the last may be smaller)."""
+    n = jax.tree.leaves(data)[0].shape[0]
+    return [jax.tree.map(lambda a, i=i: a[i : i + batch_size], data) for i in range(0, n, batch_size)]
+
+
 def run(args) -> tuple[list[dict], dict]:
     jax.config.update("jax_enable_x64", True)  # for the float64 reference; the methods run in args.dtype
     dtype = jnp.float64 if args.dtype == "float64" else jnp.float32
     problem = common.mlp_problem(
         args.n_train, args.n_test, d_in=args.d_in, widths=tuple(args.widths), dtype=dtype, seed=args.seed
     )
-    batches = [
-        jax.tree.map(lambda a, i=i: a[i : i + args.batch_size], problem.train)
-        for i in range(0, args.n_train, args.batch_size)
-    ]
+    batches = split(problem.train, args.batch_size)
     key = jax.random.key(args.seed)
     floor = common.gradient_floor(problem, args.repeats)
 
@@ -389,16 +406,7 @@ def main(argv=None):
     )
     parser.add_argument("--list", action="store_true", help="print the configurations and exit")
     parser.add_argument("--curvature", default="gauss_newton", choices=list(jaxinf.CURVATURES))
-    parser.add_argument("--damping", type=float, default=1e-3)
-    parser.add_argument("--n-train", type=int, default=1000)
-    parser.add_argument("--n-test", type=int, default=50)
-    parser.add_argument("--d-in", type=int, default=32)
-    parser.add_argument("--widths", type=int, nargs="+", default=[32])
-    parser.add_argument("--batch-size", type=int, default=500)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--name", default="suite", help="results/<name>.{json,md,png}")
+    problem_arguments(parser, damping=1e-3, repeats=3, name="suite")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     args.argv = argv
