@@ -46,8 +46,11 @@ def build(out: Path) -> list[Path]:
         pdoc.pdoc(*names, output_directory=out)
     messages = [str(w.message) for w in caught if "has already been added" not in str(w.message)]
     fatal = [m for m in messages if "import" in m.lower() and "annotation" not in m.lower()]
-    for m in sorted(set(messages) - set(fatal)):
+    notes = sorted(set(messages) - set(fatal))
+    for m in notes[:3]:
         print(f"pdoc note: {m}", file=sys.stderr)
+    if len(notes) > 3:
+        print(f"... and {len(notes) - 3} more pdoc notes (mostly annotations it cannot resolve)", file=sys.stderr)
     page = (out / "jaxinf.html").read_text(encoding="utf-8")
     missing = [name for name in jaxinf.__all__ if name not in page]
     absent = [n for n in names if not (out / (n.replace(".", "/") + ".html")).exists()]
