@@ -183,7 +183,12 @@ class InfluenceModel:
         Returns:
           ``self``, fitted.
         """
-        operator = curvature_operator(
+        self._fit_operator(self.operator_for(train_data), key)
+        return self
+
+    def operator_for(self, train_data: Any) -> CurvatureOperator:
+        """The damped curvature operator of this model's loss over ``train_data`` (no fitting)."""
+        return curvature_operator(
             self.loss_fn,
             self.params,
             train_data,
@@ -193,8 +198,6 @@ class InfluenceModel:
             model_fn=self.model_fn,
             output_loss=self.output_loss,
         )
-        self._fit_operator(operator, key)
-        return self
 
     def _fit_operator(self, operator: CurvatureOperator, key) -> None:
         self._fit_key = key

@@ -41,7 +41,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxinf.curvature import CurvatureOperator, curvature_operator
+from jaxinf.curvature import CurvatureOperator
 from jaxinf.data import Batches, as_batches
 from jaxinf.data import batch_size as leading_size
 
@@ -272,16 +272,7 @@ def fit(model, train_data: Any, mesh: Mesh, *, key: jax.Array | None = None):
         data = _global_batches(local, mesh)
     else:
         data = local
-    operator = curvature_operator(
-        model.loss_fn,
-        model.params,
-        data,
-        kind=model.curvature,
-        damping=model.damping,
-        blocks=model.blocks,
-        model_fn=model.model_fn,
-        output_loss=model.output_loss,
-    )
+    operator = model.operator_for(data)
     operator = shard_operator(operator, mesh) if jax.process_count() == 1 else _replicate_rest(operator, mesh)
     state = model.solver.init(operator, key=key)  # eager: every op follows the data's sharding
     if model.solver.validate is not None:
