@@ -447,6 +447,18 @@ def test_float32_and_float64_factors(plain_kfac):
         np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(ref))))
 
 
+@pytest.mark.parametrize("factory", [kfac, ekfac])
+def test_sampled_fisher_keeps_float32_models_float32(factory):
+    """Regression: sampled output gradients once promoted a float32 model to float64 under x64 and broke the VJP."""
+    p32 = models.mlp_problem("plain", dtype=jnp.float32)
+    solver = factory(fisher="sampled")
+    state = solver.init(gn_operator(p32, damping=0.1), key=jax.random.key(0))
+    x, info = solver.solve(state, p32.params)
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(x))
+    assert bool(info.converged)
+    assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(x))
+
+
 # ----------------------------------------------------------------------------
 # Errors and integration
 # ----------------------------------------------------------------------------
