@@ -27,11 +27,6 @@ import common  # noqa: E402
 import jaxinf  # noqa: E402
 
 
-def spearman(a, b) -> float:
-    ra = np.argsort(np.argsort(a.ravel()))
-    rb = np.argsort(np.argsort(b.ravel()))
-    return float(np.corrcoef(ra, rb)[0, 1])
-
 
 def make_solver(name: str, options: dict) -> jaxinf.Solver:
     factory = getattr(jaxinf, name, None)
@@ -47,23 +42,11 @@ def run(args) -> dict:
     problem = common.mlp_problem(
         args.n_train, args.n_test, d_in=args.d_in, widths=tuple(args.widths), dtype=dtype, seed=args.seed
     )
-    batches = [
-        jax.tree.map(lambda a, i=i: a[i : i + args.batch_size], problem.train)
-        for i in range(0, args.n_train, args.batch_size)
-    ]
+    batches = common.split(problem.train, args.batch_size)
     floor = common.gradient_floor(problem, args.repeats)
 
     def build(solver):
-        return jaxinf.InfluenceModel(
-            problem.loss_fn,
-            problem.params,
-            solver,
-            damping=args.damping,
-            curvature=args.curvature,
-            model_fn=problem.model_fn,
-            output_loss=problem.output_loss,
-            strict=False,
-        )
+        return common.influence_model(problem, solver, damping=args.damping, curvature=args.curvature)
 
     model = build(make_solver(args.solver, json.loads(args.options)))
     key = jax.random.key(args.seed)
@@ -92,7 +75,7 @@ def run(args) -> dict:
         row.update(
             rel_error=float(np.linalg.norm(a - b) / np.linalg.norm(b)),
             pearson=float(np.corrcoef(a.ravel(), b.ravel())[0, 1]),
-            spearman=spearman(a, b),
+            spearman=common.spearman(a, b),
         )
     return row
 

@@ -85,11 +85,6 @@ def cnn_problem(n_train, n_test, *, size=8, channels=2, dtype=jnp.float64, seed=
     return common.Problem(loss_fn, model_fn, common.cross_entropy, params, train, test, num_params)
 
 
-def spearman(a, b) -> float:
-    ra = np.argsort(np.argsort(np.ravel(a)))
-    rb = np.argsort(np.argsort(np.ravel(b)))
-    return float(np.corrcoef(ra, rb)[0, 1])
-
 
 def pearson(a, b) -> float:
     return float(np.corrcoef(np.ravel(a), np.ravel(b))[0, 1])
@@ -161,7 +156,7 @@ def run_model(name, problem, args, rows):
             rows.append(
                 {**base, "method": solver.name, "fisher": fisher, "fit_s": fit.median, "fit_compile_s": fit.compile,
                  "correction_s": correction, "score_s": timing.median, "score_x_floor": timing.median / floor.median,
-                 "pearson": pearson(ref, scores), "spearman": spearman(ref, scores),
+                 "pearson": pearson(ref, scores), "spearman": common.spearman(ref, scores),
                  "pearson_layer_blocks": pearson(ref_block, scores),
                  "backward_per_example": f"{passes * per_pass}"}
             )  # fmt: skip

@@ -32,11 +32,6 @@ import common  # noqa: E402
 import jaxinf  # noqa: E402
 
 
-def spearman(a, b) -> float:
-    ra = np.argsort(np.argsort(a.ravel()))
-    rb = np.argsort(np.argsort(b.ravel()))
-    return float(np.corrcoef(ra, rb)[0, 1])
-
 
 METHODS = {
     "arnoldi": lambda r: jaxinf.arnoldi(r),
@@ -53,10 +48,7 @@ def run(args) -> tuple[list[dict], dict]:
     problem = common.mlp_problem(
         args.n_train, args.n_test, d_in=args.d_in, widths=tuple(args.widths), dtype=dtype, seed=args.seed
     )
-    batches = [
-        jax.tree.map(lambda a, i=i: a[i : i + args.batch_size], problem.train)
-        for i in range(0, args.n_train, args.batch_size)
-    ]
+    batches = common.split(problem.train, args.batch_size)
     floor = common.gradient_floor(problem, args.repeats)
     print(
         f"P = {problem.num_params}, N = {args.n_train}, n_test = {args.n_test}, {args.dtype}, "
@@ -66,16 +58,7 @@ def run(args) -> tuple[list[dict], dict]:
     )
 
     def build(solver):
-        return jaxinf.InfluenceModel(
-            problem.loss_fn,
-            problem.params,
-            solver,
-            damping=args.damping,
-            curvature=args.curvature,
-            model_fn=problem.model_fn,
-            output_loss=problem.output_loss,
-            strict=False,
-        )
+        return common.influence_model(problem, solver, damping=args.damping, curvature=args.curvature)
 
     key = jax.random.key(args.seed)
     if problem.num_params <= args.max_direct_params:
@@ -112,7 +95,7 @@ def run(args) -> tuple[list[dict], dict]:
                 "score_x_factors_path": score_t.median / factors_t.median,
                 "rel_error": float(np.linalg.norm(got - exact) / np.linalg.norm(exact)),
                 "pearson": float(np.corrcoef(got.ravel(), exact.ravel())[0, 1]),
-                "spearman": spearman(got, exact),
+                "spearman": common.spearman(got, exact),
             }
             rows.append(row)
             print(" ".join(f"{k}={common._fmt(v)}" for k, v in row.items()), flush=True)

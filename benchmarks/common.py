@@ -152,3 +152,33 @@ def _fmt(value) -> str:
     if isinstance(value, float):
         return f"{value:.3g}"
     return str(value)
+
+
+def spearman(a, b) -> float:
+    """Spearman rank correlation of two arrays of the same size (ties broken by order)."""
+    ra = np.argsort(np.argsort(np.ravel(a)))
+    rb = np.argsort(np.argsort(np.ravel(b)))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def split(data, batch_size: int) -> list:
+    """``data`` cut into batches of ``batch_size`` along the leading axis (the last may be smaller)."""
+    n = jax.tree.leaves(data)[0].shape[0]
+    return [jax.tree.map(lambda a, i=i: a[i : i + batch_size], data) for i in range(0, n, batch_size)]
+
+
+def influence_model(problem: Problem, solver, *, damping: float, curvature: str, params=None):
+    """A non-strict :class:`jaxinf.InfluenceModel` of ``problem`` (benchmarks record convergence themselves)."""
+    import jaxinf
+
+    return jaxinf.InfluenceModel(
+        problem.loss_fn,
+        problem.params if params is None else params,
+        solver,
+        damping=damping,
+        curvature=curvature,
+        model_fn=problem.model_fn,
+        output_loss=problem.output_loss,
+        strict=False,
+    )
+

@@ -243,15 +243,8 @@ def run(args):
     assert gap < tol, f"the torch model differs from the JAX model by {gap:.3g}"
 
     def build(solver, params=problem.params):
-        return jaxinf.InfluenceModel(
-            problem.loss_fn,
-            params,
-            solver,
-            damping=args.damping,
-            curvature="hessian",
-            model_fn=problem.model_fn,
-            output_loss=problem.output_loss,
-            strict=False,
+        return common.influence_model(
+            problem, solver, damping=args.damping, curvature="hessian", params=params
         )
 
     # exact reference: float64 direct on the Hessian

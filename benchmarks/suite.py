@@ -51,6 +51,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
+from common import spearman, split  # noqa: E402,F401  (also used as suite.spearman / suite.split)
 
 import jaxinf  # noqa: E402
 from jaxinf.influence import ConvergenceError, solve_many  # noqa: E402
@@ -169,11 +170,6 @@ def configurations(ctx: dict, only: list[str] | None = None) -> tuple[list[Confi
     return configs, notes
 
 
-def spearman(a, b) -> float:
-    ra = np.argsort(np.argsort(np.ravel(a)))
-    rb = np.argsort(np.argsort(np.ravel(b)))
-    return float(np.corrcoef(ra, rb)[0, 1])
-
 
 def compare(got, exact) -> dict:
     a, b = np.asarray(got, np.float64), np.asarray(exact, np.float64)
@@ -219,11 +215,6 @@ def problem_arguments(parser: argparse.ArgumentParser, *, damping: float, repeat
     parser.add_argument("--name", default=name, help=f"results/<name>.* (default {name})")
 
 
-def split(data, batch_size: int) -> list:
-    """``data`` cut into batches of ``batch_size`` along the leading axis (the last may be smaller)."""
-    n = jax.tree.leaves(data)[0].shape[0]
-    return [jax.tree.map(lambda a, i=i: a[i : i + batch_size], data) for i in range(0, n, batch_size)]
-
 
 def run(args) -> tuple[list[dict], dict]:
     jax.config.update("jax_enable_x64", True)  # for the float64 reference; the methods run in args.dtype
@@ -236,15 +227,8 @@ def run(args) -> tuple[list[dict], dict]:
     floor = common.gradient_floor(problem, args.repeats)
 
     def build(solver, params=problem.params):
-        return jaxinf.InfluenceModel(
-            problem.loss_fn,
-            params,
-            solver,
-            damping=args.damping,
-            curvature=args.curvature,
-            model_fn=problem.model_fn,
-            output_loss=problem.output_loss,
-            strict=False,
+        return common.influence_model(
+            problem, solver, damping=args.damping, curvature=args.curvature, params=params
         )
 
     # ---- the exact reference, float64
