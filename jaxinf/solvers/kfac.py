@@ -66,6 +66,7 @@ import numpy as np
 from jaxinf._tree import TreeSpec, check_matches
 from jaxinf.curvature import CurvatureOperator
 from jaxinf.data import Batches, add_example_axis, batch_size
+from jaxinf.layerwise import contract_by_layer, example_statistics, layer_matrices, rest_matrix
 from jaxinf.solvers.base import Solver, make_info
 from jaxinf.tagging import LayerTags, Tracer, trace_layers
 
@@ -203,63 +204,6 @@ def _output_cotangents(plan: KFACPlan, output_loss, outs, batch1, key):
         return split(root.T), m
     eps = jax.random.normal(key, (s_count, m), flat.dtype) / math.sqrt(s_count)
     return split(eps @ root.T), s_count
-
-
-def example_statistics(tracer: Tracer, params_leaves, batch1, cotangent_fn):
-    """Layer inputs, output gradients and rest-gradients for one example.
-
-    Args:
-      tracer: from :func:`jaxinf.tagging.trace_layers`.
-      params_leaves: the parameter leaves.
-      batch1: a batch of one example.
-      cotangent_fn: ``(outs, batch1) -> (cotangents with leading K, K)``.
-
-    Returns:
-      ``(records, pert_grads, diff_grads)``: ``records[sid]`` the input of
-      site ``sid``; ``pert_grads[sid]`` ``(K, ...)`` output gradients;
-      ``diff_grads[leaf]`` ``(K, ...)`` gradients of the non-layer uses.
-    """
-    diff0 = {i: params_leaves[i] for i in tracer.diff_leaves}
-    perts0 = tracer.zero_perts()
-
-    def f(diff, perts):
-        return tracer.run(params_leaves, diff, perts, batch1)
-
-    outs, vjp_fn, records = jax.vjp(f, diff0, perts0, has_aux=True)
-    cots, _ = cotangent_fn(outs, batch1)
-    diff_grads, pert_grads = jax.vmap(vjp_fn)(cots)
-    return records, pert_grads, diff_grads
-
-
-def _layer_matrices(layer, records, pert_grads, dtype):
-    """Per example: ``a`` ``(T, rows)`` and ``g`` ``(K, T, d_out)`` of a layer, sites concatenated."""
-    a_parts, g_parts = [], []
-    for site in layer.sites:
-        a = site.inputs_matrix(records[site.sid]).astype(dtype)
-        if layer.bias is not None:
-            beta = 1.0 if (site.bias is not None and site.bias[0] == layer.bias) else 0.0
-            a = jnp.concatenate([a, jnp.full((a.shape[0], 1), beta, dtype)], axis=1)
-        a_parts.append(a)
-        g_parts.append(jax.vmap(site.outputs_matrix)(pert_grads[site.sid]).astype(dtype))
-    return jnp.concatenate(a_parts, axis=0), jnp.concatenate(g_parts, axis=1)
-
-
-def _rest_matrix(layer, diff_grads, dtype):
-    """Per example: gradients of a layer's non-layer uses as ``(K, rows, d_out)``, or ``None``."""
-    if layer.weight not in diff_grads and (layer.bias is None or layer.bias not in diff_grads):
-        return None
-    k = next(iter(jax.tree.leaves(diff_grads))).shape[0]
-    w = diff_grads.get(layer.weight)
-    wm = (
-        jax.vmap(layer.canon.to_matrix)(w).astype(dtype)
-        if w is not None
-        else jnp.zeros((k, layer.d_in, layer.d_out), dtype)
-    )
-    if layer.bias is None:
-        return wm
-    b = diff_grads.get(layer.bias)
-    row = jax.vmap(layer.bias_row)(b).astype(dtype) if b is not None else jnp.zeros((k, layer.d_out), dtype)
-    return jnp.concatenate([wm, row[:, None, :]], axis=1)
 
 
 def _weighted_sum(fn: Callable, data: Batches):
@@ -497,7 +441,7 @@ def _fit(plan: KFACPlan, output_loss, operator: CurvatureOperator, key, heuristi
         n = batch_size(batch)
         out = {"A": [], "G": [], "F": []}
         for layer in tags.layers:
-            a, g = jax.vmap(lambda r, p, L=layer: _layer_matrices(L, r, p, dtype))(records, pert)
+            a, g = jax.vmap(lambda r, p, L=layer: layer_matrices(L, r, p, dtype))(records, pert)
             t = a.shape[1]
             out["A"].append(jnp.einsum("nti,ntj->ij", a, a) / n)
             out["G"].append(jnp.einsum("nkto,nktp->op", g, g) / (n * t))
@@ -529,9 +473,9 @@ def _fit(plan: KFACPlan, output_loss, operator: CurvatureOperator, key, heuristi
             for layer, qa, qg in zip(tags.layers, vec_a, vec_g):
 
                 def rotated(r, p, d, L=layer, qa=qa, qg=qg):
-                    a, g = _layer_matrices(L, r, p, dtype)
+                    a, g = layer_matrices(L, r, p, dtype)
                     m = jnp.einsum("ti,kto->kio", a @ qa, g @ qg)
-                    rest = _rest_matrix(L, d, dtype)
+                    rest = rest_matrix(L, d, dtype)
                     if rest is not None:
                         m = m + jnp.einsum("ij,kjl,lo->kio", qa.T, rest, qg)
                     return jnp.sum(m * m, axis=0)
@@ -670,43 +614,9 @@ def influences_by_layer(state: KFACState, operator: CurvatureOperator, test_batc
     cheaper (one test point, or one location per example).
     """
     plan = state.plan
-    params = operator.params
-    params_leaves = jax.tree.leaves(params)
-    dtype = plan.factor_dtype
-    test_grads = _test_gradients(plan.loss_fn, params, test_batch)
+    test_grads = _test_gradients(plan.loss_fn, operator.params, test_batch)
     factors, _ = jax.vmap(_solve, in_axes=(None, 0))(state, test_grads)
-    f_leaves = jax.tree.leaves(factors)
-    n_test = f_leaves[0].shape[0]
-    tracer = plan.score
-    ones = lambda outs, b1: ([jnp.ones((1, *o.shape), o.dtype) for o in outs], 1)  # noqa: E731
-    records, pert, diff = jax.vmap(
-        lambda example: example_statistics(tracer, params_leaves, add_example_axis(example), ones)
-    )(train_batch)
-    out = {}
-    for layer in tracer.tags.layers:
-        fm = jax.vmap(lambda *ls, L=layer: L.to_matrix(list(ls)))(*[x.astype(dtype) for x in f_leaves])
-        a, g = jax.vmap(lambda r, p, L=layer: _layer_matrices(L, r, p, dtype))(records, pert)
-        g = g[:, 0]  # (n, T, d_out)
-        t_loc = a.shape[1]
-        if n_test == 1 or t_loc == 1:
-            # contract without forming per-example gradients; keep the smaller intermediate
-            if layer.d_out <= layer.rows:
-                s = jnp.einsum("fnto,nto->fn", jnp.einsum("nti,fio->fnto", a, fm), g)
-            else:
-                s = jnp.einsum("fnti,nti->fn", jnp.einsum("nto,fio->fnti", g, fm), a)
-        else:
-            per_example = jnp.einsum("nti,nto->nio", a, g)
-            s = jnp.einsum("fio,nio->fn", fm, per_example)
-        if layer.weight in diff or (layer.bias is not None and layer.bias in diff):
-            rest = jax.vmap(lambda d, L=layer: _rest_matrix(L, d, dtype))(diff)
-            s = s + jnp.einsum("fio,nio->fn", fm, rest[:, 0])
-        out[layer.name] = s
-    for fb in tracer.tags.fallbacks:
-        x = jnp.reshape(f_leaves[fb.leaf], (n_test, -1)).astype(dtype)
-        d = diff[fb.leaf][:, 0]
-        gl = jnp.reshape(d, (d.shape[0], -1)).astype(dtype)
-        out[tracer.tags.paths[fb.leaf]] = x @ gl.T
-    return out
+    return contract_by_layer(plan.score, operator.params, factors, train_batch, dtype=plan.factor_dtype)
 
 
 @jax.jit

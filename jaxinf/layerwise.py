@@ -1,0 +1,181 @@
+"""Per-layer statistics and the per-layer contraction of influence factors.
+
+For a tagged layer ``s_t = W a_t`` (bias as an appended 1 in ``a_t``, ``t``
+over the ``T`` locations of the layer: convolution positions, scan steps,
+shared uses), the per-example gradient of the weights is a sum of ``T``
+outer products, ``∇_W ℓ_j = Σ_t a_{jt} g_{jt}ᵀ`` with ``g`` the gradient of
+the loss with respect to the layer output. So the influence term of one
+layer needs neither the gradient of the whole model nor, for ``T = 1``, the
+per-example gradient of the layer::
+
+    ⟨F_i, ∇_W ℓ_j⟩ = Σ_t (a_{jt}ᵀ F_i) · g_{jt}            (F_i: factor i as a matrix)
+
+One forward pass that records the layer inputs ``a`` and one backward pass
+to the layer outputs ``g`` (never to the weights) serve every factor; what
+remains is, per layer, either the direct contraction above (``F T`` products
+of size ``rows × d_out`` per example) or, when that is dearer, the
+per-example layer gradient ``Σ_t a_t g_tᵀ`` (``T`` products) contracted
+with all factors (``F``) — whichever has fewer multiply-adds. Leaves outside
+any layer (fallbacks of :mod:`jaxinf.tagging`) and the non-layer uses of
+tagged weights contribute through their ordinary per-example gradients.
+
+This is the "per-layer contraction" scoring method of :mod:`jaxinf.scoring`
+and the training-side score of :func:`jaxinf.ekfac` (the factorisation of
+per-example gradients follows Grosse et al. 2023, §3.2 and kronfluence's
+low-rank query gradients; the layer statistics are those of K-FAC, Martens &
+Grosse 2015).
+
+References:
+  Martens & Grosse, "Optimizing Neural Networks with Kronecker-factored
+  Approximate Curvature", ICML 2015. Grosse et al., "Studying Large Language
+  Model Generalization with Influence Functions", 2023.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinf.data import add_example_axis
+from jaxinf.tagging import Tracer, trace_layers
+
+PyTree = Any
+
+
+def example_statistics(tracer: Tracer, params_leaves, batch1, cotangent_fn):
+    """Layer inputs, output gradients and rest-gradients for one example.
+
+    Args:
+      tracer: from :func:`jaxinf.tagging.trace_layers`.
+      params_leaves: the parameter leaves.
+      batch1: a batch of one example.
+      cotangent_fn: ``(outs, batch1) -> (cotangents with leading K, K)``.
+
+    Returns:
+      ``(records, pert_grads, diff_grads)``: ``records[sid]`` the input of
+      site ``sid``; ``pert_grads[sid]`` ``(K, ...)`` output gradients;
+      ``diff_grads[leaf]`` ``(K, ...)`` gradients of the non-layer uses.
+    """
+    diff0 = {i: params_leaves[i] for i in tracer.diff_leaves}
+    perts0 = tracer.zero_perts()
+
+    def f(diff, perts):
+        return tracer.run(params_leaves, diff, perts, batch1)
+
+    outs, vjp_fn, records = jax.vjp(f, diff0, perts0, has_aux=True)
+    cots, _ = cotangent_fn(outs, batch1)
+    diff_grads, pert_grads = jax.vmap(vjp_fn)(cots)
+    return records, pert_grads, diff_grads
+
+
+def layer_matrices(layer, records, pert_grads, dtype):
+    """Per example: ``a`` ``(T, rows)`` and ``g`` ``(K, T, d_out)`` of a layer, sites concatenated."""
+    a_parts, g_parts = [], []
+    for site in layer.sites:
+        a = site.inputs_matrix(records[site.sid]).astype(dtype)
+        if layer.bias is not None:
+            beta = 1.0 if (site.bias is not None and site.bias[0] == layer.bias) else 0.0
+            a = jnp.concatenate([a, jnp.full((a.shape[0], 1), beta, dtype)], axis=1)
+        a_parts.append(a)
+        g_parts.append(jax.vmap(site.outputs_matrix)(pert_grads[site.sid]).astype(dtype))
+    return jnp.concatenate(a_parts, axis=0), jnp.concatenate(g_parts, axis=1)
+
+
+def rest_matrix(layer, diff_grads, dtype):
+    """Per example: gradients of a layer's non-layer uses as ``(K, rows, d_out)``, or ``None``."""
+    if layer.weight not in diff_grads and (layer.bias is None or layer.bias not in diff_grads):
+        return None
+    k = next(iter(jax.tree.leaves(diff_grads))).shape[0]
+    w = diff_grads.get(layer.weight)
+    wm = (
+        jax.vmap(layer.canon.to_matrix)(w).astype(dtype)
+        if w is not None
+        else jnp.zeros((k, layer.d_in, layer.d_out), dtype)
+    )
+    if layer.bias is None:
+        return wm
+    b = diff_grads.get(layer.bias)
+    row = jax.vmap(layer.bias_row)(b).astype(dtype) if b is not None else jnp.zeros((k, layer.d_out), dtype)
+    return jnp.concatenate([wm, row[:, None, :]], axis=1)
+
+
+def direct_is_cheaper(num_factors: int, locations: int) -> bool:
+    """Whether ``Σ_t (a_tᵀ F) · g_t`` (``F T`` products) beats forming ``Σ_t a_t g_tᵀ`` first (``T + F``)."""
+    return num_factors * locations <= num_factors + locations
+
+
+def _one_example_gradient(tracer: Tracer, params_leaves, batch):
+    ones = lambda outs, b1: ([jnp.ones((1, *o.shape), o.dtype) for o in outs], 1)  # noqa: E731
+    return jax.vmap(lambda example: example_statistics(tracer, params_leaves, add_example_axis(example), ones))(batch)
+
+
+def contract_by_layer(tracer: Tracer, params: PyTree, factors: PyTree, batch: PyTree, *, dtype=None) -> dict:
+    """``{layer or leaf name: (n_factors, n_batch)}`` with ``Σ_names = factorsᵀ ∇θℓ(z_j)``.
+
+    Computes ``I[i, j] = Σ_l ⟨F_i^l, ∇_l ℓ(z_j)⟩`` layer by layer (see the
+    module docstring) from one recorded forward pass and one backward pass to
+    the layer outputs over ``batch``, for every factor at once.
+
+    Args:
+      tracer: :func:`jaxinf.tagging.trace_layers` of the loss
+        ``loss_fn(params, batch) -> mean loss``.
+      params: the parameters.
+      factors: params-shaped leaves with a leading ``n_factors`` axis.
+      batch: the training batch.
+      dtype: the dtype of the contraction (default: the factors').
+
+    Returns:
+      A dict keyed by the layer names of ``tracer.tags`` and the paths of
+      fallback leaves.
+    """
+    params_leaves = jax.tree.leaves(params)
+    f_leaves = jax.tree.leaves(factors)
+    n_factors = f_leaves[0].shape[0]
+    dtype = jnp.result_type(*f_leaves) if dtype is None else dtype
+    records, pert, diff = _one_example_gradient(tracer, params_leaves, batch)
+    out = {}
+    for layer in tracer.tags.layers:
+        fm = jax.vmap(lambda *ls, L=layer: L.to_matrix(list(ls)))(*[x.astype(dtype) for x in f_leaves])
+        a, g = jax.vmap(lambda r, p, L=layer: layer_matrices(L, r, p, dtype))(records, pert)
+        g = g[:, 0]  # (n, T, d_out)
+        if direct_is_cheaper(n_factors, a.shape[1]):
+            # never form the per-example gradient; keep the smaller of the two intermediates
+            if layer.d_out <= layer.rows:
+                s = jnp.einsum("fnto,nto->fn", jnp.einsum("nti,fio->fnto", a, fm), g)
+            else:
+                s = jnp.einsum("fnti,nti->fn", jnp.einsum("nto,fio->fnti", g, fm), a)
+        else:
+            s = jnp.einsum("fio,nio->fn", fm, jnp.einsum("nti,nto->nio", a, g))
+        if layer.weight in diff or (layer.bias is not None and layer.bias in diff):
+            rest = jax.vmap(lambda d, L=layer: rest_matrix(L, d, dtype))(diff)
+            s = s + jnp.einsum("fio,nio->fn", fm, rest[:, 0])
+        out[layer.name] = s
+    for fb in tracer.tags.fallbacks:
+        x = jnp.reshape(f_leaves[fb.leaf], (n_factors, -1)).astype(dtype)
+        d = diff[fb.leaf][:, 0]
+        out[tracer.tags.paths[fb.leaf]] = x @ jnp.reshape(d, (d.shape[0], -1)).astype(dtype).T
+    return out
+
+
+def loss_tracer(loss_fn: Callable, params: PyTree, batch: PyTree, *, block_max_size: int = 0) -> Tracer:
+    """The layers of ``loss_fn`` for the per-layer contraction (traced from shapes; fallback leaves diagonal).
+
+    ``block_max_size`` only matters to K-FAC's fallback curvature; the
+    contraction treats every fallback leaf through its per-example gradient.
+    """
+    shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.result_type(a)), params)
+    return trace_layers(loss_fn, shapes, batch, block_max_size=block_max_size)
+
+
+__all__ = [
+    "contract_by_layer",
+    "direct_is_cheaper",
+    "example_statistics",
+    "layer_matrices",
+    "loss_tracer",
+    "rest_matrix",
+]
