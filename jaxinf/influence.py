@@ -29,7 +29,15 @@ import numpy as np
 from jaxinf._tree import check_finite, check_matches, tree_spec
 from jaxinf.curvature import CURVATURES, CurvatureOperator, curvature_operator
 from jaxinf.data import as_batches, batch_size
-from jaxinf.scoring import SCORING_METHODS, choose_method, contract, per_example_grads, perturbation, resolve_input_leaf
+from jaxinf.scoring import (
+    SCORING_METHODS,
+    choose_method,
+    contract,
+    layer_profile,
+    per_example_grads,
+    perturbation,
+    resolve_input_leaf,
+)
 from jaxinf.solvers.base import Solver
 
 PyTree = Any
@@ -76,7 +84,7 @@ class InfluenceModel:
       input_leaf: the batch leaf that perturbation mode differentiates with
         respect to: a position in ``jax.tree.leaves(batch)`` (default ``0``,
         the ``x`` of ``(x, y)``) or a key path string such as ``"['image']"``.
-      scoring: ``"auto"``, ``"gradients"`` or ``"jvp"``; see
+      scoring: ``"auto"``, ``"gradients"``, ``"jvp"`` or ``"layerwise"``; see
         :mod:`jaxinf.scoring`.
       strict: raise :class:`ConvergenceError` when a solve does not converge;
         if ``False``, warn with the numbers instead. Divergence and NaN always
@@ -154,6 +162,7 @@ class InfluenceModel:
         self._contract = jax.jit(lambda p, f, b, method: contract(loss_fn, p, f, b, method), static_argnums=3)
         self._perturb = jax.jit(lambda p, f, b, leaf: perturbation(loss_fn, p, f, b, leaf), static_argnums=3)
         self._score = jax.jit(solver.score) if solver.score is not None else None
+        self._profiles: dict = {}
 
     # ------------------------------------------------------------------ fit
     @property
@@ -269,6 +278,21 @@ class InfluenceModel:
             parts.append(factors)
         return jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts) if len(parts) > 1 else parts[0]
 
+    def scoring_method(self, num_factors: int, batch: PyTree) -> str:
+        """The contraction used for ``num_factors`` factors against ``batch``: ``scoring``, or the cost model's pick.
+
+        With ``scoring="auto"``, :func:`jaxinf.scoring.choose_method` weighs
+        ``"jvp"``, ``"gradients"`` and (when the loss's layers can be traced)
+        ``"layerwise"`` on the model's layer sizes, traced once per example
+        shape.
+        """
+        if self.scoring != "auto":
+            return self.scoring
+        key = (jax.tree.structure(batch), tuple((np.shape(x)[1:], jnp.result_type(x)) for x in jax.tree.leaves(batch)))
+        if key not in self._profiles:
+            self._profiles[key] = layer_profile(self.loss_fn, self.params, batch)
+        return choose_method(num_factors, batch_size(batch), self._spec.size, self._profiles[key])
+
     def influences_from_factors(self, factors: PyTree, train_data: Any, mode: str = "up"):
         """Complete ``influences`` from precomputed factors.
 
@@ -285,9 +309,7 @@ class InfluenceModel:
         batches = self._batches(train_data, "train_data")
         for batch in batches:
             if mode == "up":
-                method = self.scoring
-                if method == "auto":
-                    method = choose_method(n_factors, batch_size(batch), self._spec.size)
+                method = self.scoring_method(n_factors, batch)
                 columns.append(self._contract(self.params, factors, batch, method))
             else:
                 leaf = resolve_input_leaf(batch, self.input_leaf)

@@ -33,6 +33,7 @@ References:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -40,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxinf.cost_model import LayerProfile, direct_is_cheaper
 from jaxinf.data import add_example_axis
 from jaxinf.tagging import Tracer, trace_layers
 
@@ -103,11 +105,6 @@ def rest_matrix(layer, diff_grads, dtype):
     return jnp.concatenate([wm, row[:, None, :]], axis=1)
 
 
-def direct_is_cheaper(num_factors: int, locations: int) -> bool:
-    """Whether ``Σ_t (a_tᵀ F) · g_t`` (``F T`` products) beats forming ``Σ_t a_t g_tᵀ`` first (``T + F``)."""
-    return num_factors * locations <= num_factors + locations
-
-
 def _one_example_gradient(tracer: Tracer, params_leaves, batch):
     ones = lambda outs, b1: ([jnp.ones((1, *o.shape), o.dtype) for o in outs], 1)  # noqa: E731
     return jax.vmap(lambda example: example_statistics(tracer, params_leaves, add_example_axis(example), ones))(batch)
@@ -142,14 +139,20 @@ def contract_by_layer(tracer: Tracer, params: PyTree, factors: PyTree, batch: Py
         fm = jax.vmap(lambda *ls, L=layer: L.to_matrix(list(ls)))(*[x.astype(dtype) for x in f_leaves])
         a, g = jax.vmap(lambda r, p, L=layer: layer_matrices(L, r, p, dtype))(records, pert)
         g = g[:, 0]  # (n, T, d_out)
-        if direct_is_cheaper(n_factors, a.shape[1]):
-            # never form the per-example gradient; keep the smaller of the two intermediates
-            if layer.d_out <= layer.rows:
-                s = jnp.einsum("fnto,nto->fn", jnp.einsum("nti,fio->fnto", a, fm), g)
+        n, t_loc, rows = a.shape
+        d_out = g.shape[-1]
+        if direct_is_cheaper(n_factors, rows, d_out, t_loc):
+            # never form the per-example gradient: one (n T, ·) GEMM with all factors side by side, then a
+            # reduction over the smaller side
+            if d_out <= rows:
+                af = jnp.reshape(a, (n * t_loc, rows)) @ jnp.reshape(jnp.moveaxis(fm, 0, 1), (rows, -1))
+                s = jnp.einsum("ntfo,nto->fn", jnp.reshape(af, (n, t_loc, n_factors, d_out)), g)
             else:
-                s = jnp.einsum("fnti,nti->fn", jnp.einsum("nto,fio->fnti", g, fm), a)
+                gf = jnp.reshape(g, (n * t_loc, d_out)) @ jnp.reshape(jnp.moveaxis(fm, 2, 0), (d_out, -1))
+                s = jnp.einsum("ntfi,nti->fn", jnp.reshape(gf, (n, t_loc, n_factors, rows)), a)
         else:
-            s = jnp.einsum("fio,nio->fn", fm, jnp.einsum("nti,nto->nio", a, g))
+            per_example = jnp.einsum("nti,nto->nio", a, g)
+            s = jnp.reshape(fm, (n_factors, -1)) @ jnp.reshape(per_example, (n, -1)).T
         if layer.weight in diff or (layer.bias is not None and layer.bias in diff):
             rest = jax.vmap(lambda d, L=layer: rest_matrix(L, d, dtype))(diff)
             s = s + jnp.einsum("fio,nio->fn", fm, rest[:, 0])
@@ -171,11 +174,19 @@ def loss_tracer(loss_fn: Callable, params: PyTree, batch: PyTree, *, block_max_s
     return trace_layers(loss_fn, shapes, batch, block_max_size=block_max_size)
 
 
+def layer_profile(tracer: Tracer) -> LayerProfile:
+    """The sizes :mod:`jaxinf.cost_model` needs: ``(rows, d_out, locations)`` per layer, other entries."""
+    tags = tracer.tags
+    layers = tuple((layer.rows, layer.d_out, layer.locations) for layer in tags.layers)
+    other = {fb.leaf for fb in tags.fallbacks} | set(tracer.diff_leaves)
+    return LayerProfile(layers, sum(math.prod(tags.shapes[leaf]) for leaf in other))
+
+
 __all__ = [
     "contract_by_layer",
-    "direct_is_cheaper",
     "example_statistics",
     "layer_matrices",
+    "layer_profile",
     "loss_tracer",
     "rest_matrix",
 ]

@@ -1,15 +1,23 @@
 """Contracting influence factors with training gradients.
 
 Given factors ``f_i = (C + λI)⁻¹ ∇θℓ(z'_i)`` (one per test point), the
-influence matrix is ``I[i, j] = f_iᵀ ∇θℓ(z_j)``. Two ways to get it:
+influence matrix is ``I[i, j] = f_iᵀ ∇θℓ(z_j)``. Three ways to get it:
 
 * ``"gradients"``: per-example training gradients ``G`` (one vmapped
   backward pass, memory ``n_train × p``), then ``F Gᵀ`` — cheapest when
-  there are many factors.
+  there are many factors and the model is small.
 * ``"jvp"``: for each factor, one forward-mode product of the per-example
   losses, ``jax.jvp(ℓ(·, z_1..z_b), θ, f_i)``, gives ``f_iᵀ g_j`` for every
   ``j`` of the batch at once, with no per-example gradient formed —
   cheapest for one or two factors, and memory-flat in ``p``.
+* ``"layerwise"``: one forward pass recording layer inputs and one backward
+  pass to layer outputs, shared by all factors, then per layer
+  ``Σ_t (a_tᵀ F_i) · g_t`` (:mod:`jaxinf.layerwise`) — no per-example
+  gradient of a whole model, and ``F`` products of layer size instead of
+  ``2F`` tangent passes; needs layers :mod:`jaxinf.tagging` can find.
+
+``"auto"`` picks by the cost model of :mod:`jaxinf.cost_model`
+(:func:`choose_method`); all three give the same matrix to float tolerance.
 
 Perturbation influence (Koh & Liang 2017, Eq. 4):
 ``I_pert[i, j] = ∇x (f_iᵀ ∇θℓ(z_j))``, the gradient with respect to the
@@ -26,11 +34,14 @@ import jax
 import jax.numpy as jnp
 
 from jaxinf._tree import ravel_batched
+from jaxinf.cost_model import LayerProfile, cheapest
 from jaxinf.curvature import per_example_losses
 from jaxinf.data import add_example_axis
+from jaxinf.layerwise import contract_by_layer, loss_tracer
+from jaxinf.layerwise import layer_profile as profile_of
 
 PyTree = Any
-SCORING_METHODS = ("auto", "gradients", "jvp")
+SCORING_METHODS = ("auto", "gradients", "jvp", "layerwise")
 
 
 def per_example_grads(loss_fn: Callable, params: PyTree, batch: PyTree) -> PyTree:
@@ -38,36 +49,34 @@ def per_example_grads(loss_fn: Callable, params: PyTree, batch: PyTree) -> PyTre
     return jax.vmap(lambda example: jax.grad(loss_fn)(params, add_example_axis(example)))(batch)
 
 
-#: Cost of forming one entry of the per-example gradient matrix ``G`` (``b × p``), in multiply-adds,
-#: for models of up to ``GRADIENT_COST_PARAMS`` parameters; it grows as ``sqrt(p)`` above that (bigger
-#: per-example outer products stream through memory rather than cache), up to ``GRADIENT_COST_CAP``.
-#: Measured on CPU with ``benchmarks/bench_scale.py --pick``.
-GRADIENT_COST = 16.0
-GRADIENT_COST_PARAMS = 2048
-GRADIENT_COST_CAP = 128.0
+def choose_method(num_factors: int, batch_examples: int, num_params: int, profile: LayerProfile | None = None) -> str:
+    """The cheapest contraction by the cost model of :mod:`jaxinf.cost_model`.
 
+    ``"jvp"`` costs ``(1 + 2F) p`` multiply-adds per training example,
+    ``"gradients"`` ``(3 + κ + F) p`` and ``"layerwise"`` ``2p`` plus, per
+    tagged layer, the cheaper of contracting inputs and output gradients
+    directly or through the per-example layer gradient; ``"layerwise"`` is a
+    candidate only when ``profile`` (:func:`layer_profile`) is given. The
+    batch size cancels: every cost is linear in it.
 
-def choose_method(num_factors: int, batch_examples: int, num_params: int) -> str:
-    """Pick the cheaper contraction by a cost model in multiply-adds.
-
-    With ``F`` factors, ``b`` examples and ``p`` parameters (a forward pass
-    costs about ``p`` multiply-adds per example):
-
-    * ``"jvp"``: one primal pass plus ``F`` tangent passes of about ``2p``
-      each: ``(1 + 2F) b p``;
-    * ``"gradients"``: the backward passes (``3 b p``), forming and storing the
-      ``b × p`` per-example gradients (``κ b p``) and the ``F × p`` by
-      ``p × b`` product (``F b p``): ``(3 + κ + F) b p``.
-
-    So JVPs win for ``F < 2 + κ``. ``κ`` is what one stored gradient entry
-    costs in multiply-adds: a memory write and read, worth many arithmetic
-    operations (about 16 for small models, growing as ``sqrt(p)`` to 128 for
-    large ones, :data:`GRADIENT_COST`). ``b`` cancels: both costs are linear
-    in the batch.
+    Examples:
+      >>> from jaxinf.cost_model import LayerProfile
+      >>> wide = LayerProfile(layers=((513, 512, 1),), other_params=0)
+      >>> [choose_method(f, 64, 513 * 512, wide) for f in (1, 16)]
+      ['jvp', 'layerwise']
+      >>> choose_method(4096, 64, 2000)  # many factors, small model
+      'gradients'
     """
     del batch_examples
-    kappa = GRADIENT_COST * min(max(1.0, (num_params / GRADIENT_COST_PARAMS) ** 0.5), GRADIENT_COST_CAP / GRADIENT_COST)
-    return "jvp" if num_factors < 2 + kappa else "gradients"
+    return cheapest(num_factors, num_params, profile)
+
+
+def layer_profile(loss_fn: Callable, params: PyTree, batch: PyTree) -> LayerProfile | None:
+    """The layer sizes of ``loss_fn`` for :func:`choose_method`, or ``None`` if its layers can't be traced."""
+    try:
+        return profile_of(loss_tracer(loss_fn, params, batch))
+    except Exception:  # noqa: BLE001 - an untraceable model just leaves "layerwise" out of the choice
+        return None
 
 
 def contract(loss_fn: Callable, params: PyTree, factors: PyTree, batch: PyTree, method: str = "gradients"):
@@ -78,6 +87,10 @@ def contract(loss_fn: Callable, params: PyTree, factors: PyTree, batch: PyTree, 
             return jax.jvp(lambda p: per_example_losses(loss_fn, p, batch), (params,), (f,))[1]
 
         return jax.vmap(along)(factors)
+    if method == "layerwise":
+        dtype = jnp.result_type(*jax.tree.leaves(factors))
+        parts = contract_by_layer(loss_tracer(loss_fn, params, batch), params, factors, batch)
+        return sum(parts.values()).astype(dtype)
     grads = ravel_batched(per_example_grads(loss_fn, params, batch))
     return ravel_batched(factors, grads.dtype) @ grads.T
 

@@ -31,6 +31,9 @@ float:
   over the devices) plus ``T p s`` of factors and ``T B s`` of scores;
 * scoring with ``"jvp"``: ``T`` forward-mode passes over the batch at once
   (``T ×`` the activations of ``B`` examples), no per-example gradients;
+* scoring with ``"layerwise"``: the layer inputs and output gradients of
+  ``B`` examples, plus per layer either ``T B`` outputs per location (direct
+  contraction) or the ``B`` per-example gradients of that one layer;
 * host: one training batch, one result block ``T B s`` (twice while it is
   encoded) and one test block.
 
@@ -78,7 +81,7 @@ from jaxinf.scale.sharding import (
     to_host,
 )
 from jaxinf.scale.sources import as_source
-from jaxinf.scoring import SCORING_METHODS, choose_method, contract, per_example_grads, perturbation, resolve_input_leaf
+from jaxinf.scoring import SCORING_METHODS, contract, per_example_grads, perturbation, resolve_input_leaf
 
 PyTree = Any
 FORMAT = "jaxinf-influences"
@@ -106,7 +109,7 @@ class MemoryPlan:
 
     Attributes:
       test_block, train_batch: block sizes (train batch padded to the devices).
-      method: the scoring contraction (``"gradients"``, ``"jvp"``, or
+      method: the scoring contraction (``"gradients"``, ``"jvp"``, ``"layerwise"`` or
         ``"perturbation"``).
       num_params: ``p``.
       devices: devices in the mesh (``local_devices`` on this host).
@@ -266,8 +269,8 @@ class InfluenceCalculator:
         block). Larger blocks mean fewer passes over the training data
         (``ceil(n_test / test_block)`` passes) and more memory.
       mode: ``"up"`` or ``"perturbation"``.
-      scoring: ``None`` (the model's setting), ``"auto"``, ``"gradients"``
-        or ``"jvp"``.
+      scoring: ``None`` (the model's setting), ``"auto"``, ``"gradients"``,
+        ``"jvp"`` or ``"layerwise"``.
       max_memory: bytes available per device (host RAM for CPU devices);
         default: the free memory now.
       progress: show a tqdm progress bar (throughput and ETA) on process 0.
@@ -323,12 +326,12 @@ class InfluenceCalculator:
         self._compiled: dict = {}
 
     # ------------------------------------------------------------ kernels
-    def _method(self, train_batch: int) -> str:
+    def _method(self, train_like) -> str:
         if self.mode == "perturbation":
             return "perturbation"
         if self.scoring != "auto":
             return self.scoring
-        return choose_method(self.test_block, train_batch, self.spec.size)
+        return self.model.scoring_method(self.test_block, train_like)
 
     def _kernels(self, test_like, train_like, method: str, leaf: int | None):
         """The factor and scoring kernels compiled for these block shapes (cached by JAX across calculators)."""
@@ -391,13 +394,16 @@ class InfluenceCalculator:
 
     def _plan(self, test_source, train_source):
         tb_pad, b_local_pad, test_like, train_like, leaf, x_shape = self._layout(test_source, train_source)
-        method = self._method(train_like_size := jax.tree.leaves(train_like)[0].shape[0])
+        method = self._method(train_like)
+        train_like_size = jax.tree.leaves(train_like)[0].shape[0]
         f_compiled, s_compiled = self._kernels(test_like, train_like, method, leaf)
         p = self.spec.size
         itemsize = jnp.dtype(self.spec.dtype).itemsize
         per_dev_rows = train_like_size // self.devices
         fallback_f = _nbytes(self.state) + 2 * tb_pad * p * itemsize
-        fallback_s = tb_pad * p * itemsize + (per_dev_rows * p * itemsize if method == "gradients" else 0)
+        fallback_s = tb_pad * p * itemsize + (
+            per_dev_rows * p * itemsize if method in ("gradients", "layerwise") else 0
+        )
         out_cells = tb_pad * b_local_pad * int(np.prod(x_shape, dtype=np.int64))
         batch_bytes = _nbytes(train_like) // max(1, self.devices // self.local_devices)
         host = batch_bytes + 2 * out_cells * itemsize + _nbytes(test_like)
