@@ -7,12 +7,23 @@ Gauss-Newton or empirical Fisher) of the mean training loss.
 from jaxinf.curvature import CURVATURES, CurvatureOperator, curvature_operator
 from jaxinf.data import Batches, as_batches
 from jaxinf.influence import ConvergenceError, InfluenceModel, NotFittedError
-from jaxinf.solvers import DirectState, Solver, SolveInfo, direct
-from jaxinf.solvers import KFACState, ekfac, kfac
-from jaxinf.tagging import LayerTags, find_layers, tag_dense
-from jaxinf.solvers import arnoldi, nystrom
-from jaxinf.solvers import cg, jacobi_preconditioner, lissa, nystrom_preconditioner
 from jaxinf.lowrank import LowRankState
+from jaxinf.solvers import (
+    DirectState,
+    KFACState,
+    SolveInfo,
+    Solver,
+    arnoldi,
+    cg,
+    direct,
+    ekfac,
+    jacobi_preconditioner,
+    kfac,
+    lissa,
+    nystrom,
+    nystrom_preconditioner,
+)
+from jaxinf.tagging import LayerTags, find_layers, tag_dense
 
 __version__ = "0.1.0"
 
