@@ -21,12 +21,13 @@ Three tables:
 2. **Devices**: the same run at ``--devices-n`` points with 1 and 8 simulated
    host devices (``--xla_force_host_platform_device_count``); the speed-up is
    bounded by the physical cores (``os.cpu_count()``), not by 8.
-3. **Scoring pick**: for differently shaped cases (model width, batch,
-   number of factors) the median time of both contractions
-   (``"gradients"``, ``"jvp"``) and the method ``choose_method`` picks;
-   ``pick_is_fastest`` says whether the pick was the faster one. There is no
-   per-layer contraction in :mod:`jaxinf.scoring` yet, so two methods are
-   compared.
+3. **Scoring pick**: for differently shaped cases (MLPs and CNNs, batch,
+   number of factors) the median time of the three contractions
+   (``"gradients"``: per-example gradients and a matrix product, ``"jvp"``:
+   forward-mode projection, ``"layerwise"``: per-layer contraction) and the
+   method ``jaxinf.scoring.choose_method`` picks from the traced layer sizes;
+   ``pick_is_fastest`` says whether the pick was the fastest of the three and
+   ``pick_over_best`` how much slower than the fastest it was.
 
 Writes ``benchmarks/results/scale.json`` and ``scale.md``.
 """
@@ -186,25 +187,56 @@ def run_child(args: dict) -> dict:
 # The scoring pick (in this process, one device)
 # ----------------------------------------------------------------------------
 
-PICK_CASES = [  # (hidden widths, training batch, factors)
-    ((64,), 1024, 1),
-    ((64,), 1024, 256),
-    ((512, 512), 64, 16),
-    ((256,), 512, 512),
-    ((256,), 512, 8),
+PICK_CASES = [  # (model, shape, training batch, factors); MLP shape = hidden widths, CNN shape = (side, channels)
+    ("mlp", (64,), 1024, 1),
+    ("mlp", (512, 512), 64, 1),
+    ("mlp", (256,), 512, 8),
+    ("mlp", (32, 32, 32), 2048, 64),
+    ("mlp", (64,), 1024, 256),
+    ("cnn", (16, 16), 256, 1),
+    ("cnn", (16, 16), 256, 16),
+    ("cnn", (8, 32), 512, 64),
+    ("cnn", (16, 16), 256, 256),
 ]
+METHODS = ("gradients", "jvp", "layerwise")
 
 
-def _time_methods(common, contract, problem, factors: int, repeats: int) -> dict:
-    """Median seconds of both contractions of ``factors`` random factors with the training batch."""
+def cnn_problem(side: int, channels: int, batch: int):
+    """conv3x3 -> tanh -> 2x2 mean pool -> conv3x3 -> tanh -> dense (10 classes), random NHWC images."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    class CNN(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.tanh(nn.Conv(channels, (3, 3))(x))
+            x = nn.avg_pool(x, (2, 2), (2, 2))
+            x = nn.tanh(nn.Conv(channels, (3, 3))(x))
+            return nn.Dense(CLASSES)(x.reshape(x.shape[0], -1))
+
+    module = CNN()
+    x = jax.random.normal(jax.random.key(0), (batch, side, side, 3))
+    y = jax.random.randint(jax.random.key(1), (batch,), 0, CLASSES)
+    params = module.init(jax.random.key(2), x[:1])
+
+    def loss_fn(p, b):
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(module.apply(p, b[0]), b[1]))
+
+    return loss_fn, params, (x, y)
+
+
+def _time_methods(common, contract, loss_fn, params, batch, factors: int, repeats: int) -> dict:
+    """Median seconds of the three contractions of ``factors`` random factors with the training batch."""
     import jax
 
     key = jax.random.key(1)
-    f = jax.tree.map(lambda a: jax.random.normal(key, (factors, *a.shape), a.dtype), problem.params)
+    f = jax.tree.map(lambda a: jax.random.normal(key, (factors, *a.shape), a.dtype), params)
     times = {}
-    for method in ("gradients", "jvp"):
-        kernel = jax.jit(lambda p, fa, b, m=method: contract(problem.loss_fn, p, fa, b, m))
-        timing, _ = common.time_call(lambda k=kernel: k(problem.params, f, problem.train), repeats)
+    for method in METHODS:
+        kernel = jax.jit(lambda p, fa, b, m=method: contract(loss_fn, p, fa, b, m))
+        timing, _ = common.time_call(lambda k=kernel: k(params, f, batch), repeats)
         times[method] = timing.median
     return times
 
@@ -213,27 +245,37 @@ def pick_rows(repeats: int, scale_factor: float = 1.0) -> list[dict]:
     sys.path.insert(0, HERE)
     import common
 
-    from jaxinf.scoring import choose_method, contract
+    from jaxinf.scoring import choose_method, contract, layer_profile
+
+    def shrink(v, lo=2):
+        return max(lo, int(v * scale_factor))
 
     rows = []
-    for widths, batch, factors in PICK_CASES:
-        widths = tuple(max(2, int(w * scale_factor)) for w in widths)
-        batch = max(2, int(batch * scale_factor))
-        factors = max(1, int(factors * scale_factor)) if factors > 1 else 1
-        problem = common.mlp_problem(
-            batch, 1, d_in=D_IN if scale_factor >= 1 else 4, widths=widths, classes=CLASSES, train_steps=1
-        )
-        times = _time_methods(common, contract, problem, factors, repeats)
-        pick = choose_method(factors, batch, problem.num_params)
+    for kind, shape, batch, factors in PICK_CASES:
+        batch = shrink(batch)
+        factors = shrink(factors, 1) if factors > 1 else 1
+        if kind == "mlp":
+            widths = tuple(shrink(w) for w in shape)
+            problem = common.mlp_problem(
+                batch, 1, d_in=D_IN if scale_factor >= 1 else 4, widths=widths, classes=CLASSES, train_steps=1
+            )
+            loss_fn, params, data, p = problem.loss_fn, problem.params, problem.train, problem.num_params
+            label = "mlp " + "x".join(map(str, widths))
+        else:
+            side, channels = shrink(shape[0], 4), shrink(shape[1])
+            loss_fn, params, data = cnn_problem(side, channels, batch)
+            p = sum(int(a.size) for a in __import__("jax").tree.leaves(params))
+            label = f"cnn {side}x{side}x3, {channels} ch"
+        times = _time_methods(common, contract, loss_fn, params, data, factors, repeats)
+        pick = choose_method(factors, batch, p, layer_profile(loss_fn, params, data))
         fastest = min(times, key=times.get)
         rows.append(
             {
-                "widths": "x".join(map(str, widths)),
-                "P": problem.num_params,
+                "model": label,
+                "P": p,
                 "batch": batch,
                 "factors": factors,
-                "gradients_ms": 1e3 * times["gradients"],
-                "jvp_ms": 1e3 * times["jvp"],
+                **{f"{m}_ms": 1e3 * times[m] for m in METHODS},
                 "pick": pick,
                 "fastest": fastest,
                 "pick_is_fastest": pick == fastest,
@@ -353,12 +395,13 @@ def main(argv=None) -> dict:
                 "scale_pick",
                 results["pick"],
                 [
-                    "widths",
+                    "model",
                     "P",
                     "batch",
                     "factors",
                     "gradients_ms",
                     "jvp_ms",
+                    "layerwise_ms",
                     "pick",
                     "fastest",
                     "pick_is_fastest",

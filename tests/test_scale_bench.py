@@ -18,6 +18,21 @@ def test_bench_scale_smoke(tmp_path, monkeypatch):
     argv = "--only scaling --inline --sizes 300 --batch 64 --n-test 5 --widths 4 --fit-n 64 --train-steps 1"
     results = bench.main(argv.split())
     (row,) = results["scaling"]
-    assert row["N"] == 300 and row["x_floor"] > 0 and row["method"] in ("gradients", "jvp")
+    assert row["N"] == 300 and row["x_floor"] > 0 and row["method"] in ("gradients", "jvp", "layerwise")
     assert len(bench.PICK_CASES) >= 3
     assert (tmp_path / "scale.json").exists() and (tmp_path / "scale.md").exists()
+
+
+def test_bench_scale_pick_smoke(tmp_path, monkeypatch):
+    sys.path.insert(0, BENCH)
+    spec = importlib.util.spec_from_file_location("bench_scale", os.path.join(BENCH, "bench_scale.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    import common
+
+    monkeypatch.setattr(common, "RESULTS", str(tmp_path))
+    monkeypatch.setattr(bench, "PICK_CASES", [bench.PICK_CASES[0], bench.PICK_CASES[-1]])
+    rows = bench.main("--only pick --repeats 1 --pick-scale 0.05".split())["pick"]
+    assert [r["model"].split()[0] for r in rows] == ["mlp", "cnn"]
+    for r in rows:
+        assert r["pick"] in bench.METHODS and all(r[f"{m}_ms"] > 0 for m in bench.METHODS)
