@@ -169,7 +169,7 @@ def test_memory_plan_and_refusal(problem, fitted, tmp_path):
     assert not (tmp_path / "s").exists()  # refused before anything was written
 
 
-@pytest.mark.parametrize("scoring", ["gradients", "jvp", "auto"])
+@pytest.mark.parametrize("scoring", ["gradients", "jvp", "layerwise", "auto"])
 def test_scoring_methods_agree(problem, fitted, tmp_path, scoring):
     model, reference = fitted
     out = scale.compute_influences(

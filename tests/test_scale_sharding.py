@@ -116,3 +116,15 @@ def test_fit_helper(problem, tmp_path):
     assert model.n_train == 28
     out = scale.compute_influences(model, problem.test, batches(problem), tmp_path / "s", mesh=mesh, progress=False)
     np.testing.assert_allclose(out[:], reference, rtol=1e-9, atol=1e-9 * np.abs(reference).max())
+
+
+@pytest.mark.parametrize("scoring", ["layerwise", "jvp"])
+def test_sharded_scoring_methods_equal_single_device(problem, tmp_path, scoring):
+    """Every scoring contraction runs on training batches sharded over 8 devices (batches of 8 and a ragged 4)."""
+    single = make_model(problem, jaxinf.direct()).fit(batches(problem))
+    reference = np.asarray(single.influences(problem.test, problem.train))
+    mesh = scale.data_mesh()
+    out = scale.compute_influences(
+        single, problem.test, batches(problem), tmp_path / "s", mesh=mesh, scoring=scoring, progress=False
+    )
+    np.testing.assert_allclose(out[:], reference, rtol=1e-9, atol=1e-9 * np.abs(reference).max())
