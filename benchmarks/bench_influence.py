@@ -27,7 +27,6 @@ import common  # noqa: E402
 import jaxinf  # noqa: E402
 
 
-
 def make_solver(name: str, options: dict) -> jaxinf.Solver:
     factory = getattr(jaxinf, name, None)
     if factory is None:

@@ -31,8 +31,6 @@ import common  # noqa: E402
 
 import jaxinf  # noqa: E402
 
-
-
 METHODS = {
     "arnoldi": lambda r: jaxinf.arnoldi(r),
     "arnoldi+completion": lambda r: jaxinf.arnoldi(r, completion=True),
