@@ -43,7 +43,17 @@ from jaxinf.solvers.base import make_info
 
 PyTree = Any
 
-__all__ = ["LowRankState", "lowrank_solve", "lowrank_validate", "project", "score", "scoring_loss_fn", "with_damping"]
+__all__ = [
+    "LowRankState",
+    "finish_scores",
+    "lowrank_solve",
+    "lowrank_validate",
+    "prepare_scores",
+    "project",
+    "score",
+    "scoring_loss_fn",
+    "with_damping",
+]
 
 
 @jax.tree_util.register_pytree_node_class
@@ -244,19 +254,53 @@ def project(state: LowRankState, operator: CurvatureOperator, batch: PyTree, *, 
     return _map(along, state.basis.T, projection_batch).T
 
 
-def _completion(state, operator, small, other, projected_small, projection_batch):
-    """``g_sᵀ (I − VVᵀ) g_o`` for the examples of ``small`` (rows) and ``other`` (columns)."""
-    loss_fn = scoring_loss_fn(operator)
-    params = operator.params
-    dtype = state.basis.dtype
-    grads = jax.vmap(lambda ex: jax.grad(loss_fn)(params, add_example_axis(ex)))(small)
-    flat = ravel_batched(grads, dtype)
-    residuals = flat - projected_small @ state.basis.T  # (n_small, p), (I − VVᵀ) g_s
+def prepare_scores(
+    state: LowRankState, operator: CurvatureOperator, test_batch: PyTree, *, projection_batch: int | None = None
+) -> dict:
+    """The test side of :func:`score`, computed once and reused for every training batch.
 
-    def along(r):
-        return jax.jvp(lambda p: per_example_losses(loss_fn, p, other), (params,), (unravel(state.spec, r),))[1]
+    Returns ``{"projected": P_test (n_test, r), "residuals": (I − VVᵀ) g_test (n_test, p) or None}``;
+    the residuals (per-example test gradients projected off the basis) only with ``completion``.
+    """
+    projected = project(state, operator, test_batch, projection_batch=projection_batch)
+    residuals = None
+    if state.completion:
+        loss_fn = scoring_loss_fn(operator)
+        grads = jax.vmap(lambda ex: jax.grad(loss_fn)(operator.params, add_example_axis(ex)))(test_batch)
+        residuals = ravel_batched(grads, state.basis.dtype) - projected @ state.basis.T
+    return {"projected": projected, "residuals": residuals}
 
-    return _map(along, residuals, 1 if projection_batch is None else projection_batch)
+
+def finish_scores(
+    state: LowRankState,
+    operator: CurvatureOperator,
+    prepared: dict,
+    train_batch: PyTree,
+    *,
+    projection_batch: int | None = None,
+):
+    """``(n_test, n_train)`` scores of a training batch against a test side from :func:`prepare_scores`.
+
+    ``r`` JVPs project the training batch; with ``completion``, one JVP of
+    its per-example losses along each test residual adds
+    ``(1/λ) g_testᵀ (I − VVᵀ) g_train``.
+    """
+    p_train = project(state, operator, train_batch, projection_batch=projection_batch)
+    scores = (prepared["projected"] * _inverse_diag(state)) @ p_train.T
+    if state.completion:
+        loss_fn = scoring_loss_fn(operator)
+        params = operator.params
+        lam = state.damping.astype(scores.dtype)
+        inv_lam = jnp.where(lam > 0, 1.0 / jnp.where(lam > 0, lam, 1.0), jnp.nan)
+
+        def along(r):
+            return jax.jvp(lambda p: per_example_losses(loss_fn, p, train_batch), (params,), (unravel(state.spec, r),))[
+                1
+            ]
+
+        extra = _map(along, prepared["residuals"], 1 if projection_batch is None else projection_batch)
+        scores = scores + inv_lam * extra
+    return scores
 
 
 def score(
@@ -271,26 +315,20 @@ def score(
 
     ``I = P_test (D + λ)⁻¹ P_trainᵀ`` with ``P = G V`` formed by JVPs
     (:func:`project`), plus ``(1/λ) g_testᵀ (I − VVᵀ) g_train`` when the state
-    has ``completion=True`` (per-example gradients of the smaller batch).
-    Equals ``∇θℓ(test)ᵀ x(∇θℓ(train))`` with ``x`` the state's solve.
+    has ``completion=True`` (per-example gradients of the smaller batch: the
+    operator is symmetric, so the smaller side is prepared and the matrix
+    transposed if needed). Equals ``∇θℓ(test)ᵀ x(∇θℓ(train))`` with ``x`` the
+    state's solve.
 
-    Cost: ``r`` JVPs over each batch (the test batch is projected again for
-    every training batch it is scored against, ``r`` JVPs each time), plus,
-    with the completion, ``n_small`` per-example gradients and ``n_small`` JVPs
-    over the other batch.
+    Cost: ``r`` JVPs over each batch, plus, with the completion, ``n_small``
+    per-example gradients and ``n_small`` JVPs over the other batch. To score
+    one test batch against many training batches, call
+    :func:`prepare_scores` once and :func:`finish_scores` per training batch.
     """
-    p_test = project(state, operator, test_batch, projection_batch=projection_batch)
-    p_train = project(state, operator, train_batch, projection_batch=projection_batch)
-    scores = (p_test * _inverse_diag(state)) @ p_train.T
-    if state.completion:
-        lam = state.damping.astype(scores.dtype)
-        inv_lam = jnp.where(lam > 0, 1.0 / jnp.where(lam > 0, lam, 1.0), jnp.nan)
-        if batch_size(test_batch) <= batch_size(train_batch):
-            extra = _completion(state, operator, test_batch, train_batch, p_test, projection_batch)
-        else:
-            extra = _completion(state, operator, train_batch, test_batch, p_train, projection_batch).T
-        scores = scores + inv_lam * extra
-    return scores
+    kw = {"projection_batch": projection_batch}
+    if batch_size(test_batch) <= batch_size(train_batch):
+        return finish_scores(state, operator, prepare_scores(state, operator, test_batch, **kw), train_batch, **kw)
+    return finish_scores(state, operator, prepare_scores(state, operator, train_batch, **kw), test_batch, **kw).T
 
 
 def check_concrete_positive(damping, name: str, what: str) -> None:
