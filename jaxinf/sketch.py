@@ -75,8 +75,10 @@ __all__ = [
     "curvature_matvec",
     "nystrom_inverse",
     "nystrom_of_operator",
+    "nystrom_from_sketch",
     "nystrom_precondition",
     "randomized_nystrom",
+    "sketch_test_matrix",
 ]
 
 
@@ -136,9 +138,26 @@ def randomized_nystrom(
     if batch_size is not None and int(batch_size) < 1:
         raise ValueError(f"batch_size must be >= 1 or None, got {batch_size}.")
     dtype = jnp.dtype(dtype) if dtype is not None else jnp.zeros(()).dtype
-    omega = jax.random.normal(key, (size, rank), dtype)
-    omega, _ = jnp.linalg.qr(omega)
+    omega = sketch_test_matrix(key, size, rank, dtype)
     y = _apply_columns(lambda x: matvec(x).astype(dtype), omega, batch_size)
+    return nystrom_from_sketch(omega, y)
+
+
+def sketch_test_matrix(key: jax.Array, size: int, rank: int, dtype) -> jax.Array:
+    """The orthonormalised Gaussian test matrix ``Ω`` (``size × rank``) of :func:`randomized_nystrom`."""
+    omega, _ = jnp.linalg.qr(jax.random.normal(key, (size, rank), dtype))
+    return omega
+
+
+def nystrom_from_sketch(omega: jax.Array, y: jax.Array) -> NystromApproximation:
+    """Steps 2–4 of RandNysAppx from the test matrix ``Ω`` and the sketch ``Y = AΩ`` (both ``p × r``).
+
+    :func:`randomized_nystrom` computes ``Y`` with a ``matvec``; a sketch
+    accumulated elsewhere (e.g. one pass over a stream of batches,
+    :func:`jaxinf.scale.fit_from_stream`) gives the same approximation.
+    """
+    size, rank = omega.shape
+    dtype = omega.dtype
     eps = jnp.finfo(dtype).eps
     shift = jnp.sqrt(jnp.asarray(size, dtype)) * eps * jnp.linalg.norm(y)
     # A floor for an all-zero operator, so that the core stays invertible.

@@ -6,6 +6,7 @@
 * :mod:`~jaxinf.scale.sharding` — data parallelism over a ``jax.sharding.Mesh``.
 * :mod:`~jaxinf.scale.distributed` — multi-process runs with ``jax.distributed``.
 * :mod:`~jaxinf.scale.streaming` — curvature products and exact dense fits from a stream.
+* :mod:`~jaxinf.scale.stream_fit` — fit direct, Nyström, Arnoldi, K-FAC and EK-FAC from a stream.
 """
 
 from jaxinf.scale.calculator import InfluenceCalculator, MemoryPlan, compute_influences, open_influences
@@ -22,10 +23,12 @@ from jaxinf.scale.sharding import (
 )
 from jaxinf.scale.sources import ArraySource, IterableSource, ListSource, as_source, process_range
 from jaxinf.scale.storage import load_state, read_header, save_state, state_skeleton
+from jaxinf.scale.stream_fit import BatchStream, fit_from_stream
 from jaxinf.scale.streaming import StreamingCurvature, direct_from_stream
 
 __all__ = [
     "ArraySource",
+    "BatchStream",
     "InfluenceCalculator",
     "IterableSource",
     "ListSource",
@@ -34,6 +37,7 @@ __all__ = [
     "compute_influences",
     "data_mesh",
     "fit",
+    "fit_from_stream",
     "global_batch",
     "host_view",
     "initialize",

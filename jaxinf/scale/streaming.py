@@ -16,17 +16,17 @@ products per pass:
   ``jaxinf.direct().init`` on the same data held in memory. Memory ``O(p²)``,
   independent of the number of examples.
 
-Which solvers can fit from a stream:
+Which solvers can fit from a stream (all through
+:func:`jaxinf.scale.fit_from_stream`, which returns the state ``init``
+gives on the same batches in memory):
 
 ============  =====================================================================
-direct        yes, :func:`direct_from_stream` (one pass).
-nystrom       one pass (``Y = C Ω``) — :meth:`StreamingCurvature.matmat` gives it;
-              the solver's own ``init`` sweeps in-memory data.
-arnoldi       ``krylov_dim`` sequential passes (one product each): not streamed.
-kfac / ekfac  two passes of per-batch factor sums: not streamed yet (the solver
-              sums inside one jitted sweep).
-cg / lissa    iterate inside ``lax`` loops: fit on an in-memory subset (LiSSA
-              samples minibatches anyway) or on a sharded in-memory dataset.
+direct        yes, one pass (:func:`direct_from_stream`).
+nystrom       yes, one pass: the sketch ``Y = C Ω`` from :meth:`StreamingCurvature.matmat`.
+arnoldi       yes, ``krylov_dim`` sequential passes (one product each).
+kfac / ekfac  yes, one / two passes of per-batch factor statistics.
+cg / lissa    no: they iterate inside ``lax`` loops. Fit on an in-memory subset
+              (LiSSA samples minibatches anyway) or on a sharded in-memory dataset.
 ============  =====================================================================
 
 Scoring never needs the training data in memory: see
@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinf._tree import check_matches, ravel, tree_spec, unravel
+from jaxinf._tree import check_finite, check_matches, ravel, tree_spec, unravel
 from jaxinf.curvature import CURVATURES, curvature_operator, fisher_vp, gauss_newton_vp, hessian_vp
 from jaxinf.data import batch_size as leading_size
 from jaxinf.scale.sharding import mesh_size, replicate, shard_batch
@@ -68,6 +68,10 @@ class StreamingCurvature:
       mesh: optional data mesh; batches whose size divides the devices are
         sharded along their examples, others replicated (never padded, which
         would change the mean).
+      progress: show a tqdm progress bar for each pass (process 0 only).
+
+    Every batch is checked for NaN or inf on the host as it is read (an
+    error names the batch).
 
     Examples:
       >>> import jax.numpy as jnp, numpy as np
@@ -90,6 +94,7 @@ class StreamingCurvature:
         model_fn: Callable | None = None,
         output_loss: Callable | None = None,
         mesh=None,
+        progress: bool = False,
     ):
         if kind not in CURVATURES:
             raise ValueError(f"Unknown curvature {kind!r}; choose one of {CURVATURES}.")
@@ -100,6 +105,7 @@ class StreamingCurvature:
         self.source = as_source(data)
         self.kind = kind
         self.mesh = mesh
+        self.progress = progress
         self.params = params if mesh is None else replicate(params, mesh)
         self.spec = tree_spec(params)
 
@@ -132,23 +138,43 @@ class StreamingCurvature:
     def num_examples(self) -> int:
         return self.source.num_examples
 
-    def _place(self, batch):
+    def place(self, batch):
+        """``batch`` on the mesh: sharded along its examples when their number divides the devices, else replicated."""
         if self.mesh is None:
             return batch
         if leading_size(batch) % mesh_size(self.mesh) == 0:
             return shard_batch(batch, self.mesh)
         return replicate(batch, self.mesh)
 
-    def _weights(self):
-        n = self.num_examples
-        for batch in self.source:
-            yield self._place(batch), leading_size(batch) / n
+    def batches(self, desc: str = "pass"):
+        """One pass: ``(index, batch, weight)`` per batch, placed on the mesh, ``weight = n_b / n``.
 
-    def matmat(self, vectors: PyTree) -> PyTree:
+        Raises:
+          ValueError: a batch holds NaN or inf (naming the batch), or the
+            source yields no batches.
+        """
+        n = self.num_examples
+        bar = _progress(self.progress, n, desc)
+        count = 0
+        try:
+            for index, batch in enumerate(self.source):
+                check_finite(batch, f"data[batch {index}]")
+                size = leading_size(batch, f"data[batch {index}]")
+                yield index, self.place(batch), size / n
+                count += 1
+                bar.update(size)
+        finally:
+            bar.close()
+        if count == 0:
+            raise ValueError("The data stream yielded no batches.")
+
+    def matmat(self, vectors: PyTree, *, desc: str = "curvature products") -> PyTree:
         """``C v_k`` for every ``v_k`` along the leading axis of ``vectors``: one pass over the data."""
         check_matches(vectors, self.spec, "vectors", leading=1)
+        if self.mesh is not None:
+            vectors = replicate(vectors, self.mesh)
         total = None
-        for batch, weight in self._weights():
+        for _, batch, weight in self.batches(desc):
             term = self._block_sum(self.params, batch, vectors, weight)
             total = term if total is None else jax.tree.map(jnp.add, total, term)
         return total
@@ -164,7 +190,7 @@ class StreamingCurvature:
         if self.mesh is not None:
             acc = replicate(acc, self.mesh)
         cb = max(1, min(int(column_batch), p))
-        for batch, weight in self._weights():
+        for _, batch, weight in self.batches("dense curvature"):
             acc = self._dense_sum(self.params, batch, jnp.asarray(weight, self.spec.dtype), acc, cb)
         return 0.5 * (acc + acc.T)
 
@@ -182,6 +208,7 @@ def direct_from_stream(
     mesh=None,
     max_memory: int | None = None,
     column_batch: int = 128,
+    progress: bool = False,
 ) -> DirectState:
     """The state of :func:`jaxinf.direct` fitted on a stream, in one pass over the data.
 
@@ -201,6 +228,7 @@ def direct_from_stream(
       mesh: optional data mesh for the products.
       max_memory: bytes the dense matrices may use (default: free memory).
       column_batch: products computed at once per batch.
+      progress: show a tqdm progress bar (process 0 only).
 
     Raises:
       ValueError: the dense matrices would not fit (with the bytes needed).
@@ -229,7 +257,7 @@ def direct_from_stream(
             "Kronecker-factored solver."
         )
     curvature = StreamingCurvature(
-        loss_fn, params, source, kind=kind, model_fn=model_fn, output_loss=output_loss, mesh=mesh
+        loss_fn, params, source, kind=kind, model_fn=model_fn, output_loss=output_loss, mesh=mesh, progress=progress
     )
     dense = curvature.dense(column_batch=column_batch)
     eigvecs, eigvals, indices = [], [], []
@@ -241,3 +269,20 @@ def direct_from_stream(
         indices.append(jnp.asarray(idx))
     block_damping = tuple(layout.damping[layout.block_leaf_indices(b)[0]] for b in range(layout.num_blocks))
     return DirectState(tuple(eigvecs), tuple(eigvals), block_damping, tuple(indices), layout.spec, layout.block_names)
+
+
+class _NoBar:
+    def update(self, n):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress(enabled: bool, total: int, desc: str):
+    """A tqdm bar over ``total`` examples on process 0, else a stand-in that does nothing."""
+    if not enabled or jax.process_index() != 0:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="ex", unit_scale=True, desc=desc, leave=False, smoothing=0.1)

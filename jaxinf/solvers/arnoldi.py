@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxinf.curvature import CurvatureOperator
-from jaxinf.lowrank import LowRankState, check_operator, lowrank_solve, lowrank_validate, positive_int, score
+from jaxinf.lowrank import LowRankState, check_operator, lowrank_solve, lowrank_validate, positive_int, scorers
 from jaxinf.sketch import curvature_matvec
 from jaxinf.solvers.base import Solver
 
@@ -71,53 +71,77 @@ def arnoldi_iteration(matvec, size: int, krylov_dim: int, key: jax.Array, dtype)
       of shape ``(m + 1, m)`` with ``A Q[:m]ᵀ = Q[:m+1]ᵀ H``, and the number of
       restarts.
     """
+    carry = arnoldi_start(key, size, krylov_dim, dtype)
+    carry = jax.lax.fori_loop(0, krylov_dim, lambda j, c: arnoldi_step(c, j, matvec(c[0][j]).astype(dtype), key), carry)
+    q, h, _, breakdowns = carry
+    return q, h, breakdowns
+
+
+def _unit(x):
+    norm = jnp.linalg.norm(x)
+    return jnp.where(norm > 0, x / jnp.where(norm > 0, norm, 1.0), 0.0)
+
+
+def _orthogonalise(q, w):
+    h = q @ w
+    w = w - q.T @ h
+    h2 = q @ w
+    return w - q.T @ h2, h + h2
+
+
+def arnoldi_start(key: jax.Array, size: int, krylov_dim: int, dtype):
+    """The carry ``(Q, H, ‖A‖ estimate, breakdowns)`` before the first step of :func:`arnoldi_iteration`."""
     m, p = krylov_dim, size
-    eps = jnp.finfo(dtype).eps
-
-    def unit(x):
-        norm = jnp.linalg.norm(x)
-        return jnp.where(norm > 0, x / jnp.where(norm > 0, norm, 1.0), 0.0)
-
-    def orthogonalise(q, w):
-        h = q @ w
-        w = w - q.T @ h
-        h2 = q @ w
-        return w - q.T @ h2, h + h2
-
-    start = unit(jax.random.normal(key, (p,), dtype))
+    start = _unit(jax.random.normal(key, (p,), dtype))
     q = jnp.zeros((m + 1, p), dtype).at[0].set(start)
     h = jnp.zeros((m + 1, m), dtype)
+    return q, h, jnp.zeros((), dtype), jnp.zeros((), jnp.int32)
 
-    def body(j, carry):
-        q, h, anorm, breakdowns = carry
-        w = matvec(q[j]).astype(dtype)
-        anorm = jnp.maximum(anorm, jnp.linalg.norm(w))
-        w, col = orthogonalise(q, w)
-        beta = jnp.linalg.norm(w)
-        broke = beta <= jnp.sqrt(p) * eps * anorm
 
-        def restart(_):
-            fresh = jax.random.normal(jax.random.fold_in(key, j + 1), (p,), dtype)
-            fresh, _ = orthogonalise(q, unit(fresh))
-            fresh, _ = orthogonalise(q, unit(fresh))
-            return unit(fresh)
+def arnoldi_step(carry, j, w, key):
+    """Arnoldi step ``j`` given ``w = A Q[j]``: orthogonalise, extend ``Q`` and ``H`` (restart on breakdown).
 
-        nxt = jax.lax.cond(broke, restart, lambda _: w / jnp.where(broke, 1.0, beta), None)
-        h = h.at[:, j].set(col).at[j + 1, j].set(jnp.where(broke, 0.0, beta))
-        q = q.at[j + 1].set(nxt)
-        return q, h, anorm, breakdowns + broke.astype(jnp.int32)
+    :func:`arnoldi_iteration` runs it in a ``lax.fori_loop``; a host loop
+    that computes each ``w`` by a pass over a stream of batches
+    (:func:`jaxinf.scale.fit_from_stream`) gives the same basis.
+    """
+    q, h, anorm, breakdowns = carry
+    p = q.shape[1]
+    dtype = q.dtype
+    eps = jnp.finfo(dtype).eps
+    anorm = jnp.maximum(anorm, jnp.linalg.norm(w))
+    w, col = _orthogonalise(q, w)
+    beta = jnp.linalg.norm(w)
+    broke = beta <= jnp.sqrt(p) * eps * anorm
 
-    zero = jnp.zeros((), dtype)
-    q, h, _, breakdowns = jax.lax.fori_loop(0, m, body, (q, h, zero, jnp.zeros((), jnp.int32)))
-    return q, h, breakdowns
+    def restart(_):
+        fresh = jax.random.normal(jax.random.fold_in(key, j + 1), (p,), dtype)
+        fresh, _ = _orthogonalise(q, _unit(fresh))
+        fresh, _ = _orthogonalise(q, _unit(fresh))
+        return _unit(fresh)
+
+    nxt = jax.lax.cond(broke, restart, lambda _: w / jnp.where(broke, 1.0, beta), None)
+    h = h.at[:, j].set(col).at[j + 1, j].set(jnp.where(broke, 0.0, beta))
+    q = q.at[j + 1].set(nxt)
+    return q, h, anorm, breakdowns + broke.astype(jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnames=("rank", "krylov_dim", "negative"))
 def _fit(operator: CurvatureOperator, key, *, rank: int, krylov_dim: int, negative: str):
     """Arnoldi, Ritz pairs, selection and negative treatment, compiled once per operator structure."""
-    m = krylov_dim
-    dtype = operator.dtype
-    q, h, breakdowns = arnoldi_iteration(curvature_matvec(operator), operator.size, m, key, dtype)
+    q, h, breakdowns = arnoldi_iteration(curvature_matvec(operator), operator.size, krylov_dim, key, operator.dtype)
+    return ritz_state(q, h, breakdowns, operator.damping[0], operator.spec, rank=rank, negative=negative)
+
+
+def ritz_state(q, h, breakdowns, damping, spec, *, rank: int, negative: str) -> LowRankState:
+    """The Arnoldi solver's state from the basis ``Q`` and Hessenberg ``H`` of :func:`arnoldi_iteration`.
+
+    Symmetrises and diagonalises ``H[:m, :m]``, keeps the ``rank`` Ritz pairs
+    the ``negative`` option selects and treats their values accordingly
+    (``completion=False``; the factory sets its own).
+    """
+    m = h.shape[1]
+    dtype = q.dtype
     t = h[:m, :m]
     theta, s = jnp.linalg.eigh(0.5 * (t + t.T))
     order = jnp.argsort(-theta if negative == "clip" else -jnp.abs(theta))[:rank]
@@ -129,9 +153,9 @@ def _fit(operator: CurvatureOperator, key, *, rank: int, krylov_dim: int, negati
         basis=basis,
         eigvals=eigvals,
         raw_eigvals=theta,
-        damping=jnp.asarray(operator.damping[0], dtype),
+        damping=jnp.asarray(damping, dtype),
         extras={"ritz_residuals": ritz_residuals, "breakdowns": breakdowns},
-        spec=operator.spec,
+        spec=spec,
         completion=False,
         method="arnoldi",
         negative=negative,
@@ -201,13 +225,38 @@ def arnoldi(
     if projection_batch is not None:
         projection_batch = positive_int(projection_batch, "projection_batch")
 
-    def init(operator: CurvatureOperator, *, key=None) -> LowRankState:
+    def steps(operator) -> int:
         p = check_operator(operator, "arnoldi", rank)
         m = min(p, 2 * rank + 10) if krylov_dim is None else krylov_dim
         if m > p:
             raise ValueError(f"krylov_dim ({m}) exceeds the number of parameters ({p}); use krylov_dim <= {p}.")
+        return m
+
+    def init(operator: CurvatureOperator, *, key=None) -> LowRankState:
+        m = steps(operator)
         key = jax.random.key(0) if key is None else key
         state = _fit(operator, key, rank=rank, krylov_dim=m, negative=negative)
+        return dataclasses.replace(state, completion=completion)
+
+    def stream_init(stream, *, key=None) -> LowRankState:
+        """The same state from a stream: ``krylov_dim`` passes over the data, one product ``C q_j`` each.
+
+        The Arnoldi iteration is sequential (each product needs the previous
+        basis vector), so here the host loops over Krylov steps and, inside
+        each step, over the batches: ``krylov_dim`` reads of the data.
+        """
+        operator = stream.operator  # one batch: layout, damping, dtype (no products run)
+        m = steps(operator)
+        key = jax.random.key(0) if key is None else key
+        carry = arnoldi_start(key, operator.size, m, operator.dtype)
+        step = jax.jit(arnoldi_step)
+        for j in range(m):
+            w = stream.matvec(carry[0][j], desc=f"arnoldi {j + 1}/{m}")
+            carry = step(carry, j, w, key)
+        q, h, _, breakdowns = carry
+        state = jax.jit(ritz_state, static_argnames=("spec", "rank", "negative"))(
+            q, h, breakdowns, operator.damping[0], operator.spec, rank=rank, negative=negative
+        )
         return dataclasses.replace(state, completion=completion)
 
     def validate(state: LowRankState) -> None:
@@ -217,10 +266,15 @@ def arnoldi(
             "curvature='gauss_newton'.",
         )
 
-    def score_fn(state, operator, test_batch, train_batch):
-        return score(state, operator, test_batch, train_batch, projection_batch=projection_batch)
+    return Solver(
+        init=init,
+        solve=lowrank_solve,
+        validate=validate,
+        name="arnoldi",
+        advice=ADVICE,
+        **scorers(projection_batch),
+        stream_init=stream_init,
+    )
 
-    return Solver(init=init, solve=lowrank_solve, validate=validate, name="arnoldi", advice=ADVICE, score=score_fn)
 
-
-__all__ = ["arnoldi", "arnoldi_iteration", "NEGATIVE"]
+__all__ = ["arnoldi", "arnoldi_iteration", "arnoldi_start", "arnoldi_step", "ritz_state", "NEGATIVE"]

@@ -73,6 +73,18 @@ class Solver(NamedTuple):
         (``X`` and every ``SolveInfo`` field gain the same leading axis), for
         solvers with a genuinely blocked algorithm (e.g. block CG). When
         absent, use ``jax.vmap(solve, in_axes=(None, 0))``.
+      score_prepare, score_finish: optional two-stage form of ``score``:
+        ``score_prepare(state, operator, test_batch) -> prepared`` (a pytree:
+        the test side, computed once per test batch) and
+        ``score_finish(state, operator, prepared, train_batch) -> (n_test,
+        n_train)``, so that scoring one test batch against many training
+        batches does the test-side work once.
+      stream_init: optional ``stream_init(stream, *, key=None) -> state``
+        for solvers that can be fitted in a fixed number of passes over a
+        stream of batches too large for memory (``stream`` is a
+        :class:`jaxinf.scale.stream_fit.BatchStream`); the state equals
+        ``init`` on the same batches held in memory. Called by
+        :func:`jaxinf.scale.fit_from_stream`.
     """
 
     init: Callable[..., Any]
@@ -82,3 +94,6 @@ class Solver(NamedTuple):
     advice: str = ""
     score: Callable[..., Any] | None = None
     solve_many: Callable[[Any, Any], tuple[Any, SolveInfo]] | None = None
+    stream_init: Callable[..., Any] | None = None
+    score_prepare: Callable[..., Any] | None = None
+    score_finish: Callable[..., Any] | None = None

@@ -379,6 +379,12 @@ def ekfac(
         key = jax.random.key(0) if key is None else key
         return jax.jit(lambda op, k: _fit(plan, o_loss, op, k, damping_heuristic))(operator, key)
 
+    def stream_init(stream, *, key=None) -> KFACState:
+        """The same state from a stream: pass 1 (and, for EK-FAC, pass 2) as host loops over its batches."""
+        plan, o_loss = make_plan(stream.operator)
+        key = jax.random.key(0) if key is None else key
+        return _fit_stream(plan, o_loss, stream, key, damping_heuristic)
+
     def solve(state: KFACState, v):
         check_matches(v, state.plan.spec, "v")
         return _solve(state, v)
@@ -388,7 +394,17 @@ def ekfac(
 
     name = "ekfac" if update_diagonal else "kfac"
     advice = "Increase damping (or damping_heuristic); check the tagging report (print(state.tags))."
-    return Solver(init=init, solve=solve, validate=validate, name=name, advice=advice, score=score)
+    return Solver(
+        init=init,
+        solve=solve,
+        validate=validate,
+        name=name,
+        advice=advice,
+        score=score,
+        score_prepare=prepare_scores,
+        score_finish=finish_scores,
+        stream_init=stream_init,
+    )
 
 
 def kfac(**kwargs) -> Solver:
@@ -431,29 +447,29 @@ def _batch_statistics(plan: KFACPlan, output_loss, params_leaves, batch, key):
     return jax.vmap(one)(batch, keys)
 
 
-def _fit(plan: KFACPlan, output_loss, operator: CurvatureOperator, key, heuristic) -> KFACState:
+def _pass1(plan: KFACPlan, output_loss, params_leaves, batch, key) -> dict:
+    """Pass 1 on one batch (``key`` already folded with its index): mean ``A``, ``G`` and fallback statistics."""
     tags = plan.tags
     dtype = plan.factor_dtype
-    params_leaves = jax.tree.leaves(operator.params)
+    records, pert, diff = _batch_statistics(plan, output_loss, params_leaves, batch, key)
+    n = batch_size(batch)
+    out = {"A": [], "G": [], "F": []}
+    for layer in tags.layers:
+        a, g = jax.vmap(lambda r, p, L=layer: layer_matrices(L, r, p, dtype))(records, pert)
+        t = a.shape[1]
+        out["A"].append(jnp.einsum("nti,ntj->ij", a, a) / n)
+        out["G"].append(jnp.einsum("nkto,nktp->op", g, g) / (n * t))
+    for fb in tags.fallbacks:
+        gl = jnp.reshape(diff[fb.leaf], (n, -1, math.prod(tags.shapes[fb.leaf]))).astype(dtype)
+        if fb.method == "block":
+            out["F"].append(jnp.einsum("nki,nkj->ij", gl, gl) / n)
+        else:
+            out["F"].append(jnp.sum(gl * gl, axis=(0, 1)) / n)
+    return out
 
-    def pass1(batch, index):
-        records, pert, diff = _batch_statistics(plan, output_loss, params_leaves, batch, _batch_key(key, index))
-        n = batch_size(batch)
-        out = {"A": [], "G": [], "F": []}
-        for layer in tags.layers:
-            a, g = jax.vmap(lambda r, p, L=layer: layer_matrices(L, r, p, dtype))(records, pert)
-            t = a.shape[1]
-            out["A"].append(jnp.einsum("nti,ntj->ij", a, a) / n)
-            out["G"].append(jnp.einsum("nkto,nktp->op", g, g) / (n * t))
-        for fb in tags.fallbacks:
-            gl = jnp.reshape(diff[fb.leaf], (n, -1, math.prod(tags.shapes[fb.leaf]))).astype(dtype)
-            if fb.method == "block":
-                out["F"].append(jnp.einsum("nki,nkj->ij", gl, gl) / n)
-            else:
-                out["F"].append(jnp.sum(gl * gl, axis=(0, 1)) / n)
-        return out
 
-    stats = _weighted_sum(pass1, operator.data)
+def _eigenbases(stats: dict) -> tuple:
+    """Eigendecompositions of the summed ``A`` and ``G``: ``(λ_A, Q_A, λ_G, Q_G)``, lists per layer."""
     eig_a, vec_a, eig_g, vec_g = [], [], [], []
     for a, g in zip(stats["A"], stats["G"]):
         wa, qa = jnp.linalg.eigh(0.5 * (a + a.T))
@@ -462,33 +478,45 @@ def _fit(plan: KFACPlan, output_loss, operator: CurvatureOperator, key, heuristi
         vec_a.append(qa)
         eig_g.append(jnp.clip(wg, 0.0))
         vec_g.append(qg)
+    return eig_a, vec_a, eig_g, vec_g
 
+
+def _pass2(plan: KFACPlan, output_loss, params_leaves, vec_a, vec_g, batch, key) -> list:
+    """EK-FAC pass 2 on one batch: mean ``(Q_Aᵀ ∇_W ℓ_i Q_G)²`` per layer.
+
+    Called with the same ``key`` as :func:`_pass1` for this batch: ``Λ`` is then
+    exactly the diagonal of the same estimate in the eigenbasis.
+    """
+    dtype = plan.factor_dtype
+    records, pert, diff = _batch_statistics(plan, output_loss, params_leaves, batch, key)
+    n = batch_size(batch)
+    out = []
+    for layer, qa, qg in zip(plan.tags.layers, vec_a, vec_g):
+
+        def rotated(r, p, d, L=layer, qa=qa, qg=qg):
+            a, g = layer_matrices(L, r, p, dtype)
+            m = jnp.einsum("ti,kto->kio", a @ qa, g @ qg)
+            rest = rest_matrix(L, d, dtype)
+            if rest is not None:
+                m = m + jnp.einsum("ij,kjl,lo->kio", qa.T, rest, qg)
+            return jnp.sum(m * m, axis=0)
+
+        out.append(jnp.sum(jax.vmap(rotated)(records, pert, diff), axis=0) / n)
+    return out
+
+
+def _finish(plan: KFACPlan, stats: dict, bases: tuple, corrected, operator_damping, heuristic) -> KFACState:
+    """The state from the summed statistics, the eigenbases and (EK-FAC) the corrected eigenvalues."""
+    tags = plan.tags
+    dtype = plan.factor_dtype
+    eig_a, vec_a, eig_g, vec_g = bases
     if plan.update_diagonal:
-
-        def pass2(batch, index):
-            # the same draws as pass 1: Λ is then exactly the diagonal of the same estimate in the eigenbasis
-            records, pert, diff = _batch_statistics(plan, output_loss, params_leaves, batch, _batch_key(key, index))
-            n = batch_size(batch)
-            out = []
-            for layer, qa, qg in zip(tags.layers, vec_a, vec_g):
-
-                def rotated(r, p, d, L=layer, qa=qa, qg=qg):
-                    a, g = layer_matrices(L, r, p, dtype)
-                    m = jnp.einsum("ti,kto->kio", a @ qa, g @ qg)
-                    rest = rest_matrix(L, d, dtype)
-                    if rest is not None:
-                        m = m + jnp.einsum("ij,kjl,lo->kio", qa.T, rest, qg)
-                    return jnp.sum(m * m, axis=0)
-
-                out.append(jnp.sum(jax.vmap(rotated)(records, pert, diff), axis=0) / n)
-            return out
-
-        eigvals = list(_weighted_sum(pass2, operator.data)) if tags.layers else []
+        eigvals = list(corrected) if tags.layers else []
     else:
         eigvals = [wa[:, None] * wg[None, :] for wa, wg in zip(eig_a, eig_g)]
 
     def effective(leaf, values):
-        lam = operator.damping[leaf].astype(dtype)
+        lam = operator_damping[leaf].astype(dtype)
         if heuristic is None:
             return lam
         return jnp.where(lam > 0, lam, heuristic * jnp.mean(values))
@@ -516,6 +544,62 @@ def _fit(plan: KFACPlan, output_loss, operator: CurvatureOperator, key, heuristi
         tuple(fb_damp),
         plan,
     )
+
+
+def _fit(plan: KFACPlan, output_loss, operator: CurvatureOperator, key, heuristic) -> KFACState:
+    """The in-memory fit: both passes as :func:`_weighted_sum` sweeps of ``operator.data`` (inside one jit)."""
+    params_leaves = jax.tree.leaves(operator.params)
+    stats = _weighted_sum(
+        lambda batch, index: _pass1(plan, output_loss, params_leaves, batch, _batch_key(key, index)), operator.data
+    )
+    bases = _eigenbases(stats)
+    corrected = None
+    if plan.update_diagonal and plan.tags.layers:
+        _, vec_a, _, vec_g = bases
+        corrected = _weighted_sum(
+            lambda batch, index: _pass2(plan, output_loss, params_leaves, vec_a, vec_g, batch, _batch_key(key, index)),
+            operator.data,
+        )
+    return _finish(plan, stats, bases, corrected, operator.damping, heuristic)
+
+
+def _fit_stream(plan: KFACPlan, output_loss, stream, key, heuristic) -> KFACState:
+    """The streamed fit: the passes of :func:`_fit` as host loops, one jitted call per batch.
+
+    Each batch's statistics are added to a device-resident sum with weight
+    ``n_b / n`` (as :func:`_weighted_sum` does), with the key of its batch
+    index, so the state equals the in-memory fit on the same batches.
+    Compiled once per batch shape (a ragged last batch compiles once more).
+    """
+    operator = stream.operator
+    params_leaves = stream.replicate(jax.tree.leaves(operator.params))
+
+    def first_pass(leaves, batch, k):
+        return _pass1(plan, output_loss, leaves, batch, k)
+
+    def second_pass(leaves, batch, k, vec_a, vec_g):
+        return _pass2(plan, output_loss, leaves, vec_a, vec_g, batch, k)
+
+    def run(fn, desc, *args):
+        def step(total, leaves, batch, key, index, weight, *args):
+            term = fn(leaves, batch, _batch_key(key, index), *args)
+            return jax.tree.map(lambda s, t: s + weight * t, total, term)
+
+        step = jax.jit(step, donate_argnums=0)
+        total = stream.zeros(jax.eval_shape(fn, params_leaves, stream.first, key, *args))
+        for index, batch, weight in stream.batches(desc):
+            total = step(total, params_leaves, batch, key, index, weight, *args)
+        return total
+
+    passes = 2 if plan.update_diagonal and plan.tags.layers else 1
+    stats = run(first_pass, f"K-FAC factors, pass 1/{passes}")
+    bases = jax.jit(_eigenbases)(stats)
+    corrected = None
+    if passes == 2:
+        _, vec_a, _, vec_g = bases
+        corrected = run(second_pass, "EK-FAC eigenvalues, pass 2/2", vec_a, vec_g)
+    finish = jax.jit(lambda s, b, c, d: _finish(plan, s, b, c, d, heuristic))
+    return finish(stats, bases, corrected, operator.damping)
 
 
 # ----------------------------------------------------------------------------
@@ -604,26 +688,40 @@ def _test_gradients(loss_fn, params, batch):
 
 
 @jax.jit
+def prepare_scores(state: KFACState, operator: CurvatureOperator, test_batch):
+    """The test side of :func:`score`: factors ``(K + λ)⁻¹ ∇ℓ(test_i)`` (leading ``n_test``), once per test batch."""
+    test_grads = _test_gradients(state.plan.loss_fn, operator.params, test_batch)
+    return jax.vmap(_solve, in_axes=(None, 0))(state, test_grads)[0]
+
+
+def _by_layer(state: KFACState, operator: CurvatureOperator, factors, train_batch) -> dict:
+    plan = state.plan
+    return contract_by_layer(plan.score, operator.params, factors, train_batch, dtype=plan.factor_dtype)
+
+
+@jax.jit
+def finish_scores(state: KFACState, operator: CurvatureOperator, factors, train_batch):
+    """``(n_test, n_train)`` scores of a training batch against factors from :func:`prepare_scores`."""
+    return sum(_by_layer(state, operator, factors, train_batch).values()).astype(state.plan.spec.dtype)
+
+
+@jax.jit
 def influences_by_layer(state: KFACState, operator: CurvatureOperator, test_batch, train_batch) -> dict:
     """Influence scores split by layer: ``{name: (n_test, n_train)}``, summing to :func:`score`.
 
     Keys are the layer names of ``state.tags`` and the paths of fallback
     leaves. Each term is ``Σ_l ⟨(K + λ)⁻¹ ∇ℓ(test_i), ∇ℓ(train_j)⟩`` restricted
-    to that layer's parameters; the training gradients are never formed for
-    layers where contracting layer inputs and output gradients directly is
-    cheaper (one test point, or one location per example).
+    to that layer's parameters, contracted by :func:`jaxinf.layerwise.contract_by_layer`
+    (per-example training gradients are formed only for layers where that is
+    cheaper than contracting layer inputs and output gradients directly).
     """
-    plan = state.plan
-    test_grads = _test_gradients(plan.loss_fn, operator.params, test_batch)
-    factors, _ = jax.vmap(_solve, in_axes=(None, 0))(state, test_grads)
-    return contract_by_layer(plan.score, operator.params, factors, train_batch, dtype=plan.factor_dtype)
+    return _by_layer(state, operator, prepare_scores(state, operator, test_batch), train_batch)
 
 
 @jax.jit
 def score(state: KFACState, operator: CurvatureOperator, test_batch, train_batch):
     """``I[i, j] = ∇ℓ(test_i)ᵀ (K + λ)⁻¹ ∇ℓ(train_j)``, shape ``(n_test, n_train)``, contracted layer by layer."""
-    parts = influences_by_layer(state, operator, test_batch, train_batch)
-    return sum(parts.values()).astype(state.plan.spec.dtype)
+    return finish_scores(state, operator, prepare_scores(state, operator, test_batch), train_batch)
 
 
 __all__ = [
@@ -633,7 +731,9 @@ __all__ = [
     "approx_curvature_vp",
     "ekfac",
     "example_statistics",
+    "finish_scores",
     "influences_by_layer",
     "kfac",
+    "prepare_scores",
     "score",
 ]

@@ -41,9 +41,9 @@ from jaxinf.lowrank import (
     lowrank_solve,
     lowrank_validate,
     positive_int,
-    score,
+    scorers,
 )
-from jaxinf.sketch import nystrom_of_operator
+from jaxinf.sketch import NystromApproximation, nystrom_from_sketch, nystrom_of_operator, sketch_test_matrix
 from jaxinf.solvers.base import Solver
 
 ADVICE = (
@@ -108,18 +108,19 @@ def nystrom(
         check_concrete_positive(damping, "nystrom()", "the Woodbury inverse divides by λ")
         key = jax.random.key(0) if key is None else key
         approx = nystrom_of_operator(operator, rank, key, batch_size=sketch_batch)
-        return LowRankState(
-            basis=approx.basis,
-            eigvals=approx.eigvals,
-            raw_eigvals=approx.eigvals,
-            damping=jnp.asarray(damping, operator.dtype),
-            extras={"shift": approx.shift, "core_min_eigval": approx.core_min_eigval},
-            spec=operator.spec,
-            completion=completion,
-            method="nystrom",
-            negative="clip",
-            products=rank,
-        )
+        return nystrom_state(approx, damping, operator.spec, completion=completion)
+
+    def stream_init(stream, *, key=None) -> LowRankState:
+        """The same state from a stream: one pass, ``Y = C Ω`` accumulated batch by batch."""
+        operator = stream.operator  # one batch: layout, damping, dtype (no products run)
+        check_operator(operator, "nystrom", rank)
+        damping = operator.damping[0]
+        check_concrete_positive(damping, "nystrom()", "the Woodbury inverse divides by λ")
+        key = jax.random.key(0) if key is None else key
+        omega = sketch_test_matrix(key, operator.size, rank, operator.dtype)
+        sketch = stream.matmat(omega, desc="nystrom sketch")
+        approx = jax.jit(nystrom_from_sketch)(omega, sketch)
+        return nystrom_state(approx, damping, operator.spec, completion=completion)
 
     def solve(state: LowRankState, v):
         x, info = lowrank_solve(state, v)
@@ -142,10 +143,31 @@ def nystrom(
                 stacklevel=2,
             )
 
-    def score_fn(state, operator, test_batch, train_batch):
-        return score(state, operator, test_batch, train_batch, projection_batch=projection_batch)
+    return Solver(
+        init=init,
+        solve=solve,
+        validate=validate,
+        name="nystrom",
+        advice=ADVICE,
+        **scorers(projection_batch),
+        stream_init=stream_init,
+    )
 
-    return Solver(init=init, solve=solve, validate=validate, name="nystrom", advice=ADVICE, score=score_fn)
+
+def nystrom_state(approx: NystromApproximation, damping, spec, *, completion: bool) -> LowRankState:
+    """The Nyström solver's state from a fitted :class:`jaxinf.sketch.NystromApproximation`."""
+    return LowRankState(
+        basis=approx.basis,
+        eigvals=approx.eigvals,
+        raw_eigvals=approx.eigvals,
+        damping=jnp.asarray(damping, approx.basis.dtype),
+        extras={"shift": approx.shift, "core_min_eigval": approx.core_min_eigval},
+        spec=spec,
+        completion=completion,
+        method="nystrom",
+        negative="clip",
+        products=approx.basis.shape[-1],
+    )
 
 
-__all__ = ["nystrom"]
+__all__ = ["nystrom", "nystrom_state"]

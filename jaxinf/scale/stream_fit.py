@@ -1,0 +1,263 @@
+"""Fit a solver from a stream of batches: every solver whose fit is a fixed number of passes.
+
+:func:`fit_from_stream` fits ``solver`` on a collection read batch by batch
+(a :mod:`jaxinf.scale.sources` source: numpy arrays, memmaps, zarr, a grain
+pipeline) and returns the same state as ``solver.init(operator)`` on the same
+batches held in memory (float tolerance; the same random draws for the
+stochastic parts). Memory is one batch plus the solver's state and
+workspace, whatever the number of examples.
+
+Each pass is a host loop over the batches with one jitted call per batch
+(compiled once per batch shape; a ragged last batch compiles once more),
+accumulated as the size-weighted mean over examples, so a ragged last batch
+is exact. With ``mesh=`` every batch whose size divides the devices is
+sharded along its examples and the per-batch work runs data-parallel.
+
+===============  ===========================================================
+direct           one pass, ``p`` products per batch (:func:`direct_from_stream`).
+nystrom          one pass: the sketch ``Y = C Ω`` (``rank`` products per batch).
+arnoldi          ``krylov_dim`` passes, one product per batch each (the
+                 iteration is sequential).
+kfac             one pass: ``A``, ``G`` and fallback factor sums.
+ekfac            two passes: the factors, then the eigenvalue correction.
+cg, lissa, ...   not streamable (they iterate over the data inside ``lax``
+                 loops): fit on an in-memory subset or a sharded dataset.
+===============  ===========================================================
+
+A solver opts in through ``Solver.stream_init(stream, *, key=None)``, which
+receives a :class:`BatchStream`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxinf._tree import check_finite, ravel_batched, unravel
+from jaxinf.curvature import curvature_operator
+from jaxinf.scale.sharding import replicate
+from jaxinf.scale.sources import as_source
+from jaxinf.scale.streaming import StreamingCurvature, direct_from_stream
+from jaxinf.solvers.base import Solver
+
+PyTree = Any
+
+__all__ = ["BatchStream", "fit_from_stream"]
+
+_NOT_STREAMABLE = {
+    "cg": "cg() runs its iterations over the data inside a lax loop",
+    "lissa": "lissa() samples minibatches of the data inside a lax loop",
+}
+
+
+class BatchStream:
+    """What a solver's ``stream_init`` gets: passes over a source, and the layout of the problem.
+
+    Attributes:
+      operator: a :class:`jaxinf.CurvatureOperator` on the **first batch
+        only**, for the parameter layout, the resolved damping, the kind and
+        the loss functions (use it for shapes and options; never for
+        products, which would see one batch).
+      first: the first batch (host arrays), e.g. for ``jax.eval_shape``.
+      curvature: the :class:`StreamingCurvature` of the whole stream.
+      mesh: the data mesh or ``None``.
+      num_examples: examples in the stream.
+    """
+
+    def __init__(
+        self,
+        loss_fn: Callable | None,
+        params: PyTree,
+        data: Any,
+        *,
+        kind: str = "hessian",
+        damping: Any = 0.0,
+        blocks: Any = None,
+        model_fn: Callable | None = None,
+        output_loss: Callable | None = None,
+        mesh=None,
+        progress: bool = False,
+    ):
+        source = _checked_source(data, loss_fn, model_fn, params)
+        first = source.first()
+        self.first = first
+        self.operator = curvature_operator(
+            loss_fn,
+            params,
+            first,
+            kind=kind,
+            damping=damping,
+            blocks=blocks,
+            model_fn=model_fn,
+            output_loss=output_loss,
+        )
+        self.curvature = StreamingCurvature(
+            loss_fn, params, source, kind=kind, model_fn=model_fn, output_loss=output_loss, mesh=mesh, progress=progress
+        )
+        self.mesh = mesh
+
+    @property
+    def num_examples(self) -> int:
+        return self.curvature.num_examples
+
+    def batches(self, desc: str = "pass"):
+        """One pass: ``(index, batch, weight)``, batches placed on the mesh, ``weight = n_b / n``."""
+        return self.curvature.batches(desc)
+
+    def replicate(self, tree: PyTree) -> PyTree:
+        """``tree`` on every device of the mesh (unchanged without one)."""
+        return tree if self.mesh is None else replicate(tree, self.mesh)
+
+    def zeros(self, shapes: PyTree) -> PyTree:
+        """Zeros with the shapes and dtypes of ``shapes`` (``jax.ShapeDtypeStruct`` leaves), replicated."""
+        return self.replicate(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
+
+    def matmat(self, vectors: jax.Array, *, desc: str = "curvature products") -> jax.Array:
+        """``C V`` for raveled vectors ``V`` of shape ``(p, k)`` (columns): one pass."""
+        spec = self.operator.spec
+        tree = jax.vmap(lambda column: unravel(spec, column))(vectors.T)
+        return ravel_batched(self.curvature.matmat(tree, desc=desc), spec.dtype).T
+
+    def matvec(self, vector: jax.Array, *, desc: str = "curvature product") -> jax.Array:
+        """``C v`` for a raveled vector ``v`` of shape ``(p,)``: one pass."""
+        return self.matmat(vector[:, None], desc=desc)[:, 0]
+
+
+def _check_params(loss_fn, model_fn, params, batch) -> None:
+    fn = loss_fn if loss_fn is not None else model_fn
+    if fn is None:
+        return  # curvature_operator reports the missing functions
+    try:
+        jax.eval_shape(fn, params, batch)
+    except Exception as err:  # the model's own error, re-raised with the cause named
+        name = "loss_fn" if loss_fn is not None else "model_fn"
+        raise ValueError(
+            f"{name}(params, batch) fails on the first batch of the stream: {type(err).__name__}: {err}. Check that "
+            "params has the structure, shapes and dtypes the model expects, and that the batches match the model."
+        ) from err
+
+
+def fit_from_stream(
+    solver: Solver,
+    loss_fn: Callable | None,
+    params: PyTree,
+    data: Any,
+    *,
+    kind: str = "hessian",
+    damping: Any = 0.0,
+    blocks: Any = None,
+    model_fn: Callable | None = None,
+    output_loss: Callable | None = None,
+    mesh=None,
+    key: jax.Array | None = None,
+    progress: bool = True,
+    validate: bool = True,
+    max_memory: int | None = None,
+) -> PyTree:
+    """``solver``'s state fitted on a stream of batches, equal to ``solver.init`` on the same data in memory.
+
+    The curvature is that of the mean loss over every example of ``data``
+    (``C`` in ``(C + λI)⁻¹``; the same operator :func:`jaxinf.curvature_operator`
+    builds). Supported: ``direct`` (:func:`direct_from_stream`, one pass),
+    ``nystrom`` (one pass for the sketch ``Y = C Ω``), ``arnoldi``
+    (``krylov_dim`` passes: the Arnoldi iteration needs each product before
+    the next, so the host loops over Krylov steps and, within each, over the
+    data), ``kfac`` (one pass) and ``ekfac`` (two passes). The solver's own
+    configuration (rank, ``krylov_dim``, Fisher mode, damping heuristic, ...)
+    is used; ``key`` gives the same draws as ``solver.init(operator, key=key)``.
+
+    Use the state with the same solver: ``InfluenceCalculator(model,
+    state=state)`` for an :class:`jaxinf.InfluenceModel` built with this
+    solver, loss and damping (it need not be fitted), or ``solver.solve``.
+
+    Args:
+      solver: a solver from a factory (``jaxinf.ekfac(...)``, ``jaxinf.nystrom(r)``, ...).
+      loss_fn, params, kind, model_fn, output_loss, damping, blocks: as for
+        :func:`jaxinf.curvature_operator`.
+      data: a source (:class:`ArraySource`, :class:`IterableSource`, ...), one
+        batch or a list of batches. Every batch but the last has the same size.
+      mesh: optional data mesh (:func:`jaxinf.scale.data_mesh`): batches are
+        sharded along their examples (replicated when their size does not
+        divide the devices).
+      key: PRNG key for randomised fits (sketches, sampled Fisher labels);
+        ``None``: the solver's default.
+      progress: a tqdm progress bar per pass (process 0 only).
+      validate: run ``solver.validate(state)`` afterwards, as
+        :meth:`jaxinf.InfluenceModel.fit` does.
+      max_memory: for ``direct``, the bytes its dense matrices may use.
+
+    Returns:
+      The solver's state.
+
+    Raises:
+      ValueError: a solver that cannot be fitted from a stream (cg, lissa:
+        with what to do instead), an empty stream, NaN or inf in a batch
+        (naming it), params the loss cannot be evaluated with.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, numpy as np, jaxinf
+      >>> from jaxinf.scale import ArraySource, fit_from_stream
+      >>> x = np.random.default_rng(0).normal(size=(10, 3)); y = x @ np.ones((3, 1))
+      >>> params = {"w": jnp.zeros((3, 1)), "b": jnp.zeros(1)}
+      >>> loss = lambda p, b: 0.5 * jnp.mean(jnp.sum((b[0] @ p["w"] + p["b"] - b[1]) ** 2, -1))
+      >>> solver = jaxinf.ekfac(fisher="empirical")
+      >>> state = fit_from_stream(solver, loss, params, ArraySource((x, y), batch_size=4),
+      ...                         damping=0.1, progress=False)
+      >>> op = jaxinf.curvature_operator(loss, params, [(x[:4], y[:4]), (x[4:8], y[4:8]), (x[8:], y[8:])],
+      ...                                damping=0.1)
+      >>> bool(jnp.allclose(state.eigvals[0], solver.init(op).eigvals[0], rtol=1e-5))
+      True
+    """
+    if not isinstance(solver, Solver):
+        raise TypeError(f"fit_from_stream needs a jaxinf Solver (e.g. jaxinf.ekfac()), got {type(solver).__name__}.")
+    if solver.name == "direct":
+        state = direct_from_stream(
+            loss_fn,
+            params,
+            _checked_source(data, loss_fn, model_fn, params),
+            damping=damping,
+            kind=kind,
+            blocks=blocks,
+            model_fn=model_fn,
+            output_loss=output_loss,
+            mesh=mesh,
+            max_memory=max_memory,
+            progress=progress,
+        )
+    elif solver.stream_init is None:
+        why = _NOT_STREAMABLE.get(solver.name, f"{solver.name} has no streamed fit (Solver.stream_init)")
+        raise ValueError(
+            f"{why}, so it cannot be fitted from a stream. Fit it on an in-memory subset "
+            "(jaxinf.InfluenceModel(...).fit(subset)) or on data sharded over devices (jaxinf.scale.fit / "
+            "shard_operator); or fit a solver that streams: direct, nystrom, arnoldi, kfac or ekfac."
+        )
+    else:
+        stream = BatchStream(
+            loss_fn,
+            params,
+            data,
+            kind=kind,
+            damping=damping,
+            blocks=blocks,
+            model_fn=model_fn,
+            output_loss=output_loss,
+            mesh=mesh,
+            progress=progress,
+        )
+        state = solver.stream_init(stream, key=key)
+    if validate and solver.validate is not None:
+        solver.validate(state)
+    return state
+
+
+def _checked_source(data, loss_fn, model_fn, params):
+    source = as_source(data)
+    if source.num_examples < 1:
+        raise ValueError("The data stream holds no examples; nothing to fit.")
+    first = source.first()
+    check_finite(first, "data[batch 0]")
+    _check_params(loss_fn, model_fn, params, first)
+    return source
