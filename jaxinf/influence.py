@@ -162,6 +162,9 @@ class InfluenceModel:
         self._contract = jax.jit(lambda p, f, b, method: contract(loss_fn, p, f, b, method), static_argnums=3)
         self._perturb = jax.jit(lambda p, f, b, leaf: perturbation(loss_fn, p, f, b, leaf), static_argnums=3)
         self._score = jax.jit(solver.score) if solver.score is not None else None
+        prepare, finish = getattr(solver, "score_prepare", None), getattr(solver, "score_finish", None)
+        self._score_prepare = jax.jit(prepare) if prepare is not None and finish is not None else None
+        self._score_finish = jax.jit(finish) if self._score_prepare is not None else None
         self._profiles: dict = {}
 
     # ------------------------------------------------------------------ fit
@@ -332,6 +335,16 @@ class InfluenceModel:
         self._check_mode(mode)
         if train_data is None:
             train_data = test_data
+        if mode == "up" and self._score_prepare is not None:
+            rows = []
+            for tb in self._batches(test_data, "test_data"):
+                prepared = self._score_prepare(self.state, self.operator, tb)  # the test side, once per test batch
+                columns = [
+                    self._score_finish(self.state, self.operator, prepared, rb)
+                    for rb in self._batches(train_data, "train_data")
+                ]
+                rows.append(jnp.concatenate(columns, axis=1))
+            return jnp.concatenate(rows, axis=0)
         if mode == "up" and self._score is not None:
             return jnp.concatenate(
                 [

@@ -28,6 +28,7 @@ it is optional.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -51,6 +52,7 @@ __all__ = [
     "prepare_scores",
     "project",
     "score",
+    "scorers",
     "scoring_loss_fn",
     "with_damping",
 ]
@@ -329,6 +331,16 @@ def score(
     if batch_size(test_batch) <= batch_size(train_batch):
         return finish_scores(state, operator, prepare_scores(state, operator, test_batch, **kw), train_batch, **kw)
     return finish_scores(state, operator, prepare_scores(state, operator, train_batch, **kw), test_batch, **kw).T
+
+
+def scorers(projection_batch: int | None) -> dict:
+    """The ``score``, ``score_prepare`` and ``score_finish`` fields of a low-rank :class:`jaxinf.Solver`."""
+    kw = {"projection_batch": projection_batch}
+    return {
+        "score": functools.partial(score, **kw),
+        "score_prepare": functools.partial(prepare_scores, **kw),
+        "score_finish": functools.partial(finish_scores, **kw),
+    }
 
 
 def check_concrete_positive(damping, name: str, what: str) -> None:
