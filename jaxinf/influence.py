@@ -162,9 +162,9 @@ class InfluenceModel:
         self._contract = jax.jit(lambda p, f, b, method: contract(loss_fn, p, f, b, method), static_argnums=3)
         self._perturb = jax.jit(lambda p, f, b, leaf: perturbation(loss_fn, p, f, b, leaf), static_argnums=3)
         self._score = jax.jit(solver.score) if solver.score is not None else None
-        prepare, finish = getattr(solver, "score_prepare", None), getattr(solver, "score_finish", None)
-        self._score_prepare = jax.jit(prepare) if prepare is not None and finish is not None else None
-        self._score_finish = jax.jit(finish) if self._score_prepare is not None else None
+        two_stage = solver.score_prepare is not None and solver.score_finish is not None
+        self._score_prepare = jax.jit(solver.score_prepare) if two_stage else None
+        self._score_finish = jax.jit(solver.score_finish) if two_stage else None
         self._profiles: dict = {}
 
     # ------------------------------------------------------------------ fit
