@@ -41,39 +41,9 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-D_IN, CLASSES = 32, 10
+sys.path.insert(0, HERE)
 
-
-def _rss_mb(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS
-        return True
-    except OSError:
-        return False
-
-
-def write_data(directory: str, n: int, seed: int = 0, chunk: int = 1 << 16) -> None:
-    """``n`` examples of a noisy linear teacher, as raw ``x.f32`` (n × 32) and ``y.i32``, in chunks."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    teacher = rng.standard_normal((D_IN, CLASSES)).astype(np.float32)
-    with open(os.path.join(directory, "x.f32"), "wb") as fx, open(os.path.join(directory, "y.i32"), "wb") as fy:
-        for start in range(0, n, chunk):
-            m = min(chunk, n - start)
-            x = rng.standard_normal((m, D_IN)).astype(np.float32)
-            logits = x @ teacher + 0.5 * rng.standard_normal((m, CLASSES)).astype(np.float32)
-            x.tofile(fx)
-            np.argmax(logits, axis=1).astype(np.int32).tofile(fy)
+from bench_scale import CLASSES, D_IN, _reset_peak, _rss_mb, write_data  # noqa: E402  (the same data and RSS probes)
 
 
 class MappedRows:
@@ -100,7 +70,6 @@ class MappedRows:
 
 
 def child(args: dict) -> dict:
-    sys.path.insert(0, HERE)
     import common
     import jax
     import numpy as np
@@ -109,7 +78,9 @@ def child(args: dict) -> dict:
     from jaxinf import scale
 
     n, batch, data = args["n"], args["batch"], args["data"]
-    problem = common.mlp_problem(4096, 10, d_in=D_IN, widths=tuple(args["widths"]), classes=CLASSES)
+    problem = common.mlp_problem(
+        args["fit_n"], 10, d_in=D_IN, widths=tuple(args["widths"]), classes=CLASSES, train_steps=args["train_steps"]
+    )
     solver = jaxinf.ekfac(fisher="sampled", likelihood="categorical")
     key = jax.random.key(0)
     common_kw = dict(kind="gauss_newton", damping=1e-3, model_fn=problem.model_fn, output_loss=problem.output_loss)
@@ -186,12 +157,14 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--batch", type=int, default=1024)
     parser.add_argument("--widths", type=int, nargs="+", default=[128, 128])
     parser.add_argument("--modes", nargs="+", choices=["stream", "memory"], default=["stream", "memory"])
+    parser.add_argument("--fit-n", type=int, default=4096, help="points the model is trained on")
+    parser.add_argument("--train-steps", type=int, default=200, help="Adam steps training the model")
+    parser.add_argument("--inline", action="store_true", help="run the rows in this process (smoke tests)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
         return []
-    sys.path.insert(0, HERE)
     import common
 
     sizes = sorted({int(s) for s in args.sizes} | ({10**6} if args.large else set()))
@@ -202,8 +175,17 @@ def main(argv=None) -> list[dict]:
             os.makedirs(data)
             write_data(data, n)
             for mode in args.modes:
-                spec = {"n": n, "batch": args.batch, "mode": mode, "data": data, "out": tmp, "widths": args.widths}
-                row = run_child(spec)
+                spec = {
+                    "n": n,
+                    "batch": args.batch,
+                    "mode": mode,
+                    "data": data,
+                    "out": tmp,
+                    "widths": args.widths,
+                    "fit_n": args.fit_n,
+                    "train_steps": args.train_steps,
+                }
+                row = child(spec) if args.inline else run_child(spec)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
             if len(args.modes) == 2:

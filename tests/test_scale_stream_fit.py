@@ -1,5 +1,8 @@
 """Solvers fitted from a stream (jaxinf.scale.fit_from_stream) equal ``init`` on the same batches in memory."""
 
+import importlib.util
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -182,8 +185,8 @@ def test_direct():
 def test_eight_devices_equal_one():
     mesh = scale.data_mesh()
     assert mesh.size == 8
-    problem = models.cnn_problem(n_train=19, n_test=3)  # batches of 8, 8 (sharded) and 3 (replicated)
-    solver = jaxinf.ekfac(fisher="sampled", likelihood="categorical")
+    problem = models.mlp_problem("linen", n_train=19, n_test=3)  # batches of 8, 8 (sharded) and 3 (replicated)
+    solver = jaxinf.ekfac(fisher="sampled", likelihood="categorical")  # the two outputs read as logits
     key = jax.random.key(11)
     source = array_source(problem.train, 8)
     one = streamed(solver, problem, source, kind="gauss_newton", damping=0.0, key=key)
@@ -265,3 +268,18 @@ def test_bad_input(small):
     x[0, 0] = np.inf
     with pytest.raises(ValueError, match="data\\[batch 0\\].*NaN or inf"):
         scale.fit_from_stream(solver, small.loss_fn, small.params, scale.ArraySource((x, y), 4), progress=False)
+
+
+def test_benchmark_smoke(tmp_path, monkeypatch):
+    bench_dir = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
+    monkeypatch.syspath_prepend(bench_dir)
+    spec = importlib.util.spec_from_file_location("bench_stream_fit", os.path.join(bench_dir, "bench_stream_fit.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    import common
+
+    monkeypatch.setattr(common, "RESULTS", str(tmp_path))
+    rows = bench.main("--inline --sizes 300 --batch 128 --widths 4 --fit-n 64 --train-steps 1".split())
+    assert [r["mode"] for r in rows] == ["stream", "memory"]
+    assert all(r["N"] == 300 and r["fit_s"] > 0 and r["max_rel_diff"] < 1e-5 for r in rows)
+    assert (tmp_path / "stream_fit.json").exists()

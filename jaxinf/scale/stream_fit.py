@@ -213,19 +213,18 @@ def fit_from_stream(
     """
     if not isinstance(solver, Solver):
         raise TypeError(f"fit_from_stream needs a jaxinf Solver (e.g. jaxinf.ekfac()), got {type(solver).__name__}.")
+    options = dict(
+        kind=kind,
+        damping=damping,
+        blocks=blocks,
+        model_fn=model_fn,
+        output_loss=output_loss,
+        mesh=mesh,
+        progress=progress,
+    )
     if solver.name == "direct":
         state = direct_from_stream(
-            loss_fn,
-            params,
-            _checked_source(data, loss_fn, model_fn, params),
-            damping=damping,
-            kind=kind,
-            blocks=blocks,
-            model_fn=model_fn,
-            output_loss=output_loss,
-            mesh=mesh,
-            max_memory=max_memory,
-            progress=progress,
+            loss_fn, params, _checked_source(data, loss_fn, model_fn, params), **options, max_memory=max_memory
         )
     elif solver.stream_init is None:
         why = _NOT_STREAMABLE.get(solver.name, f"{solver.name} has no streamed fit (Solver.stream_init)")
@@ -235,18 +234,7 @@ def fit_from_stream(
             "shard_operator); or fit a solver that streams: direct, nystrom, arnoldi, kfac or ekfac."
         )
     else:
-        stream = BatchStream(
-            loss_fn,
-            params,
-            data,
-            kind=kind,
-            damping=damping,
-            blocks=blocks,
-            model_fn=model_fn,
-            output_loss=output_loss,
-            mesh=mesh,
-            progress=progress,
-        )
+        stream = BatchStream(loss_fn, params, data, **options)
         state = solver.stream_init(stream, key=key)
     if validate and solver.validate is not None:
         solver.validate(state)
