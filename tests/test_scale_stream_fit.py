@@ -2,6 +2,7 @@
 
 import importlib.util
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -119,6 +120,21 @@ def test_ekfac_gauss_newton_operator_without_loss_fn():
     got = streamed(solver, problem, iterable_source(problem.train), kind="gauss_newton", damping=0.05, loss=False)
     compare_kfac(got, expected)
     assert_same_solves(solver, got, expected, problem, 1e-10)
+
+
+@pytest.mark.parametrize("devices", [1, 8])
+def test_ekfac_example_chunks(monkeypatch, devices):
+    """Pass 2 forms its per-example temporaries a few examples at a time: same state as one chunk."""
+    problem = models.mlp_problem("linen", n_train=19)
+    solver = jaxinf.ekfac(fisher="sampled", likelihood="categorical")
+    key = jax.random.key(4)
+    mesh = scale.data_mesh() if devices > 1 else None
+    expected = in_memory(solver, problem, kind="gauss_newton", damping=0.0, key=key, size=8)  # 8, 8, 3: one chunk
+    monkeypatch.setattr(sys.modules["jaxinf.solvers.kfac"], "EXAMPLE_CHUNK", 3)  # 8 = 2 parts of 3 + a tail of 2
+    got = streamed(
+        solver, problem, array_source(problem.train, 8), kind="gauss_newton", damping=0.0, key=key, mesh=mesh
+    )
+    compare_kfac(got, expected)
 
 
 # ----------------------------------------------------------------------------

@@ -74,6 +74,7 @@ PyTree = Any
 FISHER_MODES = ("auto", "sampled", "exact", "empirical")
 LIKELIHOODS = (None, "categorical", "gaussian")
 MAX_EXACT_OUTPUTS = 4096
+EXAMPLE_CHUNK = 128  # examples whose EK-FAC pass-2 temporaries are formed at once
 
 
 # ----------------------------------------------------------------------------
@@ -432,11 +433,14 @@ def _batch_key(key, index):
     return jax.random.fold_in(key, index)
 
 
-def _batch_statistics(plan: KFACPlan, output_loss, params_leaves, batch, key):
-    """Per example of ``batch`` (vmapped): records, output gradients, rest gradients."""
+def _batch_statistics(plan: KFACPlan, output_loss, params_leaves, batch, key, indices=None):
+    """Per example of ``batch`` (vmapped): records, output gradients, rest gradients.
+
+    Example ``i`` draws with ``fold_in(key, indices[i])`` (default: its position ``i``).
+    """
     tracer = plan.fit
-    n = batch_size(batch)
-    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(n))
+    indices = jnp.arange(batch_size(batch)) if indices is None else indices
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(indices)
 
     def one(example, k):
         batch1 = add_example_axis(example)
@@ -481,28 +485,57 @@ def _eigenbases(stats: dict) -> tuple:
     return eig_a, vec_a, eig_g, vec_g
 
 
+def _sum_in_chunks(fn: Callable, batch, chunk: int):
+    """``Σ fn(part, indices)`` over parts of ``batch`` of ``chunk`` examples, in a ``lax.map``.
+
+    Bounds the per-example temporaries to ``chunk`` examples. Part ``j`` holds
+    the examples ``j, j + s, j + 2s, ...`` (``s`` parts), so a batch sharded
+    along its examples stays sharded in every part; ``indices`` are the
+    examples' positions in ``batch``. Examples past the last full part are
+    summed after the map.
+    """
+    n = batch_size(batch)
+    steps = n // chunk
+    if steps < 2:
+        return fn(batch, jnp.arange(n))
+    m = steps * chunk
+    parts = jax.tree.map(lambda a: jnp.swapaxes(a[:m].reshape(chunk, steps, *a.shape[1:]), 0, 1), batch)
+    indices = jnp.arange(m).reshape(chunk, steps).T
+    total = jax.tree.map(lambda t: jnp.sum(t, axis=0), jax.lax.map(lambda xs: fn(*xs), (parts, indices)))
+    if m < n:
+        rest = fn(jax.tree.map(lambda a: a[m:], batch), jnp.arange(m, n))
+        total = jax.tree.map(jnp.add, total, rest)
+    return total
+
+
 def _pass2(plan: KFACPlan, output_loss, params_leaves, vec_a, vec_g, batch, key) -> list:
     """EK-FAC pass 2 on one batch: mean ``(Q_Aᵀ ∇_W ℓ_i Q_G)²`` per layer.
 
     Called with the same ``key`` as :func:`_pass1` for this batch: ``Λ`` is then
-    exactly the diagonal of the same estimate in the eigenbasis.
+    exactly the diagonal of the same estimate in the eigenbasis. The rotated
+    per-example gradients (``d_in+1 × d_out`` per example and layer) are formed
+    :data:`EXAMPLE_CHUNK` examples at a time.
     """
     dtype = plan.factor_dtype
-    records, pert, diff = _batch_statistics(plan, output_loss, params_leaves, batch, key)
+
+    def sums(part, indices):
+        records, pert, diff = _batch_statistics(plan, output_loss, params_leaves, part, key, indices)
+        out = []
+        for layer, qa, qg in zip(plan.tags.layers, vec_a, vec_g):
+
+            def rotated(r, p, d, L=layer, qa=qa, qg=qg):
+                a, g = layer_matrices(L, r, p, dtype)
+                m = jnp.einsum("ti,kto->kio", a @ qa, g @ qg)
+                rest = rest_matrix(L, d, dtype)
+                if rest is not None:
+                    m = m + jnp.einsum("ij,kjl,lo->kio", qa.T, rest, qg)
+                return jnp.sum(m * m, axis=0)
+
+            out.append(jnp.sum(jax.vmap(rotated)(records, pert, diff), axis=0))
+        return out
+
     n = batch_size(batch)
-    out = []
-    for layer, qa, qg in zip(plan.tags.layers, vec_a, vec_g):
-
-        def rotated(r, p, d, L=layer, qa=qa, qg=qg):
-            a, g = layer_matrices(L, r, p, dtype)
-            m = jnp.einsum("ti,kto->kio", a @ qa, g @ qg)
-            rest = rest_matrix(L, d, dtype)
-            if rest is not None:
-                m = m + jnp.einsum("ij,kjl,lo->kio", qa.T, rest, qg)
-            return jnp.sum(m * m, axis=0)
-
-        out.append(jnp.sum(jax.vmap(rotated)(records, pert, diff), axis=0) / n)
-    return out
+    return [t / n for t in _sum_in_chunks(sums, batch, EXAMPLE_CHUNK)]
 
 
 def _finish(plan: KFACPlan, stats: dict, bases: tuple, corrected, operator_damping, heuristic) -> KFACState:
