@@ -125,8 +125,9 @@ def test_ragged_batches_jit_and_no_retrace():
     solve = jax.jit(solver.solve)
     rhs = _rhs(p.params, 2)
     x0, _ = solve(state, jax.tree.map(lambda a: a[0], rhs))
+    compiled = solve._cache_size()  # jit caches per function: other tests may have compiled lowrank_solve too
     solve(state, jax.tree.map(lambda a: a[1], rhs))
-    assert solve._cache_size() == 1
+    assert solve._cache_size() == compiled
     xr, _ = solve(ref_state, jax.tree.map(lambda a: a[0], rhs))
     np.testing.assert_allclose(ravel(x0), ravel(xr), rtol=1e-7, atol=1e-9)
 
