@@ -166,6 +166,7 @@ class InfluenceModel:
         self._score_prepare = jax.jit(solver.score_prepare) if two_stage else None
         self._score_finish = jax.jit(solver.score_finish) if two_stage else None
         self._profiles: dict = {}
+        self._stream: dict | None = None
 
     # ------------------------------------------------------------------ fit
     @property
@@ -174,9 +175,11 @@ class InfluenceModel:
 
     @damping.setter
     def damping(self, value):
-        """Changing the damping of a fitted model refits it on the same data."""
+        """Changing the damping of a fitted model refits it on the same data (streamed again if it was streamed)."""
         self._damping = value
-        if self.operator is not None:
+        if self._stream is not None:
+            self.fit_from_stream(self._stream["data"], key=self._fit_key, **self._stream["options"])
+        elif self.operator is not None:
             self._fit_operator(self.operator.with_damping(value), self._fit_key)
 
     @property
@@ -196,6 +199,51 @@ class InfluenceModel:
           ``self``, fitted.
         """
         self._fit_operator(self.operator_for(train_data), key)
+        self._stream = None
+        return self
+
+    def fit_from_stream(self, data: Any, key: jax.Array | None = None, *, mesh=None, progress: bool = True):
+        """Fit on a collection read batch by batch (larger than memory), as :func:`jaxinf.scale.fit_from_stream`.
+
+        The state equals ``fit`` on the same batches held in memory (same
+        draws for the same ``key``); memory is one batch plus the solver's
+        state. Supported for ``direct``, ``nystrom``, ``arnoldi``, ``kfac`` and
+        ``ekfac``; others raise with what to do instead.
+
+        Args:
+          data: a source of :mod:`jaxinf.scale` (``ArraySource`` over
+            arrays, memmaps or zarr; ``IterableSource`` over a pipeline), or
+            a list of batches.
+          key: PRNG key for randomised fits.
+          mesh: optional data mesh: each batch is sharded along its examples.
+          progress: a tqdm bar per pass over the data.
+
+        Returns:
+          ``self``, fitted. Changing ``damping`` afterwards streams the data again.
+        """
+        from jaxinf.scale.sources import as_source
+        from jaxinf.scale.stream_fit import fit_from_stream
+
+        source = as_source(data)
+        state = fit_from_stream(
+            self.solver,
+            self.loss_fn,
+            self.params,
+            source,
+            kind=self.curvature,
+            damping=self._damping,
+            blocks=self.blocks,
+            model_fn=self.model_fn,
+            output_loss=self.output_loss,
+            mesh=mesh,
+            key=key,
+            progress=progress,
+        )
+        # The operator is only read for the parameters, the loss and the layout when scoring: one batch of it.
+        self.operator, self.state = self.operator_for(source.first()), state
+        self.n_train = source.num_examples
+        self._fit_key = key
+        self._stream = {"data": source, "options": {"mesh": mesh, "progress": progress}}
         return self
 
     def operator_for(self, train_data: Any) -> CurvatureOperator:

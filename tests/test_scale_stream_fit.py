@@ -236,6 +236,37 @@ def test_state_scores_through_the_calculator(tmp_path):
     np.testing.assert_allclose(out[:], reference, rtol=1e-9, atol=1e-10 * np.abs(reference).max())
 
 
+@pytest.mark.parametrize("name", ["nystrom", "ekfac"])
+def test_influence_model_fit_from_stream(name):
+    """model.fit_from_stream: influences equal model.fit on the same batches; a new damping streams again."""
+    problem = models.logistic_problem(n_train=23, n_test=4)
+    solver = {"nystrom": lambda: jaxinf.nystrom(5), "ekfac": lambda: jaxinf.ekfac(fisher="exact")}[name]()
+
+    def model():
+        return jaxinf.InfluenceModel(
+            problem.loss_fn,
+            problem.params,
+            solver,
+            damping=0.05,
+            curvature="gauss_newton",
+            model_fn=problem.model_fn,
+            output_loss=problem.output_loss,
+        )
+
+    key = jax.random.key(3)
+    in_memory_model = model().fit(batches_of(problem.train), key=key)
+    stream_model = model().fit_from_stream(array_source(problem.train), key=key, progress=False)
+    assert stream_model.n_train == 23
+    reference = np.asarray(in_memory_model.influences(problem.test, problem.train))
+    got = np.asarray(stream_model.influences(problem.test, batches_of(problem.train)))
+    np.testing.assert_allclose(got, reference, rtol=1e-9, atol=1e-10 * np.abs(reference).max())
+    in_memory_model.damping = 0.2
+    stream_model.damping = 0.2  # refits from the whole stream, not from the one batch the operator holds
+    reference = np.asarray(in_memory_model.influences(problem.test, problem.train))
+    got = np.asarray(stream_model.influences(problem.test, problem.train))
+    np.testing.assert_allclose(got, reference, rtol=1e-9, atol=1e-10 * np.abs(reference).max())
+
+
 def test_float32():
     p32 = models.mlp_problem("plain", dtype=jnp.float32)
     p64 = models.mlp_problem("plain")
