@@ -169,11 +169,12 @@ def child(args: dict) -> dict:
     return row
 
 
-def run_child(args: dict) -> dict:
+def run_child(args: dict, script: str = __file__) -> dict:
+    """Run ``script --child args`` in a fresh process (its own devices and peak memory); its last stdout line."""
     env = {**os.environ, "PYTHONPATH": os.path.dirname(HERE) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     env.pop("XLA_FLAGS", None)
     proc = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--child", json.dumps(args)],
+        [sys.executable, os.path.abspath(script), "--child", json.dumps(args)],
         env=env,
         capture_output=True,
         text=True,

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,6 +43,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 from bench_scale import CLASSES, D_IN, _reset_peak, _rss_mb, write_data  # noqa: E402  (the same data and RSS probes)
+from bench_scale import run_child as scale_child  # noqa: E402
 
 
 class MappedRows:
@@ -130,17 +130,7 @@ def child(args: dict) -> dict:
 
 
 def run_child(args: dict) -> dict:
-    env = {**os.environ, "PYTHONPATH": os.path.dirname(HERE) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    env.pop("XLA_FLAGS", None)  # one device
-    proc = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--child", json.dumps(args)],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    if proc.returncode:
-        raise RuntimeError(f"child {args} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return scale_child(args, __file__)
 
 
 def max_rel_diff(out: str, n: int) -> float:

@@ -7,7 +7,8 @@ import sys
 BENCH = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
 
 
-def test_bench_scale_smoke(tmp_path, monkeypatch):
+def load_bench(tmp_path, monkeypatch):
+    """benchmarks/bench_scale.py as a module, writing its results under ``tmp_path``."""
     sys.path.insert(0, BENCH)
     spec = importlib.util.spec_from_file_location("bench_scale", os.path.join(BENCH, "bench_scale.py"))
     bench = importlib.util.module_from_spec(spec)
@@ -15,6 +16,11 @@ def test_bench_scale_smoke(tmp_path, monkeypatch):
     import common
 
     monkeypatch.setattr(common, "RESULTS", str(tmp_path))
+    return bench
+
+
+def test_bench_scale_smoke(tmp_path, monkeypatch):
+    bench = load_bench(tmp_path, monkeypatch)
     argv = "--only scaling --inline --sizes 300 --batch 64 --n-test 5 --widths 4 --fit-n 64 --train-steps 1"
     results = bench.main(argv.split())
     (row,) = results["scaling"]
@@ -24,13 +30,7 @@ def test_bench_scale_smoke(tmp_path, monkeypatch):
 
 
 def test_bench_scale_pick_smoke(tmp_path, monkeypatch):
-    sys.path.insert(0, BENCH)
-    spec = importlib.util.spec_from_file_location("bench_scale", os.path.join(BENCH, "bench_scale.py"))
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    import common
-
-    monkeypatch.setattr(common, "RESULTS", str(tmp_path))
+    bench = load_bench(tmp_path, monkeypatch)
     monkeypatch.setattr(bench, "PICK_CASES", [bench.PICK_CASES[0], bench.PICK_CASES[-1]])
     rows = bench.main("--only pick --repeats 1 --pick-scale 0.05".split())["pick"]
     assert [r["model"].split()[0] for r in rows] == ["mlp", "cnn"]
