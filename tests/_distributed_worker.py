@@ -3,7 +3,8 @@
 Usage: python -m tests._distributed_worker PROCESS_ID NUM_PROCESSES PORT OUT_DIR
 
 Each process reads only its own half of the training data, fits the direct
-solver collectively (gloo CPU collectives), saves the state, and writes its
+solver collectively (gloo CPU collectives), saves the state, fits direct and
+EK-FAC from a stream of its own batches (saving their solves), and writes its
 columns of the influence matrix to OUT_DIR/store; the first run is
 interrupted after two blocks and resumed.
 """
@@ -12,10 +13,12 @@ import os
 import sys
 
 import jax
+import jax.flatten_util
 import numpy as np
 
 import jaxinf
 from jaxinf import scale
+from jaxinf.data import add_example_axis
 from tests import models
 
 N_TRAIN, N_TEST, BATCH, DAMPING = 24, 5, 4, 0.05
@@ -32,6 +35,15 @@ def reference_model(problem):
         model_fn=problem.model_fn,
         output_loss=problem.output_loss,
     )
+
+
+def stream_solvers() -> dict:
+    return {"direct": jaxinf.direct(), "ekfac": jaxinf.ekfac(fisher="exact")}
+
+
+def test_gradients(problem):
+    """Per-example gradients of the test points (the right-hand sides of the streamed solves)."""
+    return jax.vmap(lambda ex: jax.grad(problem.loss_fn)(problem.params, add_example_axis(ex)))(problem.test)
 
 
 class Interrupt(Exception):
@@ -51,6 +63,26 @@ def main(process_id: int, num_processes: int, port: int, out_dir: str) -> None:
     model = reference_model(problem)
     scale.fit(model, list(mine), mesh)
     scale.save_state(os.path.join(out_dir, "state.npz"), model.state, solver=model.solver)
+
+    # Fits from a stream: each process streams only its own rows; the solves equal one process fitting all rows.
+    rhs = scale.replicate(test_gradients(problem), mesh)
+    for name, solver in stream_solvers().items():
+        state = scale.fit_from_stream(
+            solver,
+            None,
+            problem.params,
+            mine,
+            kind="gauss_newton",
+            damping=DAMPING,
+            model_fn=problem.model_fn,
+            output_loss=problem.output_loss,
+            mesh=mesh,
+            progress=False,
+            max_memory=1 << 30,
+        )
+        solves = jax.jit(jax.vmap(solver.solve, in_axes=(None, 0)))(state, rhs)[0]
+        flat = jax.vmap(lambda t: jax.flatten_util.ravel_pytree(t)[0])(solves)
+        np.save(os.path.join(out_dir, f"stream-{name}-{process_id}.npy"), np.asarray(scale.host_view(flat)))
 
     calc = scale.InfluenceCalculator(model, mesh=mesh, test_block=2, progress=False)
     path = os.path.join(out_dir, "store")

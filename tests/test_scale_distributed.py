@@ -15,6 +15,7 @@ import jax.flatten_util
 import numpy as np
 import pytest
 
+import jaxinf
 from jaxinf import scale
 from tests import _distributed_worker as worker
 from tests import models
@@ -74,3 +75,21 @@ def test_two_processes_match_one(tmp_path):
         np.asarray(jax.flatten_util.ravel_pytree(model.solver.solve(model.state, x)[0])[0]),
         rtol=1e-9,
     )
+
+    # Streamed fits (each process streamed only its rows) solve like one process fitting all rows in memory.
+    for name, solver in worker.stream_solvers().items():
+        op = jaxinf.curvature_operator(
+            None,
+            problem.params,
+            problem.train,
+            kind="gauss_newton",
+            damping=worker.DAMPING,
+            model_fn=problem.model_fn,
+            output_loss=problem.output_loss,
+        )
+        single = solver.init(op)
+        expected = jax.vmap(solver.solve, in_axes=(None, 0))(single, worker.test_gradients(problem))[0]
+        expected = np.asarray(jax.vmap(lambda t: jax.flatten_util.ravel_pytree(t)[0])(expected))
+        for k in range(2):
+            got = np.load(tmp_path / f"stream-{name}-{k}.npy")
+            np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-10 * np.abs(expected).max(), err_msg=name)

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 
 from jaxinf._tree import check_finite, ravel_batched, unravel
 from jaxinf.curvature import curvature_operator
-from jaxinf.scale.sharding import replicate
+from jaxinf.scale.sharding import host_view, replicate
 from jaxinf.scale.sources import as_source
 from jaxinf.scale.streaming import StreamingCurvature, direct_from_stream
 from jaxinf.solvers.base import Solver
@@ -237,7 +237,7 @@ def fit_from_stream(
         stream = BatchStream(loss_fn, params, data, **options)
         state = solver.stream_init(stream, key=key)
     if validate and solver.validate is not None:
-        solver.validate(state)
+        solver.validate(host_view(state))  # multi-process states are global arrays: check this process's copy
     return state
 
 

@@ -46,7 +46,7 @@ import numpy as np
 from jaxinf._tree import check_finite, check_matches, ravel, tree_spec, unravel
 from jaxinf.curvature import CURVATURES, curvature_operator, fisher_vp, gauss_newton_vp, hessian_vp
 from jaxinf.data import batch_size as leading_size
-from jaxinf.scale.sharding import mesh_size, replicate, shard_batch
+from jaxinf.scale.sharding import global_batch, mesh_size, replicate, shard_batch
 from jaxinf.scale.sources import as_source
 from jaxinf.solvers.direct import DirectState, required_bytes
 
@@ -103,6 +103,14 @@ class StreamingCurvature:
         if kind != "gauss_newton" and loss_fn is None:
             raise ValueError(f"curvature={kind!r} needs loss_fn(params, batch) -> mean loss.")
         self.source = as_source(data)
+        self.processes = jax.process_count()
+        if self.processes > 1:
+            if mesh is None:
+                raise ValueError(
+                    "In a multi-process run, stream with mesh=scale.data_mesh() (the devices of every process): each "
+                    "process reads its own examples and the products are all-reduced."
+                )
+            _check_same_stream_layout(self.source)
         self.kind = kind
         self.mesh = mesh
         self.progress = progress
@@ -136,12 +144,15 @@ class StreamingCurvature:
 
     @property
     def num_examples(self) -> int:
-        return self.source.num_examples
+        """Examples in the stream; in a multi-process run, of every process together."""
+        return self.source.num_examples * self.processes
 
     def place(self, batch):
         """``batch`` on the mesh: sharded along its examples when their number divides the devices, else replicated."""
         if self.mesh is None:
             return batch
+        if self.processes > 1:  # every process's part of batch j, concatenated in process order
+            return global_batch(batch, self.mesh)
         if leading_size(batch) % mesh_size(self.mesh) == 0:
             return shard_batch(batch, self.mesh)
         return replicate(batch, self.mesh)
@@ -158,8 +169,8 @@ class StreamingCurvature:
         count = 0
         try:
             for index, batch in enumerate(self.source):
-                check_finite(batch, f"data[batch {index}]")
-                size = leading_size(batch, f"data[batch {index}]")
+                self._check_finite(batch, index)
+                size = leading_size(batch, f"data[batch {index}]") * self.processes
                 yield index, self.place(batch), size / n
                 count += 1
                 bar.update(size)
@@ -167,6 +178,24 @@ class StreamingCurvature:
             bar.close()
         if count == 0:
             raise ValueError("The data stream yielded no batches.")
+
+    def _check_finite(self, batch, index: int) -> None:
+        name = f"data[batch {index}]"
+        if self.processes == 1:
+            check_finite(batch, name)
+            return
+        # every process must stop together, or the others would wait in the next all-reduce for ever
+        try:
+            check_finite(batch, name)
+            problem = ""
+        except ValueError as err:
+            problem = str(err)
+        from jax.experimental import multihost_utils
+
+        flags = np.asarray(multihost_utils.process_allgather(np.array([bool(problem)])))
+        if flags.any():
+            where = np.flatnonzero(flags.ravel()).tolist()
+            raise ValueError(problem or f"{name} holds NaN or inf on process(es) {where}; check those shards.")
 
     def matmat(self, vectors: PyTree, *, desc: str = "curvature products") -> PyTree:
         """``C v_k`` for every ``v_k`` along the leading axis of ``vectors``: one pass over the data."""
@@ -277,6 +306,20 @@ class _NoBar:
 
     def close(self):
         pass
+
+
+def _check_same_stream_layout(source) -> None:
+    """Every process must read the same number and sizes of batches (each pass is a sequence of collectives)."""
+    from jax.experimental import multihost_utils
+
+    layout = np.array([source.num_examples, source.batch_size], np.int64)
+    everyone = np.asarray(multihost_utils.process_allgather(layout)).reshape(-1, 2)
+    if not np.all(everyone == everyone[0]):
+        raise ValueError(
+            "Every process must stream the same number of examples in batches of the same size; got (examples, "
+            f"batch size) per process {everyone.tolist()}. Give each process an equal shard (e.g. trim the data to a "
+            "multiple of processes × batch size before ArraySource(...).shard())."
+        )
 
 
 def _progress(enabled: bool, total: int, desc: str):
