@@ -15,7 +15,9 @@ process reads **only its own part** of the training data:
     mesh = scale.data_mesh()                # all devices of all processes
     train = scale.ArraySource(x_y_memmap, batch_size=1024).shard()   # this process's rows only
     model = jaxinf.InfluenceModel(loss_fn, params, jaxinf.direct(), damping=1e-3)
-    scale.fit(model, list(scale.ArraySource(fit_subset, 256).shard()), mesh)   # collective fit
+    scale.fit(model, list(scale.ArraySource(fit_subset, 256).shard()), mesh)   # collective fit, in memory
+    # or, for a fit on all of the data: every process streams its own rows
+    # model.fit_from_stream(train, mesh=mesh)                                 # direct/nystrom/arnoldi/(e)kfac
     scale.save_state("state.npz", model.state, solver=model.solver)           # process 0 writes
     scale.compute_influences(model, test, train, "/shared/influences.zarr", mesh=mesh)
 
@@ -34,7 +36,9 @@ The result store must be reachable by every process under the same path (a
 shared file system); each process writes only the chunks of its own
 training columns, and process 0 writes the metadata. The test points are
 read by every process. Fitting across processes needs every process to hold
-the same batch layout (same number and sizes of batches).
+the same batch layout (same number and sizes of batches, each a multiple of
+the process's local devices); both :func:`jaxinf.scale.fit` and
+:func:`jaxinf.scale.fit_from_stream` check it up front.
 """
 
 from __future__ import annotations

@@ -29,6 +29,14 @@ cg / lissa    no: they iterate inside ``lax`` loops. Fit on an in-memory subset
               (LiSSA samples minibatches anyway) or on a sharded in-memory dataset.
 ============  =====================================================================
 
+Many processes (``jax.distributed``): with ``mesh=scale.data_mesh()`` each
+process streams **only its own** source (e.g. ``ArraySource(...).shard()``);
+step ``j`` of a pass is the global batch made of every process's batch ``j``,
+so the products and factor sums are all-reduced by XLA and every process ends
+with the state of the whole dataset. Every process must stream the same
+number of examples in batches of the same size (checked up front), and a
+NaN on one process stops all of them.
+
 Scoring never needs the training data in memory: see
 :class:`jaxinf.scale.InfluenceCalculator`.
 """
