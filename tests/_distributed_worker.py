@@ -38,7 +38,8 @@ def reference_model(problem):
 
 
 def stream_solvers() -> dict:
-    return {"direct": jaxinf.direct(), "ekfac": jaxinf.ekfac(fisher="exact")}
+    # max_memory: direct() reads the free memory of jax.devices()[0], which another process owns.
+    return {"direct": jaxinf.direct(max_memory=1 << 30), "ekfac": jaxinf.ekfac(fisher="exact")}
 
 
 def test_gradients(problem):
@@ -78,7 +79,6 @@ def main(process_id: int, num_processes: int, port: int, out_dir: str) -> None:
             output_loss=problem.output_loss,
             mesh=mesh,
             progress=False,
-            max_memory=1 << 30,
         )
         solves = jax.jit(jax.vmap(solver.solve, in_axes=(None, 0)))(state, rhs)[0]
         flat = jax.vmap(lambda t: jax.flatten_util.ravel_pytree(t)[0])(solves)

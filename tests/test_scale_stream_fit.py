@@ -191,6 +191,11 @@ def test_direct():
     expected = in_memory(solver, problem, kind="gauss_newton", damping=0.05)
     assert_close(got.eigvals, expected.eigvals, 1e-10)
     assert_same_solves(solver, got, expected, problem, 1e-9)
+    # the solver's own memory budget applies to its streamed fit, before any pass over the data
+    with pytest.raises(ValueError, match="GiB for the dense curvature"):
+        streamed(
+            jaxinf.direct(max_memory=1000), problem, iterable_source(problem.train), kind="gauss_newton", damping=0.05
+        )
 
 
 # ----------------------------------------------------------------------------

@@ -81,7 +81,7 @@ def test_errors(problem):
     stream = scale.StreamingCurvature(problem.loss_fn, problem.params, source(problem))
     with pytest.raises(ValueError, match="leading batch axis"):
         stream.matmat(problem.params)
-    with pytest.raises(ValueError, match="direct_from_stream needs about .* GiB .* Use blocks='layer'"):
+    with pytest.raises(ValueError, match="from a stream needs about .* GiB .* Use blocks='layer'"):
         scale.direct_from_stream(problem.loss_fn, problem.params, source(problem), damping=0.1, max_memory=100)
 
 

@@ -40,7 +40,7 @@ from jaxinf._tree import check_finite, ravel_batched, unravel
 from jaxinf.curvature import curvature_operator
 from jaxinf.scale.sharding import host_view, replicate
 from jaxinf.scale.sources import as_source
-from jaxinf.scale.streaming import StreamingCurvature, direct_from_stream
+from jaxinf.scale.streaming import StreamingCurvature
 from jaxinf.solvers.base import Solver
 
 PyTree = Any
@@ -155,13 +155,13 @@ def fit_from_stream(
     key: jax.Array | None = None,
     progress: bool = True,
     validate: bool = True,
-    max_memory: int | None = None,
 ) -> PyTree:
     """``solver``'s state fitted on a stream of batches, equal to ``solver.init`` on the same data in memory.
 
     The curvature is that of the mean loss over every example of ``data``
     (``C`` in ``(C + λI)⁻¹``; the same operator :func:`jaxinf.curvature_operator`
-    builds). Supported: ``direct`` (:func:`direct_from_stream`, one pass),
+    builds). Supported: ``direct`` (one pass; its ``max_memory`` and
+    ``column_batch`` apply),
     ``nystrom`` (one pass for the sketch ``Y = C Ω``), ``arnoldi``
     (``krylov_dim`` passes: the Arnoldi iteration needs each product before
     the next, so the host loops over Krylov steps and, within each, over the
@@ -187,7 +187,6 @@ def fit_from_stream(
       progress: a tqdm progress bar per pass (process 0 only).
       validate: run ``solver.validate(state)`` afterwards, as
         :meth:`jaxinf.InfluenceModel.fit` does.
-      max_memory: for ``direct``, the bytes its dense matrices may use.
 
     Returns:
       The solver's state.
@@ -222,20 +221,14 @@ def fit_from_stream(
         mesh=mesh,
         progress=progress,
     )
-    if solver.name == "direct":
-        state = direct_from_stream(
-            loss_fn, params, _checked_source(data, loss_fn, model_fn, params), **options, max_memory=max_memory
-        )
-    elif solver.stream_init is None:
+    if solver.stream_init is None:
         why = _NOT_STREAMABLE.get(solver.name, f"{solver.name} has no streamed fit (Solver.stream_init)")
         raise ValueError(
             f"{why}, so it cannot be fitted from a stream. Fit it on an in-memory subset "
             "(jaxinf.InfluenceModel(...).fit(subset)) or on data sharded over devices (jaxinf.scale.fit / "
             "shard_operator); or fit a solver that streams: direct, nystrom, arnoldi, kfac or ekfac."
         )
-    else:
-        stream = BatchStream(loss_fn, params, data, **options)
-        state = solver.stream_init(stream, key=key)
+    state = solver.stream_init(BatchStream(loss_fn, params, data, **options), key=key)
     if validate and solver.validate is not None:
         solver.validate(host_view(state))  # multi-process states are global arrays: check this process's copy
     return state

@@ -280,6 +280,22 @@ def direct_from_stream(
     layout = curvature_operator(
         loss_fn, params, first, kind=kind, damping=damping, blocks=blocks, model_fn=model_fn, output_loss=output_loss
     )
+    curvature = StreamingCurvature(
+        loss_fn, params, source, kind=kind, model_fn=model_fn, output_loss=output_loss, mesh=mesh, progress=progress
+    )
+    return dense_direct_state(layout, curvature, max_memory=max_memory, column_batch=column_batch)
+
+
+def dense_direct_state(
+    layout, curvature: StreamingCurvature, *, max_memory: int | None, column_batch: int
+) -> DirectState:
+    """:class:`jaxinf.DirectState` from the dense curvature of ``curvature`` (one pass), laid out as ``layout``.
+
+    ``layout`` is a :class:`jaxinf.CurvatureOperator` on any batch (its block
+    structure, damping and parameter layout are used; none of its products).
+    Refuses, before any pass, dense matrices larger than ``max_memory``
+    (default: the free memory of this process's first device).
+    """
     need = required_bytes(layout) + math.prod((layout.size, layout.size)) * jnp.dtype(layout.dtype).itemsize
     if max_memory is None:
         from jaxinf.scale.calculator import _available_bytes
@@ -289,13 +305,10 @@ def direct_from_stream(
         budget = int(max_memory)
     if need > budget:
         raise ValueError(
-            f"direct_from_stream needs about {need / 2**30:.2f} GiB for the dense curvature of {layout.size} "
+            f"direct() from a stream needs about {need / 2**30:.2f} GiB for the dense curvature of {layout.size} "
             f"parameters, but {budget / 2**30:.2f} GiB is available. Use blocks='layer' or a low-rank or "
             "Kronecker-factored solver."
         )
-    curvature = StreamingCurvature(
-        loss_fn, params, source, kind=kind, model_fn=model_fn, output_loss=output_loss, mesh=mesh, progress=progress
-    )
     dense = curvature.dense(column_batch=column_batch)
     eigvecs, eigvals, indices = [], [], []
     for b in range(layout.num_blocks):

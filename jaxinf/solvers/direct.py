@@ -177,7 +177,13 @@ def direct(*, max_memory: int | None = None, column_batch: int = 128) -> Solver:
                     stacklevel=3,
                 )
 
-    return Solver(init=init, solve=solve, validate=validate, name="direct")
+    def stream_init(stream, *, key=None) -> DirectState:
+        """One pass over a stream (:func:`jaxinf.scale.fit_from_stream`): the dense curvature, then ``eigh``."""
+        from jaxinf.scale.streaming import dense_direct_state  # scale builds on the solvers, not the reverse
+
+        return dense_direct_state(stream.operator, stream.curvature, max_memory=max_memory, column_batch=column_batch)
+
+    return Solver(init=init, solve=solve, validate=validate, name="direct", stream_init=stream_init)
 
 
 def _singular(state: DirectState):
