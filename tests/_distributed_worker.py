@@ -10,6 +10,7 @@ interrupted after two blocks and resumed.
 """
 
 import os
+import re
 import sys
 
 import jax
@@ -45,6 +46,15 @@ def stream_solvers() -> dict:
 def test_gradients(problem):
     """Per-example gradients of the test points (the right-hand sides of the streamed solves)."""
     return jax.vmap(lambda ex: jax.grad(problem.loss_fn)(problem.params, add_example_axis(ex)))(problem.test)
+
+
+def expect_error(fn, pattern: str) -> None:
+    try:
+        fn()
+    except ValueError as err:
+        assert re.search(pattern, str(err)), str(err)
+        return
+    raise AssertionError(f"no ValueError matching {pattern!r}")
 
 
 class Interrupt(Exception):
@@ -83,6 +93,29 @@ def main(process_id: int, num_processes: int, port: int, out_dir: str) -> None:
         solves = jax.jit(jax.vmap(solver.solve, in_axes=(None, 0)))(state, rhs)[0]
         flat = jax.vmap(lambda t: jax.flatten_util.ravel_pytree(t)[0])(solves)
         np.save(os.path.join(out_dir, f"stream-{name}-{process_id}.npy"), np.asarray(scale.host_view(flat)))
+
+    # Bad streams stop every process with the same clear error (none is left waiting in a collective).
+    def stream_fit(source):
+        return scale.fit_from_stream(
+            jaxinf.ekfac(fisher="exact"),
+            None,
+            problem.params,
+            source,
+            kind="gauss_newton",
+            damping=DAMPING,
+            model_fn=problem.model_fn,
+            output_loss=problem.output_loss,
+            mesh=mesh,
+            progress=False,
+        )
+
+    local = jax.tree.map(lambda a: np.array(a[mine.start : mine.stop]), mine.data)  # this process's 12 rows
+    uneven = jax.tree.map(lambda a: a[: 8 if process_id == 0 else 12], local)  # 8 rows on one process, 12 on the other
+    expect_error(lambda: stream_fit(scale.ArraySource(uneven, BATCH)), "same number of examples")
+    poisoned = jax.tree.map(np.array, local)
+    if process_id == 1:
+        poisoned[0][BATCH + 1, 0] = np.nan  # second batch of process 1 only
+    expect_error(lambda: stream_fit(scale.ArraySource(poisoned, BATCH)), r"batch 1\]")
 
     calc = scale.InfluenceCalculator(model, mesh=mesh, test_block=2, progress=False)
     path = os.path.join(out_dir, "store")
