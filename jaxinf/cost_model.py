@@ -12,7 +12,8 @@ example:
   with the factors (``F p``): ``3W + (κ + F) p``.
 * ``"layerwise"`` (per-layer contraction, :mod:`jaxinf.layerwise`): a forward
   pass that records the layer inputs and a backward pass to the layer
-  outputs (``2W``, plus ``κ T (R + O)`` to store them), then per layer with
+  outputs (``2W``, plus ``κ (S + T O)`` to store them, ``S`` the recorded
+  input: ``T R`` in general, the input itself for a convolution), then per layer with
   ``R`` rows (inputs, plus one for a bias), ``O`` outputs and ``T``
   locations, the cheaper of the direct contraction
   ``F T (R O + κ min(R, O))`` (one product with the factors per location,
@@ -42,7 +43,10 @@ STORAGE_COST_CAP = 128.0
 class LayerProfile(NamedTuple):
     """Sizes the per-layer contraction depends on.
 
-    ``layers``: ``(rows, d_out, locations)`` per tagged layer;
+    ``layers``: ``(rows, d_out, locations[, stored])`` per tagged layer,
+    ``stored`` the recorded input entries per example (default
+    ``locations × rows``: the im2col rows of a convolution; a convolution
+    contracted with its own kernel stores only its input);
     ``other_params``: entries whose per-example gradient is formed anyway
     (fallback leaves, non-layer uses of layer weights).
     """
@@ -79,7 +83,7 @@ def forward_cost(num_params: int, profile: LayerProfile | None) -> int:
     """``W``: multiply-adds of one example's forward pass (``p`` without a profile)."""
     if profile is None:
         return num_params
-    return sum(r * o * t for r, o, t in profile.layers) + profile.other_params
+    return sum(r * o * t for r, o, t, *_ in profile.layers) + profile.other_params
 
 
 def method_costs(num_factors: int, num_params: int, profile: LayerProfile | None = None) -> dict:
@@ -88,11 +92,11 @@ def method_costs(num_factors: int, num_params: int, profile: LayerProfile | None
     w = forward_cost(p, profile)
     costs = {"jvp": (1 + 2 * f) * w, "gradients": 3 * w + (storage_cost(p) + f) * p}
     if profile is not None:
-        layer_terms = sum(
-            min(direct_layer_cost(f, r, o, t), gradient_layer_cost(f, r, o, t))
-            + storage_cost(t * (r + o)) * t * (r + o)
-            for r, o, t in profile.layers
-        )
+        layer_terms = 0.0
+        for r, o, t, *stored in profile.layers:
+            kept = (stored[0] if stored else t * r) + t * o  # the recorded inputs and output gradients
+            layer_terms += min(direct_layer_cost(f, r, o, t), gradient_layer_cost(f, r, o, t))
+            layer_terms += storage_cost(kept) * kept
         rest = profile.other_params
         costs["layerwise"] = 2 * w + layer_terms + (storage_cost(rest) + f) * rest
     return costs

@@ -15,7 +15,11 @@ to the layer outputs ``g`` (never to the weights) serve every factor; what
 remains is, per layer, either the direct contraction above (``F T`` products
 of size ``rows × d_out`` per example) or, when that is dearer, the
 per-example layer gradient ``Σ_t a_t g_tᵀ`` (``T`` products) contracted
-with all factors (``F``) — whichever has fewer multiply-adds. Leaves outside
+with all factors (``F``) — whichever has fewer multiply-adds. A convolution
+(outside ``lax.scan``) never builds im2col patches: the direct contraction is
+the layer's own convolution of the recorded input with the factors as
+kernels, and its per-example gradient the kernel gradient of that
+convolution, as backpropagation forms it. Leaves outside
 any layer (fallbacks of :mod:`jaxinf.tagging`) and the non-layer uses of
 tagged weights contribute through their ordinary per-example gradients.
 
@@ -137,6 +141,13 @@ def contract_by_layer(tracer: Tracer, params: PyTree, factors: PyTree, batch: Py
     out = {}
     for layer in tracer.tags.layers:
         fm = jax.vmap(lambda *ls, L=layer: L.to_matrix(list(ls)))(*[x.astype(dtype) for x in f_leaves])
+        if native_conv(layer):
+            s = sum(_conv_site_scores(layer, site, records, pert, fm, dtype) for site in layer.sites)
+            if layer.weight in diff or (layer.bias is not None and layer.bias in diff):
+                rest = jax.vmap(lambda d, L=layer: rest_matrix(L, d, dtype))(diff)
+                s = s + jnp.einsum("fio,nio->fn", fm, rest[:, 0])
+            out[layer.name] = s
+            continue
         a, g = jax.vmap(lambda r, p, L=layer: layer_matrices(L, r, p, dtype))(records, pert)
         g = g[:, 0]  # (n, T, d_out)
         n, t_loc, rows = a.shape
@@ -164,6 +175,67 @@ def contract_by_layer(tracer: Tracer, params: PyTree, factors: PyTree, batch: Py
     return out
 
 
+def native_conv(layer) -> bool:
+    """Whether a layer is contracted with its own convolution (every site a convolution outside ``lax.scan``)."""
+    return all(site.kind == "conv" and not site.stack for site in layer.sites)
+
+
+def _conv_site_scores(layer, site, records, pert, fm, dtype):
+    """``(n_factors, n)`` scores of one convolution site without im2col patches.
+
+    Direct: the site's convolution of the recorded input with every factor as
+    kernel (``F d_out`` output channels at once), times the output gradient,
+    summed over positions. Per-example: the kernel gradient of the site's
+    convolution (a convolution of the input with the output gradient, as in
+    backpropagation), then one product with the factors. Whichever has fewer
+    multiply-adds (:func:`jaxinf.cost_model.direct_is_cheaper`).
+    """
+    c = site.conv
+    n_factors, rows, d_out = fm.shape
+    d_in = layer.d_in
+    x = records[site.sid].astype(dtype)  # (n, *x_shape), the example axis of size 1 inside
+    g = pert[site.sid][:, 0].astype(dtype)  # (n, *out_shape)
+    n = x.shape[0]
+    xn = jnp.transpose(x, (0, *(1 + i for i in c["lhs_spec"])))  # (n, 1, C, spatial...)
+    gn = jnp.transpose(g, (0, *(1 + i for i in c["out_spec"])))  # (n, 1, d_out, spatial...)
+    xn, gn = jnp.reshape(xn, (n, *xn.shape[2:])), jnp.reshape(gn, (n, *gn.shape[2:]))
+    in_channels = d_in // math.prod(c["filter_shape"])
+    locations = math.prod(gn.shape[2:])
+
+    def conv(lhs, kernel):  # N C spatial... / O I spatial... / N C spatial..., the site's geometry
+        return jax.lax.conv_general_dilated(
+            lhs,
+            kernel,
+            c["window_strides"],
+            c["padding"],
+            lhs_dilation=c["lhs_dilation"],
+            rhs_dilation=c["rhs_dilation"],
+            precision=jax.lax.Precision.HIGHEST,
+        )
+
+    with_bias = layer.bias is not None and site.bias is not None and site.bias[0] == layer.bias
+    g_sum = jnp.sum(jnp.reshape(gn, (n, d_out, locations)), axis=-1)  # (n, d_out): Σ_t g_t, the bias gradient
+    if direct_is_cheaper(n_factors, rows, d_out, locations):
+        w = jnp.reshape(fm[:, :d_in], (n_factors, in_channels, *c["filter_shape"], d_out))
+        kernel = jnp.reshape(jnp.moveaxis(w, -1, 1), (n_factors * d_out, in_channels, *c["filter_shape"]))
+        y = jnp.reshape(conv(xn, kernel), (n, n_factors, d_out, locations))
+        s = jnp.einsum("nfot,not->fn", y, jnp.reshape(gn, (n, d_out, locations)))
+        if with_bias:
+            s = s + fm[:, d_in] @ g_sum.T
+        return s
+    zero = jnp.zeros((d_out, in_channels, *c["filter_shape"]), dtype)
+
+    def kernel_gradient(xi, gi):
+        return jax.vjp(lambda k: conv(xi[None], k), zero)[1](gi[None])[0]
+
+    grads = jax.vmap(kernel_gradient)(xn, gn)  # (n, d_out, in_channels, *filter)
+    per_example = jnp.reshape(jnp.moveaxis(grads, 1, -1), (n, d_in, d_out))
+    s = jnp.reshape(fm[:, :d_in], (n_factors, -1)) @ jnp.reshape(per_example, (n, -1)).T
+    if with_bias:
+        s = s + fm[:, d_in] @ g_sum.T
+    return s
+
+
 def loss_tracer(loss_fn: Callable, params: PyTree, batch: PyTree, *, block_max_size: int = 0) -> Tracer:
     """The layers of ``loss_fn`` for the per-layer contraction (traced from shapes; fallback leaves diagonal).
 
@@ -175,9 +247,20 @@ def loss_tracer(loss_fn: Callable, params: PyTree, batch: PyTree, *, block_max_s
 
 
 def layer_profile(tracer: Tracer) -> LayerProfile:
-    """The sizes :mod:`jaxinf.cost_model` needs: ``(rows, d_out, locations)`` per layer, other entries."""
+    """The sizes :mod:`jaxinf.cost_model` needs: ``(rows, d_out, locations, stored inputs)`` per layer, other entries.
+
+    ``stored inputs``: entries of the recorded layer input per example — the
+    input itself for a convolution contracted natively, ``locations × rows``
+    otherwise.
+    """
     tags = tracer.tags
-    layers = tuple((layer.rows, layer.d_out, layer.locations) for layer in tags.layers)
+
+    def stored(layer):
+        if native_conv(layer):
+            return sum(math.prod(site.x_shape) for site in layer.sites)
+        return layer.locations * layer.rows
+
+    layers = tuple((layer.rows, layer.d_out, layer.locations, stored(layer)) for layer in tags.layers)
     other = {fb.leaf for fb in tags.fallbacks} | set(tracer.diff_leaves)
     return LayerProfile(layers, sum(math.prod(tags.shapes[leaf]) for leaf in other))
 

@@ -65,7 +65,34 @@ def zoo_problem(n=7, dtype=jnp.float64):
     return loss_fn, params, (x, y)
 
 
+def strided_conv_problem(n=6, dtype=jnp.float64):
+    """NCHW input, OIHW kernel, strides (2, 1), uneven padding, kernel dilation (1, 2), then a dense readout."""
+    k = jax.random.split(jax.random.key(5), 4)
+    params = {
+        "kernel": jax.random.normal(k[0], (4, 3, 3, 2), dtype) / 3,  # O I H W
+        "bias": jax.random.normal(k[1], (4,), dtype) / 3,
+        "readout": jax.random.normal(k[2], (4 * 3 * 6, 2), dtype) / 8,  # 4 channels x 3 x 6 positions
+    }
+    x = jax.random.normal(k[3], (n, 3, 7, 5), dtype)
+    y = jnp.ones((n, 2), dtype)
+
+    def loss_fn(p, batch):
+        h = jax.lax.conv_general_dilated(
+            batch[0],
+            p["kernel"],
+            (2, 1),
+            ((1, 0), (2, 1)),
+            rhs_dilation=(1, 2),
+            dimension_numbers=("NCHW", "OIHW", "NCHW"),
+        )
+        h = jnp.tanh(h + p["bias"][None, :, None, None]).reshape(batch[0].shape[0], -1)
+        return 0.5 * jnp.mean(jnp.sum((h @ p["readout"] - batch[1]) ** 2, -1))
+
+    return loss_fn, params, (x, y)
+
+
 PROBLEMS = {
+    "strided_conv": strided_conv_problem,
     "linen": lambda: models.mlp_problem("linen")[:3],
     "nnx": lambda: models.mlp_problem("nnx")[:3],
     "cnn": lambda: models.cnn_problem()[:3],
@@ -89,8 +116,8 @@ def test_both_layer_paths_are_exercised():
     """One factor takes the direct path on every layer; 40 factors form the per-example gradient of the conv layer."""
     loss_fn, params, batch = zoo_problem()
     profile = layer_profile(loss_tracer(loss_fn, params, batch))
-    assert all(cost_model.direct_is_cheaper(1, r, o, t) for r, o, t in profile.layers)
-    assert not all(cost_model.direct_is_cheaper(40, r, o, t) for r, o, t in profile.layers)
+    assert all(cost_model.direct_is_cheaper(1, r, o, t) for r, o, t, _ in profile.layers)
+    assert not all(cost_model.direct_is_cheaper(40, r, o, t) for r, o, t, _ in profile.layers)
     assert profile.other_params >= 1  # the fallback scale (and the penalised "out" weight's other use)
 
 
@@ -149,9 +176,13 @@ def test_cost_model_picks_each_method_where_the_arithmetic_says():
     assert choose_method(1, 64, p, wide) == "jvp"  # one factor: no per-example work at all
     assert choose_method(16, 64, p, wide) == "layerwise"  # F products of layer size instead of 2F passes
     assert choose_method(16, 64, p, None) == "jvp"  # without tagged layers, layerwise is not a candidate
-    narrow_conv = cost_model.LayerProfile(((28, 8, 256), (73, 8, 64), (513, 10, 1)), 0)
+    im2col_conv = cost_model.LayerProfile(((28, 8, 256), (73, 8, 64), (513, 10, 1)), 0)  # stores T x rows
     p = 28 * 8 + 73 * 8 + 513 * 10
-    assert choose_method(1024, 256, p, narrow_conv) == "gradients"  # im2col rows cost more than the gradients
+    assert choose_method(1024, 256, p, im2col_conv) == "gradients"  # im2col rows cost more than the gradients
+    # the same convolutions contracted with their own kernels store only their inputs (16x16x3 and 8x8x8)
+    narrow_conv = cost_model.LayerProfile(((28, 8, 256, 768), (73, 8, 64, 512), (513, 10, 1, 513)), 0)
+    assert choose_method(16, 256, p, im2col_conv) == "gradients"
+    assert choose_method(16, 256, p, narrow_conv) == "layerwise"
     costs = cost_model.method_costs(16, p, narrow_conv)
     assert set(costs) == {"jvp", "gradients", "layerwise"} and all(c > 0 for c in costs.values())
     # the batch size cancels
