@@ -75,29 +75,9 @@ def main(process_id: int, num_processes: int, port: int, out_dir: str) -> None:
     scale.fit(model, list(mine), mesh)
     scale.save_state(os.path.join(out_dir, "state.npz"), model.state, solver=model.solver)
 
-    # Fits from a stream: each process streams only its own rows; the solves equal one process fitting all rows.
-    rhs = scale.replicate(test_gradients(problem), mesh)
-    for name, solver in stream_solvers().items():
-        state = scale.fit_from_stream(
-            solver,
-            None,
-            problem.params,
-            mine,
-            kind="gauss_newton",
-            damping=DAMPING,
-            model_fn=problem.model_fn,
-            output_loss=problem.output_loss,
-            mesh=mesh,
-            progress=False,
-        )
-        solves = jax.jit(jax.vmap(solver.solve, in_axes=(None, 0)))(state, rhs)[0]
-        flat = jax.vmap(lambda t: jax.flatten_util.ravel_pytree(t)[0])(solves)
-        np.save(os.path.join(out_dir, f"stream-{name}-{process_id}.npy"), np.asarray(scale.host_view(flat)))
-
-    # Bad streams stop every process with the same clear error (none is left waiting in a collective).
-    def stream_fit(source):
+    def stream_fit(solver, source):
         return scale.fit_from_stream(
-            jaxinf.ekfac(fisher="exact"),
+            solver,
             None,
             problem.params,
             source,
@@ -109,13 +89,23 @@ def main(process_id: int, num_processes: int, port: int, out_dir: str) -> None:
             progress=False,
         )
 
+    # Fits from a stream: each process streams only its own rows; the solves equal one process fitting all rows.
+    rhs = scale.replicate(test_gradients(problem), mesh)
+    for name, solver in stream_solvers().items():
+        solves = jax.jit(jax.vmap(solver.solve, in_axes=(None, 0)))(stream_fit(solver, mine), rhs)[0]
+        flat = jax.vmap(lambda t: jax.flatten_util.ravel_pytree(t)[0])(solves)
+        np.save(os.path.join(out_dir, f"stream-{name}-{process_id}.npy"), np.asarray(scale.host_view(flat)))
+
+    # Bad streams stop every process with the same clear error (none is left waiting in a collective).
     local = jax.tree.map(lambda a: np.array(a[mine.start : mine.stop]), mine.data)  # this process's 12 rows
     uneven = jax.tree.map(lambda a: a[: 8 if process_id == 0 else 12], local)  # 8 rows on one process, 12 on the other
-    expect_error(lambda: stream_fit(scale.ArraySource(uneven, BATCH)), "same number of examples")
+    expect_error(
+        lambda: stream_fit(jaxinf.ekfac(fisher="exact"), scale.ArraySource(uneven, BATCH)), "same number of examples"
+    )
     poisoned = jax.tree.map(np.array, local)
     if process_id == 1:
         poisoned[0][BATCH + 1, 0] = np.nan  # second batch of process 1 only
-    expect_error(lambda: stream_fit(scale.ArraySource(poisoned, BATCH)), r"batch 1\]")
+    expect_error(lambda: stream_fit(jaxinf.ekfac(fisher="exact"), scale.ArraySource(poisoned, BATCH)), r"batch 1\]")
 
     calc = scale.InfluenceCalculator(model, mesh=mesh, test_block=2, progress=False)
     path = os.path.join(out_dir, "store")

@@ -221,19 +221,22 @@ def test_eight_devices_equal_one():
     assert_same_solves(nys, many, one, problem, 1e-9)
 
 
-def test_state_scores_through_the_calculator(tmp_path):
-    problem = models.logistic_problem(n_train=23, n_test=4)
-    solver = jaxinf.ekfac(fisher="sampled", likelihood="categorical")
-    model = jaxinf.InfluenceModel(
+def gauss_newton_model(problem, solver, damping=0.05):
+    return jaxinf.InfluenceModel(
         problem.loss_fn,
         problem.params,
         solver,
-        damping=0.05,
+        damping=damping,
         curvature="gauss_newton",
         model_fn=problem.model_fn,
         output_loss=problem.output_loss,
     )
-    model.fit(batches_of(problem.train))
+
+
+def test_state_scores_through_the_calculator(tmp_path):
+    problem = models.logistic_problem(n_train=23, n_test=4)
+    solver = jaxinf.ekfac(fisher="sampled", likelihood="categorical")
+    model = gauss_newton_model(problem, solver).fit(batches_of(problem.train))
     reference = np.asarray(model.influences(problem.test, problem.train))
     state = streamed(solver, problem, array_source(problem.train), kind="gauss_newton", damping=0.05)
     fresh = jaxinf.InfluenceModel(problem.loss_fn, problem.params, solver, damping=0.05)  # never fitted
@@ -246,21 +249,11 @@ def test_influence_model_fit_from_stream(name):
     """model.fit_from_stream: influences equal model.fit on the same batches; a new damping streams again."""
     problem = models.logistic_problem(n_train=23, n_test=4)
     solver = {"nystrom": lambda: jaxinf.nystrom(5), "ekfac": lambda: jaxinf.ekfac(fisher="exact")}[name]()
-
-    def model():
-        return jaxinf.InfluenceModel(
-            problem.loss_fn,
-            problem.params,
-            solver,
-            damping=0.05,
-            curvature="gauss_newton",
-            model_fn=problem.model_fn,
-            output_loss=problem.output_loss,
-        )
-
     key = jax.random.key(3)
-    in_memory_model = model().fit(batches_of(problem.train), key=key)
-    stream_model = model().fit_from_stream(array_source(problem.train), key=key, progress=False)
+    in_memory_model = gauss_newton_model(problem, solver).fit(batches_of(problem.train), key=key)
+    stream_model = gauss_newton_model(problem, solver).fit_from_stream(
+        array_source(problem.train), key=key, progress=False
+    )
     assert stream_model.n_train == 23
     reference = np.asarray(in_memory_model.influences(problem.test, problem.train))
     got = np.asarray(stream_model.influences(problem.test, batches_of(problem.train)))
