@@ -143,27 +143,8 @@ def contract_by_layer(tracer: Tracer, params: PyTree, factors: PyTree, batch: Py
         fm = jax.vmap(lambda *ls, L=layer: L.to_matrix(list(ls)))(*[x.astype(dtype) for x in f_leaves])
         if native_conv(layer):
             s = sum(_conv_site_scores(layer, site, records, pert, fm, dtype) for site in layer.sites)
-            if layer.weight in diff or (layer.bias is not None and layer.bias in diff):
-                rest = jax.vmap(lambda d, L=layer: rest_matrix(L, d, dtype))(diff)
-                s = s + jnp.einsum("fio,nio->fn", fm, rest[:, 0])
-            out[layer.name] = s
-            continue
-        a, g = jax.vmap(lambda r, p, L=layer: layer_matrices(L, r, p, dtype))(records, pert)
-        g = g[:, 0]  # (n, T, d_out)
-        n, t_loc, rows = a.shape
-        d_out = g.shape[-1]
-        if direct_is_cheaper(n_factors, rows, d_out, t_loc):
-            # never form the per-example gradient: one (n T, ·) GEMM with all factors side by side, then a
-            # reduction over the smaller side
-            if d_out <= rows:
-                af = jnp.reshape(a, (n * t_loc, rows)) @ jnp.reshape(jnp.moveaxis(fm, 0, 1), (rows, -1))
-                s = jnp.einsum("ntfo,nto->fn", jnp.reshape(af, (n, t_loc, n_factors, d_out)), g)
-            else:
-                gf = jnp.reshape(g, (n * t_loc, d_out)) @ jnp.reshape(jnp.moveaxis(fm, 2, 0), (d_out, -1))
-                s = jnp.einsum("ntfi,nti->fn", jnp.reshape(gf, (n, t_loc, n_factors, rows)), a)
         else:
-            per_example = jnp.einsum("nti,nto->nio", a, g)
-            s = jnp.reshape(fm, (n_factors, -1)) @ jnp.reshape(per_example, (n, -1)).T
+            s = _matrix_scores(layer, records, pert, fm, dtype)
         if layer.weight in diff or (layer.bias is not None and layer.bias in diff):
             rest = jax.vmap(lambda d, L=layer: rest_matrix(L, d, dtype))(diff)
             s = s + jnp.einsum("fio,nio->fn", fm, rest[:, 0])
@@ -173,6 +154,25 @@ def contract_by_layer(tracer: Tracer, params: PyTree, factors: PyTree, batch: Py
         d = diff[fb.leaf][:, 0]
         out[tracer.tags.paths[fb.leaf]] = x @ jnp.reshape(d, (d.shape[0], -1)).astype(dtype).T
     return out
+
+
+def _matrix_scores(layer, records, pert, fm, dtype):
+    """``(n_factors, n)`` scores of a layer from its ``(T, rows)`` inputs and ``(T, d_out)`` output gradients."""
+    n_factors = fm.shape[0]
+    a, g = jax.vmap(lambda r, p: layer_matrices(layer, r, p, dtype))(records, pert)
+    g = g[:, 0]  # (n, T, d_out)
+    n, t_loc, rows = a.shape
+    d_out = g.shape[-1]
+    if not direct_is_cheaper(n_factors, rows, d_out, t_loc):
+        per_example = jnp.einsum("nti,nto->nio", a, g)
+        return jnp.reshape(fm, (n_factors, -1)) @ jnp.reshape(per_example, (n, -1)).T
+    # never form the per-example gradient: one (n T, ·) GEMM with all factors side by side, then a reduction
+    # over the smaller side
+    if d_out <= rows:
+        af = jnp.reshape(a, (n * t_loc, rows)) @ jnp.reshape(jnp.moveaxis(fm, 0, 1), (rows, -1))
+        return jnp.einsum("ntfo,nto->fn", jnp.reshape(af, (n, t_loc, n_factors, d_out)), g)
+    gf = jnp.reshape(g, (n * t_loc, d_out)) @ jnp.reshape(jnp.moveaxis(fm, 2, 0), (d_out, -1))
+    return jnp.einsum("ntfi,nti->fn", jnp.reshape(gf, (n, t_loc, n_factors, rows)), a)
 
 
 def native_conv(layer) -> bool:
