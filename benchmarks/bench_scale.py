@@ -117,15 +117,7 @@ def child(args: dict) -> dict:
         train_steps=args.get("train_steps", 200),
     )
     start = time.perf_counter()
-    model = jaxinf.InfluenceModel(
-        None,
-        problem.params,
-        jaxinf.direct(),
-        damping=1e-3,
-        curvature="gauss_newton",
-        model_fn=problem.model_fn,
-        output_loss=problem.output_loss,
-    ).fit(problem.train)
+    model = common.influence_model(problem, jaxinf.direct(), damping=1e-3, curvature="gauss_newton").fit(problem.train)
     fit_s = time.perf_counter() - start
     source = file_source(args["data"], n, batch)
     mesh = scale.data_mesh() if args["devices"] > 1 else None

@@ -54,6 +54,11 @@ def per_example_losses(loss_fn: Callable, params: PyTree, batch: PyTree):
     return jax.vmap(lambda example: loss_fn(params, add_example_axis(example)))(batch)
 
 
+def per_example_grads(loss_fn: Callable, params: PyTree, batch: PyTree) -> PyTree:
+    """``∇θℓ(θ, z_j)`` for each example ``j`` of ``batch``: params-shaped leaves with a leading ``n``."""
+    return jax.vmap(lambda example: jax.grad(loss_fn)(params, add_example_axis(example)))(batch)
+
+
 def hessian_vp(loss_fn: Callable, params: PyTree, batch: PyTree, v: PyTree) -> PyTree:
     """``∇²_θ loss_fn(θ, batch) · v``, forward-over-reverse."""
     return jax.jvp(lambda p: jax.grad(loss_fn)(p, batch), (params,), (v,))[1]

@@ -38,8 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinf._tree import TreeSpec, check_matches, is_tracer, ravel, ravel_batched, unravel
-from jaxinf.curvature import CurvatureOperator, per_example_losses
-from jaxinf.data import add_example_axis, batch_size
+from jaxinf.curvature import CurvatureOperator, per_example_grads, per_example_losses
+from jaxinf.data import batch_size
 from jaxinf.solvers.base import make_info
 
 PyTree = Any
@@ -268,7 +268,7 @@ def prepare_scores(
     residuals = None
     if state.completion:
         loss_fn = scoring_loss_fn(operator)
-        grads = jax.vmap(lambda ex: jax.grad(loss_fn)(operator.params, add_example_axis(ex)))(test_batch)
+        grads = per_example_grads(loss_fn, operator.params, test_batch)
         residuals = ravel_batched(grads, state.basis.dtype) - projected @ state.basis.T
     return {"projected": projected, "residuals": residuals}
 

@@ -35,18 +35,13 @@ import jax.numpy as jnp
 
 from jaxinf._tree import ravel_batched
 from jaxinf.cost_model import LayerProfile, cheapest
-from jaxinf.curvature import per_example_losses
+from jaxinf.curvature import per_example_grads, per_example_losses
 from jaxinf.data import add_example_axis
 from jaxinf.layerwise import contract_by_layer, loss_tracer
 from jaxinf.layerwise import layer_profile as profile_of
 
 PyTree = Any
 SCORING_METHODS = ("auto", "gradients", "jvp", "layerwise")
-
-
-def per_example_grads(loss_fn: Callable, params: PyTree, batch: PyTree) -> PyTree:
-    """``∇θℓ(θ, z_j)`` for each example ``j`` of ``batch``: params-shaped leaves with a leading ``n``."""
-    return jax.vmap(lambda example: jax.grad(loss_fn)(params, add_example_axis(example)))(batch)
 
 
 def choose_method(num_factors: int, batch_examples: int, num_params: int, profile: LayerProfile | None = None) -> str:

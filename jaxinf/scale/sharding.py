@@ -278,6 +278,7 @@ def fit(model, train_data: Any, mesh: Mesh, *, key: jax.Array | None = None):
     if model.solver.validate is not None:
         model.solver.validate(host_view(state))
     model._fit_key = key
+    model._stream = None  # fitted on this data now: a new damping refits on it, not on an earlier stream
     model.operator, model.state = operator, state
     model.n_train = operator.num_examples
     return model

@@ -64,7 +64,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinf._tree import TreeSpec, check_matches
-from jaxinf.curvature import CurvatureOperator
+from jaxinf.curvature import CurvatureOperator, per_example_grads
 from jaxinf.data import Batches, add_example_axis, batch_size
 from jaxinf.layerwise import contract_by_layer, example_statistics, layer_matrices, rest_matrix
 from jaxinf.solvers.base import Solver, make_info
@@ -716,14 +716,10 @@ def _validate(state: KFACState) -> None:
 # ----------------------------------------------------------------------------
 
 
-def _test_gradients(loss_fn, params, batch):
-    return jax.vmap(lambda example: jax.grad(loss_fn)(params, add_example_axis(example)))(batch)
-
-
 @jax.jit
 def prepare_scores(state: KFACState, operator: CurvatureOperator, test_batch):
     """The test side of :func:`score`: factors ``(K + λ)⁻¹ ∇ℓ(test_i)`` (leading ``n_test``), once per test batch."""
-    test_grads = _test_gradients(state.plan.loss_fn, operator.params, test_batch)
+    test_grads = per_example_grads(state.plan.loss_fn, operator.params, test_batch)
     return jax.vmap(_solve, in_axes=(None, 0))(state, test_grads)[0]
 
 
