@@ -35,8 +35,8 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 import common  # noqa: E402
 
 import jaxinf  # noqa: E402
-from jaxinf._tree import ravel, unravel  # noqa: E402
-from jaxinf.data import weighted_mean  # noqa: E402
+from jaxinf.core.data import weighted_mean  # noqa: E402
+from jaxinf.core.tree import ravel, unravel  # noqa: E402
 
 
 def largest_eigenvalue(op, iterations: int = 30) -> float:

@@ -125,9 +125,8 @@ def run_model(name, problem, args, rows):
     curvature = (q * w) @ q.T
     op = operator(damping)
     leaf_sizes = [a.size for a in jax.tree.leaves(problem.params)]
-    labels = np.repeat(
-        [jaxinf.curvature.resolve_blocks(problem.params, "layer")[0][i] for i in range(len(leaf_sizes))], leaf_sizes
-    )
+    block_of = jaxinf.core.curvature.resolve_blocks(problem.params, "layer")[0]
+    labels = np.repeat([block_of[i] for i in range(len(leaf_sizes))], leaf_sizes)
     block = jnp.where(jnp.asarray(labels[:, None] == labels[None, :]), curvature, 0.0)
     ref_block = g_test @ jnp.linalg.solve(block + damping * jnp.eye(block.shape[0]), g_train.T)
     base = dict(model=name, P=problem.num_params, N=n_train, n_test=n_test)

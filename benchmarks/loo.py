@@ -55,7 +55,7 @@ import common  # noqa: E402
 import suite  # noqa: E402
 
 import jaxinf  # noqa: E402
-from jaxinf.influence import ConvergenceError  # noqa: E402
+from jaxinf.model import ConvergenceError  # noqa: E402
 
 # Factories whose fit needs λ > 0 or that factor only the data term: penalty given as damping.
 PENALTY_AS_DAMPING = ("nystrom", "kfac", "ekfac")

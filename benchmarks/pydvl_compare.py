@@ -55,7 +55,7 @@ import common  # noqa: E402
 import suite  # noqa: E402
 
 import jaxinf  # noqa: E402
-from jaxinf.influence import ConvergenceError, solve_many  # noqa: E402
+from jaxinf.model import ConvergenceError, solve_many  # noqa: E402
 from jaxinf.scoring import per_example_grads  # noqa: E402
 
 

@@ -54,7 +54,7 @@ import common  # noqa: E402
 from common import spearman, split  # noqa: E402,F401  (also used as suite.spearman / suite.split)
 
 import jaxinf  # noqa: E402
-from jaxinf.influence import ConvergenceError, solve_many  # noqa: E402
+from jaxinf.model import ConvergenceError, solve_many  # noqa: E402
 from jaxinf.scoring import per_example_grads  # noqa: E402
 
 

@@ -4,26 +4,20 @@
 Gauss-Newton or empirical Fisher) of the mean training loss.
 """
 
-from jaxinf.curvature import CURVATURES, CurvatureOperator, curvature_operator
-from jaxinf.data import Batches, as_batches
-from jaxinf.influence import ConvergenceError, InfluenceModel, NotFittedError
-from jaxinf.lowrank import LowRankState
-from jaxinf.solvers import (
-    DirectState,
-    KFACState,
-    SolveInfo,
-    Solver,
-    arnoldi,
-    cg,
-    direct,
-    ekfac,
-    jacobi_preconditioner,
-    kfac,
-    lissa,
-    nystrom,
-    nystrom_preconditioner,
-)
-from jaxinf.tagging import LayerTags, find_layers, tag_dense
+from jaxinf.core.curvature import CURVATURES, CurvatureOperator, curvature_operator
+from jaxinf.core.data import Batches, as_batches
+from jaxinf.core.errors import ConvergenceError, NotFittedError
+from jaxinf.layers import LayerTags, find_layers, tag_dense
+from jaxinf.model import InfluenceModel
+from jaxinf.solvers.arnoldi import arnoldi
+from jaxinf.solvers.base import Scorer, SolveInfo, Solver
+from jaxinf.solvers.cg import cg
+from jaxinf.solvers.direct import DirectState, direct
+from jaxinf.solvers.kfac import KFACState, ekfac, kfac
+from jaxinf.solvers.lissa import lissa
+from jaxinf.solvers.lowrank import LowRankState
+from jaxinf.solvers.nystrom import nystrom
+from jaxinf.solvers.preconditioners import jacobi_preconditioner, nystrom_preconditioner
 
 __version__ = "0.1.0"
 
@@ -35,6 +29,7 @@ __all__ = [
     "NotFittedError",
     "CurvatureOperator",
     "DirectState",
+    "Scorer",
     "Solver",
     "SolveInfo",
     "as_batches",

@@ -19,7 +19,7 @@ import numpy as np
 
 import jaxinf
 from jaxinf import scale
-from jaxinf.data import add_example_axis
+from jaxinf.core.data import add_example_axis
 from tests import models
 
 N_TRAIN, N_TEST, BATCH, DAMPING = 24, 5, 4, 0.05

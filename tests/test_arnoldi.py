@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 import jaxinf
-from jaxinf._tree import ravel, tree_spec, unravel_batched
-from jaxinf.curvature import to_dense
-from jaxinf.lowrank import lowrank_solve, with_damping
+from jaxinf.core.curvature import to_dense
+from jaxinf.core.tree import ravel, tree_spec, unravel_batched
+from jaxinf.solvers.lowrank import lowrank_solve, with_damping
 from tests import models
 
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 import jaxinf
-from jaxinf._tree import ravel, tree_spec, unravel_batched
-from jaxinf.curvature import to_dense
+from jaxinf.core.curvature import to_dense
+from jaxinf.core.tree import ravel, tree_spec, unravel_batched
 from tests import models
 
 _dense = jax.jit(to_dense)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import jaxinf
-from jaxinf._tree import ravel, tree_spec, unravel
-from jaxinf.curvature import to_dense as dense_operator
+from jaxinf.core.curvature import to_dense as dense_operator
+from jaxinf.core.tree import ravel, tree_spec, unravel
 from tests import models
 
 

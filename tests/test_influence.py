@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import jaxinf
-from jaxinf.curvature import to_dense
+from jaxinf.core.curvature import to_dense
 from tests import models
 
 DAMPING = 1e-3

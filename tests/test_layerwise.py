@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 import jaxinf
-from jaxinf import cost_model
-from jaxinf.layerwise import contract_by_layer, layer_profile, loss_tracer
-from jaxinf.scoring import choose_method, contract
+from jaxinf.layers.statistics import loss_tracer
+from jaxinf.scoring import choose_method, contract, cost_model
 from jaxinf.scoring import layer_profile as scoring_profile
+from jaxinf.scoring.layerwise import contract_by_layer, layer_profile
 from tests import models
 
 

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 import jaxinf
-from jaxinf._tree import ravel
-from jaxinf.curvature import to_dense
+from jaxinf.core.curvature import to_dense
+from jaxinf.core.tree import ravel
 from tests import models
 from tests.test_arnoldi import _flat_solves, _quadratic, _rhs
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import jaxinf
-from jaxinf._tree import ravel, unravel
-from jaxinf.curvature import to_dense
+from jaxinf.core.curvature import to_dense
+from jaxinf.core.tree import ravel, unravel
 from jaxinf.solvers.preconditioners import hutchinson_diagonal
 from tests import models
 

@@ -11,7 +11,7 @@ import pytest
 
 import jaxinf
 from jaxinf import scale
-from jaxinf.data import add_example_axis
+from jaxinf.core.data import add_example_axis
 from tests import models
 
 BATCH = 5  # 23 examples: batches of 5, 5, 5, 5 and a ragged 3
@@ -246,13 +246,13 @@ def test_state_scores_through_the_calculator(tmp_path):
 
 @pytest.mark.parametrize("name", ["nystrom", "ekfac"])
 def test_influence_model_fit_from_stream(name):
-    """model.fit_from_stream: influences equal model.fit on the same batches; a new damping streams again."""
+    """scale.fit_from_stream(model, ...) equals model.fit on the same batches; a new damping streams again."""
     problem = models.logistic_problem(n_train=23, n_test=4)
     solver = {"nystrom": lambda: jaxinf.nystrom(5), "ekfac": lambda: jaxinf.ekfac(fisher="exact")}[name]()
     key = jax.random.key(3)
     in_memory_model = gauss_newton_model(problem, solver).fit(batches_of(problem.train), key=key)
-    stream_model = gauss_newton_model(problem, solver).fit_from_stream(
-        array_source(problem.train), key=key, progress=False
+    stream_model = scale.fit_from_stream(
+        gauss_newton_model(problem, solver), array_source(problem.train), key=key, progress=False
     )
     assert stream_model.n_train == 23
     reference = np.asarray(in_memory_model.influences(problem.test, problem.train))

@@ -7,7 +7,7 @@ import pytest
 
 import jaxinf
 from jaxinf import scale
-from jaxinf.curvature import to_dense
+from jaxinf.core.curvature import to_dense
 from tests import models
 
 

@@ -1,4 +1,4 @@
-"""Tests of the shared randomized Nyström sketch (jaxinf.sketch)."""
+"""Tests of the shared randomized Nyström sketch (jaxinf.core.sketch)."""
 
 import functools
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import jaxinf
-from jaxinf._tree import ravel, unravel
-from jaxinf.sketch import curvature_matvec, nystrom_inverse, nystrom_precondition, randomized_nystrom
+from jaxinf.core.sketch import curvature_matvec, nystrom_inverse, nystrom_precondition, randomized_nystrom
+from jaxinf.core.tree import ravel, unravel
 from tests import models
 
 

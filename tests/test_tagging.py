@@ -17,8 +17,8 @@ import pytest
 from flax import nnx
 
 import jaxinf
+from jaxinf.layers import find_layers, tag_dense, trace_layers
 from jaxinf.solvers.kfac import example_statistics
-from jaxinf.tagging import find_layers, tag_dense, trace_layers
 from tests import models
 
 TOL = 1e-10

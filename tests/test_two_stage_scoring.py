@@ -1,7 +1,7 @@
 """The wrapper scores a test batch against many training batches with the solver's two-stage score.
 
-``score_prepare`` (the test side: projections, completion residuals, K-FAC
-factors) runs once per test batch, ``score_finish`` once per training batch;
+``scorer.prepare`` (the test side: projections, completion residuals, K-FAC
+factors) runs once per test batch, ``scorer.finish`` once per training batch;
 the result equals the one-shot ``score`` on all the data and the generic
 factors-then-contraction path.
 """
@@ -26,7 +26,7 @@ def test_two_stage_equals_one_shot_and_factors(name):
     x, y = p.train
     batches = [(x[:10], y[:10]), (x[10:20], y[10:20]), (x[20:], y[20:])]  # ragged last batch
     solver = SOLVERS[name]()
-    assert solver.score_prepare is not None and solver.score_finish is not None
+    assert solver.scorer is not None
     model = jaxinf.InfluenceModel(
         None,
         p.params,

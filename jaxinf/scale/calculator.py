@@ -68,8 +68,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxinf.data import batch_size as leading_size
-from jaxinf.influence import MODES, solve_many
+from jaxinf.core.data import batch_size as leading_size
+from jaxinf.core.memory import available_bytes
+from jaxinf.model import MODES
 from jaxinf.scale.sharding import (
     _place,
     data_mesh,
@@ -82,6 +83,7 @@ from jaxinf.scale.sharding import (
 )
 from jaxinf.scale.sources import as_source
 from jaxinf.scoring import SCORING_METHODS, contract, per_example_grads, perturbation, resolve_input_leaf
+from jaxinf.solvers.base import solve_many
 
 PyTree = Any
 FORMAT = "jaxinf-influences"
@@ -165,18 +167,6 @@ class MemoryPlan:
         ]
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
-
-
-def _available_bytes(device) -> int:
-    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
-    if stats and "bytes_limit" in stats:
-        return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
-    try:
-        import psutil
-
-        return int(psutil.virtual_memory().available)
-    except Exception:  # pragma: no cover - psutil missing
-        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
 def _peak(compiled, fallback: int) -> int:
@@ -410,7 +400,7 @@ class InfluenceCalculator:
         n_test, n_train = test_source.total_examples, train_source.total_examples
         disk = n_test * n_train * int(np.prod(x_shape, dtype=np.int64)) * itemsize
         device = self.mesh.local_mesh.devices.flat[0]
-        budget = _available_bytes(device) if self.max_memory is None else int(self.max_memory)
+        budget = available_bytes(device) if self.max_memory is None else int(self.max_memory)
         plan = MemoryPlan(
             test_block=tb_pad,
             train_batch=train_like_size,
@@ -648,7 +638,7 @@ class InfluenceCalculator:
 
 
 def _convergence_error():
-    from jaxinf.influence import ConvergenceError
+    from jaxinf.core.errors import ConvergenceError
 
     return ConvergenceError
 
@@ -708,7 +698,7 @@ def _shape_key(tree) -> tuple:
 
 
 def _is_one_batch(data) -> bool:
-    from jaxinf.data import is_single_batch
+    from jaxinf.core.data import is_single_batch
     from jaxinf.scale.sources import _Source
 
     return not isinstance(data, _Source) and is_single_batch(data)

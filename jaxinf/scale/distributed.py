@@ -17,7 +17,7 @@ process reads **only its own part** of the training data:
     model = jaxinf.InfluenceModel(loss_fn, params, jaxinf.direct(), damping=1e-3)
     scale.fit(model, list(scale.ArraySource(fit_subset, 256).shard()), mesh)   # collective fit, in memory
     # or, for a fit on all of the data: every process streams its own rows
-    # model.fit_from_stream(train, mesh=mesh)                                 # direct/nystrom/arnoldi/(e)kfac
+    # scale.fit_from_stream(model, train, mesh=mesh)                             # direct/nystrom/arnoldi/(e)kfac
     scale.save_state("state.npz", model.state, solver=model.solver)           # process 0 writes
     scale.compute_influences(model, test, train, "/shared/influences.zarr", mesh=mesh)
 

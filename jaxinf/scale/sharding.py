@@ -41,9 +41,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxinf.curvature import CurvatureOperator
-from jaxinf.data import Batches, as_batches
-from jaxinf.data import batch_size as leading_size
+from jaxinf.core.curvature import CurvatureOperator
+from jaxinf.core.data import Batches, as_batches
+from jaxinf.core.data import batch_size as leading_size
 
 PyTree = Any
 AXIS = "data"
@@ -278,7 +278,7 @@ def fit(model, train_data: Any, mesh: Mesh, *, key: jax.Array | None = None):
     if model.solver.validate is not None:
         model.solver.validate(host_view(state))
     model._fit_key = key
-    model._stream = None  # fitted on this data now: a new damping refits on it, not on an earlier stream
+    model._refit_stream = None  # fitted on this data now: a new damping refits on it, not on an earlier stream
     model.operator, model.state = operator, state
     model.n_train = operator.num_examples
     return model

@@ -30,8 +30,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxinf.data import Batches, iterate_batches
-from jaxinf.data import batch_size as leading_size
+from jaxinf.core.data import Batches, iterate_batches
+from jaxinf.core.data import batch_size as leading_size
 
 PyTree = Any
 

@@ -36,8 +36,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxinf._tree import check_finite, ravel_batched, unravel
-from jaxinf.curvature import curvature_operator
+from jaxinf.core.curvature import curvature_operator
+from jaxinf.core.tree import check_finite, ravel_batched, unravel
+from jaxinf.model import InfluenceModel
 from jaxinf.scale.sharding import host_view, replicate
 from jaxinf.scale.sources import as_source
 from jaxinf.scale.streaming import StreamingCurvature
@@ -141,10 +142,10 @@ def _check_params(loss_fn, model_fn, params, batch) -> None:
 
 
 def fit_from_stream(
-    solver: Solver,
-    loss_fn: Callable | None,
-    params: PyTree,
-    data: Any,
+    solver: Solver | InfluenceModel,
+    loss_fn: Callable | None = None,
+    params: PyTree = None,
+    data: Any = None,
     *,
     kind: str = "hessian",
     damping: Any = 0.0,
@@ -157,6 +158,15 @@ def fit_from_stream(
     validate: bool = True,
 ) -> PyTree:
     """``solver``'s state fitted on a stream of batches, equal to ``solver.init`` on the same data in memory.
+
+    Two forms:
+
+    * ``fit_from_stream(solver, loss_fn, params, data, **options) -> state``
+      (the functional core);
+    * ``fit_from_stream(model, data, *, key=None, mesh=None, progress=True) ->
+      model``: fits an :class:`jaxinf.InfluenceModel` with its own loss,
+      params, curvature, damping and blocks; assigning ``model.damping``
+      afterwards streams the data again.
 
     The curvature is that of the mean loss over every example of ``data``
     (``C`` in ``(C + λI)⁻¹``; the same operator :func:`jaxinf.curvature_operator`
@@ -189,7 +199,7 @@ def fit_from_stream(
         :meth:`jaxinf.InfluenceModel.fit` does.
 
     Returns:
-      The solver's state.
+      The solver's state (the model, fitted, in the second form).
 
     Raises:
       ValueError: a solver that cannot be fitted from a stream (cg, lissa:
@@ -210,6 +220,13 @@ def fit_from_stream(
       >>> bool(jnp.allclose(state.eigvals[0], solver.init(op).eigvals[0], rtol=1e-5))
       True
     """
+    if isinstance(solver, InfluenceModel):
+        if data is not None or params is not None:
+            raise TypeError(
+                "fit_from_stream(model, data, *, key=None, mesh=None, progress=True): the model brings its own loss, "
+                "params, curvature, damping and blocks; pass only the data (and key/mesh/progress)."
+            )
+        return _fit_model(solver, loss_fn, key=key, mesh=mesh, progress=progress)
     if not isinstance(solver, Solver):
         raise TypeError(f"fit_from_stream needs a jaxinf Solver (e.g. jaxinf.ekfac()), got {type(solver).__name__}.")
     options = dict(
@@ -232,6 +249,31 @@ def fit_from_stream(
     if validate and solver.validate is not None:
         solver.validate(host_view(state))  # multi-process states are global arrays: check this process's copy
     return state
+
+
+def _fit_model(model: InfluenceModel, data: Any, *, key, mesh, progress) -> InfluenceModel:
+    """Fit ``model`` from a stream; a later ``model.damping = λ`` streams the data again."""
+    source = as_source(data)
+    state = fit_from_stream(
+        model.solver,
+        model.loss_fn,
+        model.params,
+        source,
+        kind=model.curvature,
+        damping=model.damping,
+        blocks=model.blocks,
+        model_fn=model.model_fn,
+        output_loss=model.output_loss,
+        mesh=mesh,
+        key=key,
+        progress=progress,
+    )
+    # The operator is only read for the parameters, the loss and the layout when scoring: one batch of it.
+    model.operator, model.state = model.operator_for(source.first()), state
+    model.n_train = source.num_examples
+    model._fit_key = key
+    model._refit_stream = lambda: _fit_model(model, source, key=key, mesh=mesh, progress=progress)
+    return model
 
 
 def _checked_source(data, loss_fn, model_fn, params):

@@ -43,7 +43,6 @@ Scoring never needs the training data in memory: see
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -51,12 +50,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinf._tree import check_finite, check_matches, ravel, tree_spec, unravel
-from jaxinf.curvature import CURVATURES, curvature_operator, fisher_vp, gauss_newton_vp, hessian_vp
-from jaxinf.data import batch_size as leading_size
+from jaxinf.core.curvature import CURVATURES, curvature_operator, fisher_vp, gauss_newton_vp, hessian_vp
+from jaxinf.core.data import batch_size as leading_size
+from jaxinf.core.tree import check_finite, check_matches, ravel, tree_spec, unravel
 from jaxinf.scale.sharding import global_batch, mesh_size, replicate, shard_batch
 from jaxinf.scale.sources import as_source
-from jaxinf.solvers.direct import DirectState, required_bytes
+from jaxinf.solvers.direct import DirectState, fit_dense
 
 PyTree = Any
 
@@ -283,42 +282,7 @@ def direct_from_stream(
     curvature = StreamingCurvature(
         loss_fn, params, source, kind=kind, model_fn=model_fn, output_loss=output_loss, mesh=mesh, progress=progress
     )
-    return dense_direct_state(layout, curvature, max_memory=max_memory, column_batch=column_batch)
-
-
-def dense_direct_state(
-    layout, curvature: StreamingCurvature, *, max_memory: int | None, column_batch: int
-) -> DirectState:
-    """:class:`jaxinf.DirectState` from the dense curvature of ``curvature`` (one pass), laid out as ``layout``.
-
-    ``layout`` is a :class:`jaxinf.CurvatureOperator` on any batch (its block
-    structure, damping and parameter layout are used; none of its products).
-    Refuses, before any pass, dense matrices larger than ``max_memory``
-    (default: the free memory of this process's first device).
-    """
-    need = required_bytes(layout) + math.prod((layout.size, layout.size)) * jnp.dtype(layout.dtype).itemsize
-    if max_memory is None:
-        from jaxinf.scale.calculator import _available_bytes
-
-        budget = _available_bytes(jax.local_devices()[0])
-    else:
-        budget = int(max_memory)
-    if need > budget:
-        raise ValueError(
-            f"direct() from a stream needs about {need / 2**30:.2f} GiB for the dense curvature of {layout.size} "
-            f"parameters, but {budget / 2**30:.2f} GiB is available. Use blocks='layer' or a low-rank or "
-            "Kronecker-factored solver."
-        )
-    dense = curvature.dense(column_batch=column_batch)
-    eigvecs, eigvals, indices = [], [], []
-    for b in range(layout.num_blocks):
-        idx = np.asarray(layout.block_flat_indices(b))
-        w, q = jnp.linalg.eigh(dense[np.ix_(idx, idx)])
-        eigvecs.append(q)
-        eigvals.append(w)
-        indices.append(jnp.asarray(idx))
-    block_damping = tuple(layout.damping[layout.block_leaf_indices(b)[0]] for b in range(layout.num_blocks))
-    return DirectState(tuple(eigvecs), tuple(eigvals), block_damping, tuple(indices), layout.spec, layout.block_names)
+    return fit_dense(layout, curvature.dense, max_memory=max_memory, column_batch=column_batch)
 
 
 class _NoBar:

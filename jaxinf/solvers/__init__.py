@@ -1,14 +1,19 @@
-"""Inverse-curvature-vector solvers, one module each, sharing :mod:`jaxinf.solvers.base`."""
+"""Inverse-curvature-vector solvers: the protocol (:mod:`~jaxinf.solvers.base`) and one module per family.
 
-from jaxinf.solvers.arnoldi import arnoldi
-from jaxinf.solvers.base import SolveInfo, Solver
-from jaxinf.solvers.cg import CGState, cg
-from jaxinf.solvers.direct import DirectState, direct
-from jaxinf.solvers.kfac import KFACState, ekfac, kfac
-from jaxinf.solvers.lissa import LissaState, lissa
-from jaxinf.solvers.nystrom import nystrom
-from jaxinf.solvers.preconditioners import Preconditioner, jacobi_preconditioner, nystrom_preconditioner
+The factories are public at the top level (``jaxinf.direct()``,
+``jaxinf.cg(...)``, ...); here each name is its module, so dotted paths such
+as ``jaxinf.solvers.kfac.influences_by_layer`` resolve.
 
-__all__ = ["Solver", "SolveInfo", "DirectState", "direct", "KFACState", "ekfac", "kfac", "arnoldi", "nystrom",
-           "CGState", "cg", "LissaState", "lissa", "Preconditioner", "jacobi_preconditioner",
-           "nystrom_preconditioner"]
+* :mod:`~jaxinf.solvers.base` — :class:`Solver`, :class:`Scorer`, :class:`SolveInfo`, :func:`solve_many`.
+* :mod:`~jaxinf.solvers.direct` — exact, from a dense eigendecomposition.
+* :mod:`~jaxinf.solvers.cg` — (block) conjugate gradient; :mod:`~jaxinf.solvers.preconditioners` for it.
+* :mod:`~jaxinf.solvers.lissa` — stochastic Neumann series.
+* :mod:`~jaxinf.solvers.arnoldi`, :mod:`~jaxinf.solvers.nystrom` — low-rank (:mod:`~jaxinf.solvers.lowrank`).
+* :mod:`~jaxinf.solvers.kfac` — K-FAC and EK-FAC.
+"""
+
+from jaxinf.solvers import arnoldi, base, cg, direct, kfac, lissa, lowrank, nystrom, preconditioners
+from jaxinf.solvers.base import Scorer, SolveInfo, Solver, solve_many
+
+__all__ = ["Scorer", "SolveInfo", "Solver", "arnoldi", "base", "cg", "direct", "kfac", "lissa", "lowrank", "nystrom",
+           "preconditioners", "solve_many"]

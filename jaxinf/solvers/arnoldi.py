@@ -30,7 +30,7 @@ inverted: ``validate`` raises, the solve flags ``converged = False``.
 
 Cost: ``krylov_dim`` curvature-vector products and ``O(m² p)`` dense work to
 fit; memory ``(m + 1) p``; per solve ``O(r p)``. Scores come by projection
-(:func:`jaxinf.lowrank.score`): ``r`` JVPs per batch, no per-example
+(:func:`jaxinf.solvers.lowrank.scorer`): ``r`` JVPs per batch, no per-example
 gradients unless ``completion=True``.
 """
 
@@ -42,10 +42,10 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jaxinf.curvature import CurvatureOperator
-from jaxinf.lowrank import LowRankState, check_operator, lowrank_solve, lowrank_validate, positive_int, scorers
-from jaxinf.sketch import curvature_matvec
+from jaxinf.core.curvature import CurvatureOperator
+from jaxinf.core.sketch import curvature_matvec
 from jaxinf.solvers.base import Solver
+from jaxinf.solvers.lowrank import LowRankState, check_operator, lowrank_solve, lowrank_validate, positive_int, scorer
 
 NEGATIVE = ("keep", "clip", "abs")
 
@@ -188,7 +188,7 @@ def arnoldi(
 
     Returns:
       A :class:`jaxinf.Solver` with ``init``, ``solve``, ``validate`` and
-      ``score`` (projected scoring, :func:`jaxinf.lowrank.score`).
+      ``score`` (projected scoring, :func:`jaxinf.solvers.lowrank.scorer`).
 
     Raises:
       ValueError: bad ``rank``/``krylov_dim``/``negative``; from ``init``,
@@ -272,7 +272,7 @@ def arnoldi(
         validate=validate,
         name="arnoldi",
         advice=ADVICE,
-        **scorers(projection_batch),
+        scorer=scorer(projection_batch),
         stream_init=stream_init,
     )
 

@@ -6,7 +6,7 @@ configuration and returns a :class:`Solver`, a pair of pure functions:
 * ``init(operator, *, key=None) -> state``: the one-off work (a dense
   factorisation, a sketch, Kronecker factors; for matrix-free methods the state
   just holds the operator). ``operator`` is a
-  :class:`jaxinf.curvature.CurvatureOperator`; the state is a pytree.
+  :class:`jaxinf.core.curvature.CurvatureOperator`; the state is a pytree.
 * ``solve(state, v) -> (x, info)``: ``x ≈ (C + λI)⁻¹ v`` for one right-hand
   side ``v`` with the structure of the parameters; ``info`` is a
   :class:`SolveInfo`. Many right-hand sides: ``jax.vmap(solve, in_axes=(None, 0))``.
@@ -21,10 +21,12 @@ or a warning with the numbers.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
+
+from jaxinf.core.data import batch_size
 
 
 class SolveInfo(NamedTuple):
@@ -52,39 +54,55 @@ def make_info(iterations, residual_norm, converged, diverged=False) -> SolveInfo
     )
 
 
-class Solver(NamedTuple):
-    """A pair of pure functions ``init`` and ``solve``; see the module docstring.
+class Scorer(NamedTuple):
+    """A solver's own way of scoring, without solving for each test gradient (optional).
+
+    Low-rank solvers project both sides on their basis; K-FAC contracts the
+    test factors with layer inputs and output gradients. Two stages, so that
+    one test batch against many training batches does the test side once:
 
     Attributes:
-      init: ``init(operator, *, key=None) -> state``.
-      solve: ``solve(state, v) -> (x, SolveInfo)``.
-      validate: optional host-side ``validate(state) -> None`` that raises a
-        clear error for trouble found while fitting (e.g. a singular matrix).
+      prepare: ``prepare(state, operator, test_batch) -> prepared`` (a
+        pytree: the test side).
+      finish: ``finish(state, operator, prepared, train_batch) -> (n_test,
+        n_train)``.
+    """
+
+    prepare: Callable[..., Any]
+    finish: Callable[..., Any]
+
+    def score(self, state, operator, test_batch, train_batch):
+        """``(n_test, n_train)`` in one call; the curvature is symmetric, so the smaller side is prepared."""
+        if batch_size(test_batch) <= batch_size(train_batch):
+            return self.finish(state, operator, self.prepare(state, operator, test_batch), train_batch)
+        return self.finish(state, operator, self.prepare(state, operator, train_batch), test_batch).T
+
+
+class Solver(NamedTuple):
+    """What a solver factory returns. Two functions are required; the rest is optional.
+
+    Required:
+      init: ``init(operator, *, key=None) -> state`` (a pytree).
+      solve: ``solve(state, v) -> (x, SolveInfo)`` with ``x ≈ (C + λI)⁻¹ v``.
+
+    Optional:
+      validate: host-side ``validate(state) -> None`` that raises a clear
+        error for trouble found while fitting (e.g. a singular matrix).
       name: a short name for reports.
       advice: what to change when this solver fails to converge or diverges
         (appended to the wrapper's error message).
-      score: optional ``score(state, operator, test_batch, train_batch) ->
-        (n_test, n_train)`` influence matrix, for solvers that score faster
-        than "solve the test factors, contract with training gradients"
-        (e.g. low-rank projections, per-layer Kronecker contractions). The
-        wrapper uses it for ``influences(..., mode="up")`` when present.
-      solve_many: optional ``solve_many(state, V) -> (X, SolveInfo)`` for a
-        pytree ``V`` whose leaves carry a leading axis of right-hand sides
-        (``X`` and every ``SolveInfo`` field gain the same leading axis), for
-        solvers with a genuinely blocked algorithm (e.g. block CG). When
-        absent, use ``jax.vmap(solve, in_axes=(None, 0))``.
-      score_prepare, score_finish: optional two-stage form of ``score``:
-        ``score_prepare(state, operator, test_batch) -> prepared`` (a pytree:
-        the test side, computed once per test batch) and
-        ``score_finish(state, operator, prepared, train_batch) -> (n_test,
-        n_train)``, so that scoring one test batch against many training
-        batches does the test-side work once.
-      stream_init: optional ``stream_init(stream, *, key=None) -> state``
-        for solvers that can be fitted in a fixed number of passes over a
-        stream of batches too large for memory (``stream`` is a
-        :class:`jaxinf.scale.stream_fit.BatchStream`); the state equals
-        ``init`` on the same batches held in memory. Called by
-        :func:`jaxinf.scale.fit_from_stream`.
+      solve_many: ``solve_many(state, V) -> (X, SolveInfo)`` for a pytree
+        ``V`` whose leaves carry a leading axis of right-hand sides, for
+        solvers with a genuinely blocked algorithm (block CG); otherwise
+        :func:`solve_many` uses ``jax.vmap(solve)``.
+      stream_init: ``stream_init(stream, *, key=None) -> state`` for solvers
+        fitted in a fixed number of passes over a stream of batches too large
+        for memory; ``stream`` is what :func:`jaxinf.scale.fit_from_stream`
+        builds (see :class:`BatchStreamLike`). The state equals ``init`` on the
+        same batches held in memory.
+      scorer: a :class:`Scorer`, for solvers that score faster than "solve
+        the test factors, contract with training gradients"; the wrapper uses
+        it for ``influences(..., mode="up")``.
     """
 
     init: Callable[..., Any]
@@ -92,8 +110,51 @@ class Solver(NamedTuple):
     validate: Callable[[Any], None] | None = None
     name: str = "solver"
     advice: str = ""
-    score: Callable[..., Any] | None = None
     solve_many: Callable[[Any, Any], tuple[Any, SolveInfo]] | None = None
     stream_init: Callable[..., Any] | None = None
-    score_prepare: Callable[..., Any] | None = None
-    score_finish: Callable[..., Any] | None = None
+    scorer: Scorer | None = None
+
+    @property
+    def score(self) -> Callable[..., Any] | None:
+        """``score(state, operator, test_batch, train_batch)`` of the :class:`Scorer`, or ``None``."""
+        return None if self.scorer is None else self.scorer.score
+
+
+class BatchStreamLike(Protocol):
+    """What a solver's ``stream_init`` may use (built by :func:`jaxinf.scale.fit_from_stream`).
+
+    Attributes:
+      operator: a :class:`jaxinf.CurvatureOperator` on the first batch only:
+        the parameter layout, resolved damping, kind and loss (never for
+        products, which would see one batch).
+      first: the first batch.
+      curvature: the streamed curvature (``.dense(column_batch=...)``,
+        ``.matmat(tree)``).
+      num_examples: examples in the stream.
+    """
+
+    operator: Any
+    first: Any
+    curvature: Any
+    num_examples: int
+
+    def batches(self, desc: str = ...) -> Any: ...  # (index, batch, weight = n_b / n) per batch, one pass
+
+    def replicate(self, tree: Any) -> Any: ...
+
+    def zeros(self, shapes: Any) -> Any: ...
+
+    def matmat(self, vectors: jax.Array, *, desc: str = ...) -> jax.Array: ...  # C V for raveled (p, k)
+
+    def matvec(self, vector: jax.Array, *, desc: str = ...) -> jax.Array: ...
+
+
+def solve_many(solver: Solver, state, rhs):
+    """Solve for every right-hand side along the leading axis of ``rhs``.
+
+    Uses the solver's own blocked algorithm (``solver.solve_many``) when it has
+    one, else ``jax.vmap`` of its single-right-hand-side ``solve``.
+    """
+    if solver.solve_many is not None:
+        return solver.solve_many(state, rhs)
+    return jax.vmap(solver.solve, in_axes=(None, 0))(state, rhs)

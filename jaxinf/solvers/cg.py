@@ -30,7 +30,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxinf._tree import (
+from jaxinf.core.curvature import CurvatureOperator
+from jaxinf.core.tree import (
     check_matches,
     is_tracer,
     ravel_batched,
@@ -43,7 +44,6 @@ from jaxinf._tree import (
     unravel,
     unravel_batched,
 )
-from jaxinf.curvature import CurvatureOperator
 from jaxinf.solvers.base import SolveInfo, Solver, make_info
 from jaxinf.solvers.preconditioners import Preconditioner
 

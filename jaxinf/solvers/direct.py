@@ -14,16 +14,17 @@ without refactorising (:func:`with_damping`).
 from __future__ import annotations
 
 import dataclasses
-import os
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinf._tree import TreeSpec, check_matches, ravel, unravel
-from jaxinf.curvature import CurvatureOperator
+from jaxinf.core.curvature import CurvatureOperator
+from jaxinf.core.memory import available_bytes
+from jaxinf.core.tree import TreeSpec, check_matches, ravel, unravel
 from jaxinf.solvers.base import Solver, make_info
 
 
@@ -69,17 +70,6 @@ def dense_curvature(operator: CurvatureOperator, block: int = 0, *, column_batch
     return 0.5 * (cols + cols.T)
 
 
-def _available_bytes() -> int:
-    device = jax.local_devices()[0]
-    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
-    if stats and "bytes_limit" in stats:
-        return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
-    try:
-        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError, AttributeError):
-        return 8 << 30
-
-
 def required_bytes(operator: CurvatureOperator) -> int:
     """Memory ``direct`` needs: matrix, eigenvectors and LAPACK workspace per block."""
     itemsize = jnp.dtype(operator.dtype).itemsize
@@ -122,23 +112,9 @@ def direct(*, max_memory: int | None = None, column_batch: int = 128) -> Solver:
 
     def init(operator: CurvatureOperator, *, key=None) -> DirectState:
         del key
-        need = required_bytes(operator)
-        budget = _available_bytes() if max_memory is None else int(max_memory)
-        if need > budget:
-            raise ValueError(
-                f"direct() needs about {need / 2**30:.2f} GiB for the dense curvature of {operator.size} "
-                f"parameters ({operator.num_blocks} block(s)), but {budget / 2**30:.2f} GiB is available. "
-                "Use blocks='layer', an iterative or low-rank solver (cg, arnoldi, ekfac), "
-                "or raise max_memory if you know it fits."
-            )
-        eigvecs, eigvals, indices = [], [], []
-        for b in range(operator.num_blocks):
-            w, q = jnp.linalg.eigh(dense_curvature(operator, b, column_batch=column_batch))
-            eigvecs.append(q)
-            eigvals.append(w)
-            indices.append(jnp.asarray(operator.block_flat_indices(b)))
-        damping = tuple(operator.damping[operator.block_leaf_indices(b)[0]] for b in range(operator.num_blocks))
-        return DirectState(tuple(eigvecs), tuple(eigvals), damping, tuple(indices), operator.spec, operator.block_names)
+        check_memory(operator, required_bytes(operator), max_memory)
+        blocks = [dense_curvature(operator, b, column_batch=column_batch) for b in range(operator.num_blocks)]
+        return state_from_blocks(operator, blocks)
 
     def apply(state: DirectState, b, power):
         x = jnp.zeros_like(b)
@@ -179,11 +155,52 @@ def direct(*, max_memory: int | None = None, column_batch: int = 128) -> Solver:
 
     def stream_init(stream, *, key=None) -> DirectState:
         """One pass over a stream (:func:`jaxinf.scale.fit_from_stream`): the dense curvature, then ``eigh``."""
-        from jaxinf.scale.streaming import dense_direct_state  # scale builds on the solvers, not the reverse
-
-        return dense_direct_state(stream.operator, stream.curvature, max_memory=max_memory, column_batch=column_batch)
+        del key
+        return fit_dense(stream.operator, stream.curvature.dense, max_memory=max_memory, column_batch=column_batch)
 
     return Solver(init=init, solve=solve, validate=validate, name="direct", stream_init=stream_init)
+
+
+def check_memory(operator: CurvatureOperator, need: int, max_memory: int | None) -> None:
+    """``ValueError`` with the GiB needed when ``need`` bytes exceed ``max_memory`` (default: free memory)."""
+    budget = available_bytes() if max_memory is None else int(max_memory)
+    if need > budget:
+        raise ValueError(
+            f"direct() needs about {need / 2**30:.2f} GiB for the dense curvature of {operator.size} "
+            f"parameters ({operator.num_blocks} block(s)), but {budget / 2**30:.2f} GiB is available. "
+            "Use blocks='layer', an iterative or low-rank solver (cg, arnoldi, ekfac), "
+            "or raise max_memory if you know it fits."
+        )
+
+
+def state_from_blocks(layout: CurvatureOperator, blocks) -> DirectState:
+    """:class:`DirectState` from the dense (symmetric) curvature of each block of ``layout``: one ``eigh`` each."""
+    eigvecs, eigvals, indices = [], [], []
+    for b, matrix in enumerate(blocks):
+        w, q = jnp.linalg.eigh(matrix)
+        eigvecs.append(q)
+        eigvals.append(w)
+        indices.append(jnp.asarray(layout.block_flat_indices(b)))
+    damping = tuple(layout.damping[layout.block_leaf_indices(b)[0]] for b in range(layout.num_blocks))
+    return DirectState(tuple(eigvecs), tuple(eigvals), damping, tuple(indices), layout.spec, layout.block_names)
+
+
+def fit_dense(layout: CurvatureOperator, dense: Callable, *, max_memory: int | None, column_batch: int) -> DirectState:
+    """:class:`DirectState` from a full dense curvature ``dense(column_batch=...) -> (p, p)`` laid out as ``layout``.
+
+    Used for streamed fits: ``dense`` is one pass over the data
+    (``StreamingCurvature.dense``); ``layout`` is an operator on any one batch
+    (block structure, damping and parameter layout; none of its products run).
+    Refuses, before the pass, matrices larger than ``max_memory``.
+    """
+    need = required_bytes(layout) + layout.size * layout.size * jnp.dtype(layout.dtype).itemsize
+    check_memory(layout, need, max_memory)
+    full = dense(column_batch=column_batch)
+    blocks = []
+    for b in range(layout.num_blocks):
+        idx = np.asarray(layout.block_flat_indices(b))
+        blocks.append(full[np.ix_(idx, idx)])
+    return state_from_blocks(layout, blocks)
 
 
 def _singular(state: DirectState):

@@ -19,7 +19,7 @@ replaces ``Λ`` by the second moments of the per-example gradients in that
 basis, ``Λ = E[(Q_Aᵀ ∇_W ℓ_i Q_G)²]`` (elementwise square), which is the
 best diagonal in that basis in Frobenius norm. Parameters outside any tagged
 layer get a diagonal or an exact small block of the same curvature
-(:mod:`jaxinf.tagging` decides and reports which).
+(:mod:`jaxinf.layers` decides and reports which).
 
 Which curvature (the ``fisher`` option):
 
@@ -63,12 +63,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinf._tree import TreeSpec, check_matches
-from jaxinf.curvature import CurvatureOperator, per_example_grads
-from jaxinf.data import Batches, add_example_axis, batch_size
-from jaxinf.layerwise import contract_by_layer, example_statistics, layer_matrices, rest_matrix
-from jaxinf.solvers.base import Solver, make_info
-from jaxinf.tagging import LayerTags, Tracer, trace_layers
+from jaxinf.core.curvature import CurvatureOperator, per_example_grads
+from jaxinf.core.data import Batches, add_example_axis, batch_size
+from jaxinf.core.tree import TreeSpec, check_matches
+from jaxinf.layers import LayerTags, Tracer, trace_layers
+from jaxinf.layers.statistics import example_statistics, layer_matrices, rest_matrix
+from jaxinf.scoring.layerwise import contract_by_layer
+from jaxinf.solvers.base import Scorer, Solver, make_info
 
 PyTree = Any
 FISHER_MODES = ("auto", "sampled", "exact", "empirical")
@@ -208,7 +209,7 @@ def _output_cotangents(plan: KFACPlan, output_loss, outs, batch1, key):
 
 
 def _weighted_sum(fn: Callable, data: Batches):
-    """``Σ_b (n_b / n) fn(batch_b, b)`` (the pattern of :func:`jaxinf.data.weighted_mean`, plus a batch index)."""
+    """``Σ_b (n_b / n) fn(batch_b, b)`` (the pattern of :func:`jaxinf.core.data.weighted_mean`, plus a batch index)."""
     n = data.num_examples
     total, offset = None, 0
     if data.stacked is not None:
@@ -401,9 +402,7 @@ def ekfac(
         validate=validate,
         name=name,
         advice=advice,
-        score=score,
-        score_prepare=prepare_scores,
-        score_finish=finish_scores,
+        scorer=Scorer(prepare=prepare_scores, finish=finish_scores),
         stream_init=stream_init,
     )
 
@@ -740,7 +739,7 @@ def influences_by_layer(state: KFACState, operator: CurvatureOperator, test_batc
 
     Keys are the layer names of ``state.tags`` and the paths of fallback
     leaves. Each term is ``Σ_l ⟨(K + λ)⁻¹ ∇ℓ(test_i), ∇ℓ(train_j)⟩`` restricted
-    to that layer's parameters, contracted by :func:`jaxinf.layerwise.contract_by_layer`
+    to that layer's parameters, contracted by :func:`jaxinf.scoring.layerwise.contract_by_layer`
     (per-example training gradients are formed only for layers where that is
     cheaper than contracting layer inputs and output gradients directly).
     """

@@ -27,10 +27,10 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxinf._tree import check_matches, is_tracer, tree_norm, tree_scale, tree_sub, tree_where
-from jaxinf.curvature import CurvatureOperator
-from jaxinf.data import Batches
-from jaxinf.data import batch_size as leading_size
+from jaxinf.core.curvature import CurvatureOperator
+from jaxinf.core.data import Batches
+from jaxinf.core.data import batch_size as leading_size
+from jaxinf.core.tree import check_matches, is_tracer, tree_norm, tree_scale, tree_sub, tree_where
 from jaxinf.solvers.base import SolveInfo, Solver, make_info
 
 PyTree = Any

@@ -5,7 +5,7 @@ The curvature is replaced by its randomized Nyström approximation
     ``C_nys = (CΩ)(ΩᵀCΩ)⁺(CΩ)ᵀ = U diag(Λ) Uᵀ``,
 
 computed stably with a small shift (Frangella, Tropp & Udell 2023,
-RandNysAppx; :func:`jaxinf.sketch.randomized_nystrom`) from ``rank``
+RandNysAppx; :func:`jaxinf.core.sketch.randomized_nystrom`) from ``rank``
 curvature-vector products with a Gaussian test matrix ``Ω``, and the damped
 model is inverted with the Sherman–Morrison–Woodbury formula:
 
@@ -23,7 +23,7 @@ Exact when ``rank ≥ rank(C)``: e.g. an empirical Fisher of ``n`` examples
 
 Cost: ``rank`` curvature-vector products (vmapped, or ``sketch_batch`` at a
 time) and ``O(p r²)`` dense work to fit; memory ``O(p r)``; per solve
-``O(p r)``. Scores come by projection (:func:`jaxinf.lowrank.score`).
+``O(p r)``. Scores come by projection (:func:`jaxinf.solvers.lowrank.scorer`).
 """
 
 from __future__ import annotations
@@ -33,18 +33,18 @@ import warnings
 import jax
 import jax.numpy as jnp
 
-from jaxinf.curvature import CurvatureOperator
-from jaxinf.lowrank import (
+from jaxinf.core.curvature import CurvatureOperator
+from jaxinf.core.sketch import NystromApproximation, nystrom_from_sketch, nystrom_of_operator, sketch_test_matrix
+from jaxinf.solvers.base import Solver
+from jaxinf.solvers.lowrank import (
     LowRankState,
     check_concrete_positive,
     check_operator,
     lowrank_solve,
     lowrank_validate,
     positive_int,
-    scorers,
+    scorer,
 )
-from jaxinf.sketch import NystromApproximation, nystrom_from_sketch, nystrom_of_operator, sketch_test_matrix
-from jaxinf.solvers.base import Solver
 
 ADVICE = (
     "Nyström sketch-and-solve needs damping > 0 and a PSD curvature (curvature='gauss_newton' or 'fisher'); "
@@ -149,13 +149,13 @@ def nystrom(
         validate=validate,
         name="nystrom",
         advice=ADVICE,
-        **scorers(projection_batch),
+        scorer=scorer(projection_batch),
         stream_init=stream_init,
     )
 
 
 def nystrom_state(approx: NystromApproximation, damping, spec, *, completion: bool) -> LowRankState:
-    """The Nyström solver's state from a fitted :class:`jaxinf.sketch.NystromApproximation`."""
+    """The Nyström solver's state from a fitted :class:`jaxinf.core.sketch.NystromApproximation`."""
     return LowRankState(
         basis=approx.basis,
         eigvals=approx.eigvals,

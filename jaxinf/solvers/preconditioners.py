@@ -22,9 +22,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxinf._tree import ravel, tree_spec, unravel
-from jaxinf.curvature import CurvatureOperator
-from jaxinf.sketch import NystromApproximation, nystrom_of_operator, nystrom_precondition
+from jaxinf.core.curvature import CurvatureOperator
+from jaxinf.core.sketch import NystromApproximation, nystrom_of_operator, nystrom_precondition
+from jaxinf.core.tree import ravel, tree_spec, unravel
 
 PyTree = Any
 
@@ -161,7 +161,7 @@ def nystrom_preconditioner(rank: int, *, batch_size: int | None = None) -> Preco
     """Randomized Nyström pre-conditioner (Frangella, Tropp & Udell 2023).
 
     ``init`` sketches the undamped (block-diagonal) curvature with ``rank``
-    products, ``C ≈ U diag(Λ) Uᵀ`` (:func:`jaxinf.sketch.randomized_nystrom`),
+    products, ``C ≈ U diag(Λ) Uᵀ`` (:func:`jaxinf.core.sketch.randomized_nystrom`),
     and ``apply`` uses
 
         ``P⁻¹ = (Λ_r + μ) U (Λ + μI)⁻¹ Uᵀ + (I − UUᵀ)``,

@@ -19,7 +19,7 @@ The operator is a pytree (:class:`CurvatureOperator`): parameters, data and
 damping are its children, the functions and the block layout are static, so
 it passes through ``jit`` and ``vmap`` and one compiled solve serves every
 dataset of the same shapes. The dataset is averaged **weighted by batch size**
-(see :func:`jaxinf.data.weighted_mean`).
+(see :func:`jaxinf.core.data.weighted_mean`).
 
 Block-diagonal curvature (``blocks="layer"``, ``"parameter"`` or user
 labels) keeps only the diagonal blocks ``C_bb`` and allows one damping value
@@ -37,8 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinf._tree import TreeSpec, check_matches, is_tracer, tree_spec
-from jaxinf.data import Batches, add_example_axis, as_batches, weighted_mean
+from jaxinf.core.data import Batches, add_example_axis, as_batches, weighted_mean
+from jaxinf.core.tree import TreeSpec, check_matches, is_tracer, tree_spec
 
 PyTree = Any
 CURVATURES = ("hessian", "gauss_newton", "fisher")
@@ -338,7 +338,7 @@ def to_dense(operator: CurvatureOperator, *, column_batch: int = 128):
 
     For tests and inspection of small models: it costs ``p`` products.
     """
-    from jaxinf._tree import ravel, unravel
+    from jaxinf.core.tree import ravel, unravel
 
     spec = operator.spec
     p = spec.size

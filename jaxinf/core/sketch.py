@@ -46,7 +46,7 @@ exact up to rounding: ``A (Ω) (ΩᵀAΩ)⁺ (AΩ)ᵀ = A`` for a generic ``Ω``
 
 Examples:
   >>> import jax, jax.numpy as jnp
-  >>> from jaxinf.sketch import randomized_nystrom
+  >>> from jaxinf.core.sketch import randomized_nystrom
   >>> a = jnp.diag(jnp.array([3.0, 2.0, 0.0, 0.0]))
   >>> approx = randomized_nystrom(lambda x: a @ x, 4, 2, jax.random.key(0))
   >>> [round(float(v), 4) for v in approx.eigvals]
@@ -68,7 +68,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxinf._tree import ravel, unravel
+from jaxinf.core.tree import ravel, unravel
 
 __all__ = [
     "NystromApproximation",

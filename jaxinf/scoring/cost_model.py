@@ -10,7 +10,7 @@ example:
 * ``"gradients"`` (per-example gradients and a matrix product): forward and
   backward passes (``3W``), storing the gradient (``κ p``) and the product
   with the factors (``F p``): ``3W + (κ + F) p``.
-* ``"layerwise"`` (per-layer contraction, :mod:`jaxinf.layerwise`): a forward
+* ``"layerwise"`` (per-layer contraction, :mod:`jaxinf.scoring.layerwise`): a forward
   pass that records the layer inputs and a backward pass to the layer
   outputs (``2W``, plus ``κ (S + T O)`` to store them, ``S`` the recorded
   input: ``T R`` in general, the input itself for a convolution), then per layer with

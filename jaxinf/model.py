@@ -1,7 +1,7 @@
 """The stateful wrapper: a solver combined into influence scores.
 
 :class:`InfluenceModel` only orchestrates: the curvature comes from
-:mod:`jaxinf.curvature`, the inverse from a :class:`jaxinf.Solver`, the
+:mod:`jaxinf.core.curvature`, the inverse from a :class:`jaxinf.Solver`, the
 contractions from :mod:`jaxinf.scoring`. It validates inputs outside ``jit``,
 compiles each numerical step once, and turns the solvers' ``SolveInfo`` into
 errors or warnings with the numbers.
@@ -26,9 +26,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinf._tree import check_finite, check_matches, tree_spec
-from jaxinf.curvature import CURVATURES, CurvatureOperator, curvature_operator
-from jaxinf.data import as_batches, batch_size
+from jaxinf.core.curvature import CURVATURES, CurvatureOperator, curvature_operator
+from jaxinf.core.data import as_batches, batch_size
+from jaxinf.core.errors import ConvergenceError, NotFittedError
+from jaxinf.core.tree import check_finite, check_matches, tree_spec
 from jaxinf.scoring import (
     SCORING_METHODS,
     choose_method,
@@ -38,30 +39,10 @@ from jaxinf.scoring import (
     perturbation,
     resolve_input_leaf,
 )
-from jaxinf.solvers.base import Solver
+from jaxinf.solvers.base import Solver, solve_many
 
 PyTree = Any
 MODES = ("up", "perturbation")
-
-
-class NotFittedError(RuntimeError):
-    """An influence was asked of an :class:`InfluenceModel` before ``fit``."""
-
-
-class ConvergenceError(RuntimeError):
-    """An iterative solve did not converge or diverged (strict mode)."""
-
-
-def solve_many(solver: Solver, state, rhs: PyTree):
-    """Solve for every right-hand side along the leading axis of ``rhs``.
-
-    Uses the solver's own blocked algorithm (``solver.solve_many``) when it has
-    one, else ``jax.vmap`` of its single-right-hand-side ``solve``.
-    """
-    blocked = getattr(solver, "solve_many", None)
-    if blocked is not None:
-        return blocked(state, rhs)
-    return jax.vmap(solver.solve, in_axes=(None, 0))(state, rhs)
 
 
 class InfluenceModel:
@@ -80,7 +61,7 @@ class InfluenceModel:
       model_fn, output_loss: the split loss for ``"gauss_newton"``.
       blocks: block-diagonal structure (``None``, ``"layer"``,
         ``"parameter"``, labels or a callable); see
-        :func:`jaxinf.curvature.resolve_blocks`.
+        :func:`jaxinf.core.curvature.resolve_blocks`.
       input_leaf: the batch leaf that perturbation mode differentiates with
         respect to: a position in ``jax.tree.leaves(batch)`` (default ``0``,
         the ``x`` of ``(x, y)``) or a key path string such as ``"['image']"``.
@@ -161,12 +142,11 @@ class InfluenceModel:
         self._solve_many = jax.jit(lambda state, rhs: solve_many(solver, state, rhs))
         self._contract = jax.jit(lambda p, f, b, method: contract(loss_fn, p, f, b, method), static_argnums=3)
         self._perturb = jax.jit(lambda p, f, b, leaf: perturbation(loss_fn, p, f, b, leaf), static_argnums=3)
-        self._score = jax.jit(solver.score) if solver.score is not None else None
-        two_stage = solver.score_prepare is not None and solver.score_finish is not None
-        self._score_prepare = jax.jit(solver.score_prepare) if two_stage else None
-        self._score_finish = jax.jit(solver.score_finish) if two_stage else None
+        self._score_prepare = jax.jit(solver.scorer.prepare) if solver.scorer is not None else None
+        self._score_finish = jax.jit(solver.scorer.finish) if solver.scorer is not None else None
         self._profiles: dict = {}
-        self._stream: dict | None = None
+        # Set by jaxinf.scale.fit_from_stream(model, ...): refits from the same stream when the damping changes.
+        self._refit_stream: Callable[[], None] | None = None
 
     # ------------------------------------------------------------------ fit
     @property
@@ -177,8 +157,8 @@ class InfluenceModel:
     def damping(self, value):
         """Changing the damping of a fitted model refits it on the same data (streamed again if it was streamed)."""
         self._damping = value
-        if self._stream is not None:
-            self.fit_from_stream(self._stream["data"], key=self._fit_key, **self._stream["options"])
+        if self._refit_stream is not None:
+            self._refit_stream()
         elif self.operator is not None:
             self._fit_operator(self.operator.with_damping(value), self._fit_key)
 
@@ -199,51 +179,7 @@ class InfluenceModel:
           ``self``, fitted.
         """
         self._fit_operator(self.operator_for(train_data), key)
-        self._stream = None
-        return self
-
-    def fit_from_stream(self, data: Any, key: jax.Array | None = None, *, mesh=None, progress: bool = True):
-        """Fit on a collection read batch by batch (larger than memory), as :func:`jaxinf.scale.fit_from_stream`.
-
-        The state equals ``fit`` on the same batches held in memory (same
-        draws for the same ``key``); memory is one batch plus the solver's
-        state. Supported for ``direct``, ``nystrom``, ``arnoldi``, ``kfac`` and
-        ``ekfac``; others raise with what to do instead.
-
-        Args:
-          data: a source of :mod:`jaxinf.scale` (``ArraySource`` over
-            arrays, memmaps or zarr; ``IterableSource`` over a pipeline), or
-            a list of batches.
-          key: PRNG key for randomised fits.
-          mesh: optional data mesh: each batch is sharded along its examples.
-          progress: a tqdm bar per pass over the data.
-
-        Returns:
-          ``self``, fitted. Changing ``damping`` afterwards streams the data again.
-        """
-        from jaxinf.scale.sources import as_source
-        from jaxinf.scale.stream_fit import fit_from_stream
-
-        source = as_source(data)
-        state = fit_from_stream(
-            self.solver,
-            self.loss_fn,
-            self.params,
-            source,
-            kind=self.curvature,
-            damping=self._damping,
-            blocks=self.blocks,
-            model_fn=self.model_fn,
-            output_loss=self.output_loss,
-            mesh=mesh,
-            key=key,
-            progress=progress,
-        )
-        # The operator is only read for the parameters, the loss and the layout when scoring: one batch of it.
-        self.operator, self.state = self.operator_for(source.first()), state
-        self.n_train = source.num_examples
-        self._fit_key = key
-        self._stream = {"data": source, "options": {"mesh": mesh, "progress": progress}}
+        self._refit_stream = None
         return self
 
     def operator_for(self, train_data: Any) -> CurvatureOperator:
@@ -393,20 +329,6 @@ class InfluenceModel:
                 ]
                 rows.append(jnp.concatenate(columns, axis=1))
             return jnp.concatenate(rows, axis=0)
-        if mode == "up" and self._score is not None:
-            return jnp.concatenate(
-                [
-                    jnp.concatenate(
-                        [
-                            self._score(self.state, self.operator, tb, rb)
-                            for rb in self._batches(train_data, "train_data")
-                        ],
-                        axis=1,
-                    )
-                    for tb in self._batches(test_data, "test_data")
-                ],
-                axis=0,
-            )
         if mode == "up":
             n_test = as_batches(test_data, name="test_data").num_examples
             n_train = as_batches(train_data, name="train_data").num_examples
@@ -439,4 +361,4 @@ def _rowwise_dot(a: PyTree, b: PyTree):
     )
 
 
-__all__ = ["InfluenceModel", "NotFittedError", "ConvergenceError", "MODES", "solve_many"]
+__all__ = ["InfluenceModel", "MODES"]

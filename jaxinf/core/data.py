@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinf._tree import check_finite, tree_add, tree_scale
+from jaxinf.core.tree import check_finite, tree_add, tree_scale
 
 PyTree = Any
 

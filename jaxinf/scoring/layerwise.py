@@ -20,7 +20,7 @@ with all factors (``F``) — whichever has fewer multiply-adds. A convolution
 the layer's own convolution of the recorded input with the factors as
 kernels, and its per-example gradient the kernel gradient of that
 convolution, as backpropagation forms it. Leaves outside
-any layer (fallbacks of :mod:`jaxinf.tagging`) and the non-layer uses of
+any layer (fallbacks of :mod:`jaxinf.layers`) and the non-layer uses of
 tagged weights contribute through their ordinary per-example gradients.
 
 This is the "per-layer contraction" scoring method of :mod:`jaxinf.scoring`
@@ -38,75 +38,17 @@ References:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from jaxinf.cost_model import LayerProfile, direct_is_cheaper
-from jaxinf.data import add_example_axis
-from jaxinf.tagging import Tracer, trace_layers
+from jaxinf.core.data import add_example_axis
+from jaxinf.layers import Tracer
+from jaxinf.layers.statistics import example_statistics, layer_matrices, rest_matrix
+from jaxinf.scoring.cost_model import LayerProfile, direct_is_cheaper
 
 PyTree = Any
-
-
-def example_statistics(tracer: Tracer, params_leaves, batch1, cotangent_fn):
-    """Layer inputs, output gradients and rest-gradients for one example.
-
-    Args:
-      tracer: from :func:`jaxinf.tagging.trace_layers`.
-      params_leaves: the parameter leaves.
-      batch1: a batch of one example.
-      cotangent_fn: ``(outs, batch1) -> (cotangents with leading K, K)``.
-
-    Returns:
-      ``(records, pert_grads, diff_grads)``: ``records[sid]`` the input of
-      site ``sid``; ``pert_grads[sid]`` ``(K, ...)`` output gradients;
-      ``diff_grads[leaf]`` ``(K, ...)`` gradients of the non-layer uses.
-    """
-    diff0 = {i: params_leaves[i] for i in tracer.diff_leaves}
-    perts0 = tracer.zero_perts()
-
-    def f(diff, perts):
-        return tracer.run(params_leaves, diff, perts, batch1)
-
-    outs, vjp_fn, records = jax.vjp(f, diff0, perts0, has_aux=True)
-    cots, _ = cotangent_fn(outs, batch1)
-    diff_grads, pert_grads = jax.vmap(vjp_fn)(cots)
-    return records, pert_grads, diff_grads
-
-
-def layer_matrices(layer, records, pert_grads, dtype):
-    """Per example: ``a`` ``(T, rows)`` and ``g`` ``(K, T, d_out)`` of a layer, sites concatenated."""
-    a_parts, g_parts = [], []
-    for site in layer.sites:
-        a = site.inputs_matrix(records[site.sid]).astype(dtype)
-        if layer.bias is not None:
-            beta = 1.0 if (site.bias is not None and site.bias[0] == layer.bias) else 0.0
-            a = jnp.concatenate([a, jnp.full((a.shape[0], 1), beta, dtype)], axis=1)
-        a_parts.append(a)
-        g_parts.append(jax.vmap(site.outputs_matrix)(pert_grads[site.sid]).astype(dtype))
-    return jnp.concatenate(a_parts, axis=0), jnp.concatenate(g_parts, axis=1)
-
-
-def rest_matrix(layer, diff_grads, dtype):
-    """Per example: gradients of a layer's non-layer uses as ``(K, rows, d_out)``, or ``None``."""
-    if layer.weight not in diff_grads and (layer.bias is None or layer.bias not in diff_grads):
-        return None
-    k = next(iter(jax.tree.leaves(diff_grads))).shape[0]
-    w = diff_grads.get(layer.weight)
-    wm = (
-        jax.vmap(layer.canon.to_matrix)(w).astype(dtype)
-        if w is not None
-        else jnp.zeros((k, layer.d_in, layer.d_out), dtype)
-    )
-    if layer.bias is None:
-        return wm
-    b = diff_grads.get(layer.bias)
-    row = jax.vmap(layer.bias_row)(b).astype(dtype) if b is not None else jnp.zeros((k, layer.d_out), dtype)
-    return jnp.concatenate([wm, row[:, None, :]], axis=1)
 
 
 def _one_example_gradient(tracer: Tracer, params_leaves, batch):
@@ -122,7 +64,7 @@ def contract_by_layer(tracer: Tracer, params: PyTree, factors: PyTree, batch: Py
     the layer outputs over ``batch``, for every factor at once.
 
     Args:
-      tracer: :func:`jaxinf.tagging.trace_layers` of the loss
+      tracer: :func:`jaxinf.layers.trace_layers` of the loss
         ``loss_fn(params, batch) -> mean loss``.
       params: the parameters.
       factors: params-shaped leaves with a leading ``n_factors`` axis.
@@ -188,7 +130,7 @@ def _conv_site_scores(layer, site, records, pert, fm, dtype):
     summed over positions. Per-example: the kernel gradient of the site's
     convolution (a convolution of the input with the output gradient, as in
     backpropagation), then one product with the factors. Whichever has fewer
-    multiply-adds (:func:`jaxinf.cost_model.direct_is_cheaper`).
+    multiply-adds (:func:`jaxinf.scoring.cost_model.direct_is_cheaper`).
     """
     c = site.conv
     n_factors, rows, d_out = fm.shape
@@ -236,18 +178,8 @@ def _conv_site_scores(layer, site, records, pert, fm, dtype):
     return s
 
 
-def loss_tracer(loss_fn: Callable, params: PyTree, batch: PyTree, *, block_max_size: int = 0) -> Tracer:
-    """The layers of ``loss_fn`` for the per-layer contraction (traced from shapes; fallback leaves diagonal).
-
-    ``block_max_size`` only matters to K-FAC's fallback curvature; the
-    contraction treats every fallback leaf through its per-example gradient.
-    """
-    shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.result_type(a)), params)
-    return trace_layers(loss_fn, shapes, batch, block_max_size=block_max_size)
-
-
 def layer_profile(tracer: Tracer) -> LayerProfile:
-    """The sizes :mod:`jaxinf.cost_model` needs: ``(rows, d_out, locations, stored inputs)`` per layer, other entries.
+    """The sizes the cost model needs: ``(rows, d_out, locations, stored inputs)`` per layer, other entries.
 
     ``stored inputs``: entries of the recorded layer input per example — the
     input itself for a convolution contracted natively, ``locations × rows``
@@ -265,11 +197,4 @@ def layer_profile(tracer: Tracer) -> LayerProfile:
     return LayerProfile(layers, sum(math.prod(tags.shapes[leaf]) for leaf in other))
 
 
-__all__ = [
-    "contract_by_layer",
-    "example_statistics",
-    "layer_matrices",
-    "layer_profile",
-    "loss_tracer",
-    "rest_matrix",
-]
+__all__ = ["contract_by_layer", "layer_profile", "native_conv"]

@@ -37,10 +37,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinf._tree import TreeSpec, check_matches, is_tracer, ravel, ravel_batched, unravel
-from jaxinf.curvature import CurvatureOperator, per_example_grads, per_example_losses
-from jaxinf.data import batch_size
-from jaxinf.solvers.base import make_info
+from jaxinf.core.curvature import CurvatureOperator, per_example_grads, per_example_losses
+from jaxinf.core.tree import TreeSpec, check_matches, is_tracer, ravel, ravel_batched, unravel
+from jaxinf.solvers.base import Scorer, make_info
 
 PyTree = Any
 
@@ -51,8 +50,7 @@ __all__ = [
     "lowrank_validate",
     "prepare_scores",
     "project",
-    "score",
-    "scorers",
+    "scorer",
     "scoring_loss_fn",
     "with_damping",
 ]
@@ -305,42 +303,18 @@ def finish_scores(
     return scores
 
 
-def score(
-    state: LowRankState,
-    operator: CurvatureOperator,
-    test_batch: PyTree,
-    train_batch: PyTree,
-    *,
-    projection_batch: int | None = None,
-):
-    """Influence matrix ``(n_test, n_train)`` from the low-rank state, by projection.
+def scorer(projection_batch: int | None) -> Scorer:
+    """The :class:`jaxinf.solvers.base.Scorer` of a low-rank solver: projections (and the completion) by JVPs.
 
-    ``I = P_test (D + λ)⁻¹ P_trainᵀ`` with ``P = G V`` formed by JVPs
-    (:func:`project`), plus ``(1/λ) g_testᵀ (I − VVᵀ) g_train`` when the state
-    has ``completion=True`` (per-example gradients of the smaller batch: the
-    operator is symmetric, so the smaller side is prepared and the matrix
-    transposed if needed). Equals ``∇θℓ(test)ᵀ x(∇θℓ(train))`` with ``x`` the
-    state's solve.
-
-    Cost: ``r`` JVPs over each batch, plus, with the completion, ``n_small``
-    per-example gradients and ``n_small`` JVPs over the other batch. To score
-    one test batch against many training batches, call
-    :func:`prepare_scores` once and :func:`finish_scores` per training batch.
+    Its one-shot ``score`` is ``I = P_test (D + λ)⁻¹ P_trainᵀ`` with ``P = G V``
+    formed by JVPs (:func:`project`), plus ``(1/λ) g_testᵀ (I − VVᵀ) g_train``
+    when the state has ``completion=True`` (per-example gradients of the
+    smaller batch). Equals ``∇θℓ(test)ᵀ x(∇θℓ(train))`` with ``x`` the state's
+    solve. Cost: ``r`` JVPs over each batch, plus, with the completion,
+    ``n_small`` per-example gradients and ``n_small`` JVPs over the other batch.
     """
     kw = {"projection_batch": projection_batch}
-    if batch_size(test_batch) <= batch_size(train_batch):
-        return finish_scores(state, operator, prepare_scores(state, operator, test_batch, **kw), train_batch, **kw)
-    return finish_scores(state, operator, prepare_scores(state, operator, train_batch, **kw), test_batch, **kw).T
-
-
-def scorers(projection_batch: int | None) -> dict:
-    """The ``score``, ``score_prepare`` and ``score_finish`` fields of a low-rank :class:`jaxinf.Solver`."""
-    kw = {"projection_batch": projection_batch}
-    return {
-        "score": functools.partial(score, **kw),
-        "score_prepare": functools.partial(prepare_scores, **kw),
-        "score_finish": functools.partial(finish_scores, **kw),
-    }
+    return Scorer(prepare=functools.partial(prepare_scores, **kw), finish=functools.partial(finish_scores, **kw))
 
 
 def check_concrete_positive(damping, name: str, what: str) -> None:

@@ -12,11 +12,11 @@ influence matrix is ``I[i, j] = f_iᵀ ∇θℓ(z_j)``. Three ways to get it:
   cheapest for one or two factors, and memory-flat in ``p``.
 * ``"layerwise"``: one forward pass recording layer inputs and one backward
   pass to layer outputs, shared by all factors, then per layer
-  ``Σ_t (a_tᵀ F_i) · g_t`` (:mod:`jaxinf.layerwise`) — no per-example
+  ``Σ_t (a_tᵀ F_i) · g_t`` (:mod:`jaxinf.scoring.layerwise`) — no per-example
   gradient of a whole model, and ``F`` products of layer size instead of
-  ``2F`` tangent passes; needs layers :mod:`jaxinf.tagging` can find.
+  ``2F`` tangent passes; needs layers :mod:`jaxinf.layers` can find.
 
-``"auto"`` picks by the cost model of :mod:`jaxinf.cost_model`
+``"auto"`` picks by the cost model of :mod:`jaxinf.scoring.cost_model`
 (:func:`choose_method`); all three give the same matrix to float tolerance.
 
 Perturbation influence (Koh & Liang 2017, Eq. 4):
@@ -33,19 +33,20 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxinf._tree import ravel_batched
-from jaxinf.cost_model import LayerProfile, cheapest
-from jaxinf.curvature import per_example_grads, per_example_losses
-from jaxinf.data import add_example_axis
-from jaxinf.layerwise import contract_by_layer, loss_tracer
-from jaxinf.layerwise import layer_profile as profile_of
+from jaxinf.core.curvature import per_example_grads, per_example_losses
+from jaxinf.core.data import add_example_axis
+from jaxinf.core.tree import ravel_batched
+from jaxinf.layers.statistics import loss_tracer
+from jaxinf.scoring.cost_model import LayerProfile, cheapest
+from jaxinf.scoring.layerwise import contract_by_layer
+from jaxinf.scoring.layerwise import layer_profile as profile_of
 
 PyTree = Any
 SCORING_METHODS = ("auto", "gradients", "jvp", "layerwise")
 
 
 def choose_method(num_factors: int, batch_examples: int, num_params: int, profile: LayerProfile | None = None) -> str:
-    """The cheapest contraction by the cost model of :mod:`jaxinf.cost_model`.
+    """The cheapest contraction by the cost model of :mod:`jaxinf.scoring.cost_model`.
 
     ``"jvp"`` costs ``(1 + 2F) p`` multiply-adds per training example,
     ``"gradients"`` ``(3 + κ + F) p`` and ``"layerwise"`` ``2p`` plus, per
@@ -55,7 +56,7 @@ def choose_method(num_factors: int, batch_examples: int, num_params: int, profil
     batch size cancels: every cost is linear in it.
 
     Examples:
-      >>> from jaxinf.cost_model import LayerProfile
+      >>> from jaxinf.scoring.cost_model import LayerProfile
       >>> wide = LayerProfile(layers=((513, 512, 1),), other_params=0)
       >>> [choose_method(f, 64, 513 * 512, wide) for f in (1, 16)]
       ['jvp', 'layerwise']
