@@ -3,8 +3,10 @@
     pip install ".[docs]" && python docs/build.py            # writes docs/api/ (open docs/api/index.html)
     python docs/build.py --out /tmp/api
 
-Every public module of ``jaxinf`` is rendered (Google-style docstrings). The
-build fails (exit status 1) when a module cannot be imported or rendered, or
+The package is imported from this source tree (``docs/..``), so the pages
+match the code being edited, not an installed copy. Every public module of
+``jaxinf`` is rendered (Google-style docstrings). The build fails (exit status 1)
+when a module cannot be imported or rendered, or
 when a name of ``jaxinf.__all__`` is missing from the top-level page; pdoc's
 other warnings (e.g. an annotation it cannot resolve) are printed as notes.
 """
@@ -18,6 +20,8 @@ import warnings
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+SOURCE = HERE.parent  # the reference is built from this source tree, not from an installed copy
+sys.path.insert(0, str(SOURCE))
 
 
 def modules() -> list[str]:
@@ -39,6 +43,8 @@ def build(out: Path) -> list[Path]:
 
     import jaxinf
 
+    if Path(jaxinf.__file__).resolve().parent != SOURCE / "jaxinf":
+        raise SystemExit(f"docs/build.py imported jaxinf from {jaxinf.__file__}, not from the source tree {SOURCE}.")
     pdoc.render.configure(docformat="google", show_source=True, footer_text=f"jaxinf {jaxinf.__version__}")
     names = modules()
     with warnings.catch_warnings(record=True) as caught:

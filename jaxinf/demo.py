@@ -134,17 +134,8 @@ def plot(path: str, data: DigitsData, test_ids, influences, k: int) -> None:
     plt.close(fig)
 
 
-def run(args: argparse.Namespace) -> dict:
-    t0 = time.perf_counter()
-    os.makedirs(args.out, exist_ok=True)
-    data = load_digits(args.n_train, args.n_test, args.n_flip, args.seed)
-    print(f"digits: {args.n_train} training points ({args.n_flip} labels flipped), {args.n_test} test points")
-    graphdef, params, final_loss = train(data, args.hidden, args.steps, args.weight_decay, args.seed)
-    num_params = sum(a.size for a in jax.tree.leaves(params))
-    print(
-        f"trained MLP 64-{args.hidden}-10 ({num_params} parameters): train loss {final_loss:.3f}, "
-        f"test accuracy {accuracy(graphdef, params, data.x_test, data.y_test):.3f}"
-    )
+def influence_scores(data, graphdef, params, args: argparse.Namespace):
+    """Exact Gauss-Newton influences of every training point on every test point, and self-influences."""
 
     def model_fn(p, batch):
         return nnx.merge(graphdef, p)(batch[0])
@@ -175,6 +166,22 @@ def run(args: argparse.Namespace) -> dict:
         bar.update()
         self_influence = np.asarray(model.self_influence(train_batches))
         bar.update()
+    return influences, self_influence, t_fit
+
+
+def run(args: argparse.Namespace) -> dict:
+    t0 = time.perf_counter()
+    os.makedirs(args.out, exist_ok=True)
+    data = load_digits(args.n_train, args.n_test, args.n_flip, args.seed)
+    print(f"digits: {args.n_train} training points ({args.n_flip} labels flipped), {args.n_test} test points")
+    graphdef, params, final_loss = train(data, args.hidden, args.steps, args.weight_decay, args.seed)
+    num_params = sum(a.size for a in jax.tree.leaves(params))
+    print(
+        f"trained MLP 64-{args.hidden}-10 ({num_params} parameters): train loss {final_loss:.3f}, "
+        f"test accuracy {accuracy(graphdef, params, data.x_test, data.y_test):.3f}"
+    )
+
+    influences, self_influence, t_fit = influence_scores(data, graphdef, params, args)
 
     shown = list(range(min(args.show, args.n_test)))
     flipped = set(data.flipped.tolist())

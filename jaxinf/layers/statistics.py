@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinf.layers.tagging import Tracer, trace_layers
+from jaxinf.layers.tracer import Tracer, trace_layers
 
 PyTree = Any
 

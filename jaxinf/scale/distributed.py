@@ -44,8 +44,9 @@ the process's local devices); both :func:`jaxinf.scale.fit` and
 from __future__ import annotations
 
 import jax
+import numpy as np
 
-__all__ = ["initialize", "is_initialized", "shutdown"]
+__all__ = ["barrier", "broadcast_from_first", "initialize", "is_initialized", "shutdown"]
 
 
 def initialize(
@@ -91,3 +92,20 @@ def is_initialized() -> bool:
 def shutdown() -> None:
     """Leave the ``jax.distributed`` run (waits for the other processes)."""
     jax.distributed.shutdown()
+
+
+def barrier(name: str) -> None:
+    """Wait until every process reaches the barrier ``name`` (nothing to wait for in a single process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def broadcast_from_first(value: np.ndarray) -> np.ndarray:
+    """Process 0's ``value`` on every process (``value`` itself in a single process)."""
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.broadcast_one_to_all(value))

@@ -53,6 +53,7 @@ import numpy as np
 from jaxinf.core.curvature import CURVATURES, curvature_operator, fisher_vp, gauss_newton_vp, hessian_vp
 from jaxinf.core.data import batch_size as leading_size
 from jaxinf.core.tree import check_finite, check_matches, ravel, tree_spec, unravel
+from jaxinf.scale.progress import progress_bar
 from jaxinf.scale.sharding import global_batch, mesh_size, replicate, shard_batch
 from jaxinf.scale.sources import as_source
 from jaxinf.solvers.direct import DirectState, fit_dense
@@ -172,7 +173,7 @@ class StreamingCurvature:
             source yields no batches.
         """
         n = self.num_examples
-        bar = _progress(self.progress, n, desc)
+        bar = progress_bar(self.progress, n, desc=desc, unit="ex", leave=False)
         count = 0
         try:
             for index, batch in enumerate(self.source):
@@ -285,14 +286,6 @@ def direct_from_stream(
     return fit_dense(layout, curvature.dense, max_memory=max_memory, column_batch=column_batch)
 
 
-class _NoBar:
-    def update(self, n):
-        pass
-
-    def close(self):
-        pass
-
-
 def _check_same_stream_layout(source) -> None:
     """Every process must read the same number and sizes of batches (each pass is a sequence of collectives)."""
     from jax.experimental import multihost_utils
@@ -305,12 +298,3 @@ def _check_same_stream_layout(source) -> None:
             f"batch size) per process {everyone.tolist()}. Give each process an equal shard (e.g. trim the data to a "
             "multiple of processes × batch size before ArraySource(...).shard())."
         )
-
-
-def _progress(enabled: bool, total: int, desc: str):
-    """A tqdm bar over ``total`` examples on process 0, else a stand-in that does nothing."""
-    if not enabled or jax.process_index() != 0:
-        return _NoBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, unit="ex", unit_scale=True, desc=desc, leave=False, smoothing=0.1)

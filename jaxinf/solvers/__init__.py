@@ -9,7 +9,8 @@ as ``jaxinf.solvers.kfac.influences_by_layer`` resolve.
 * :mod:`~jaxinf.solvers.cg` — (block) conjugate gradient; :mod:`~jaxinf.solvers.preconditioners` for it.
 * :mod:`~jaxinf.solvers.lissa` — stochastic Neumann series.
 * :mod:`~jaxinf.solvers.arnoldi`, :mod:`~jaxinf.solvers.nystrom` — low-rank (:mod:`~jaxinf.solvers.lowrank`).
-* :mod:`~jaxinf.solvers.kfac` — K-FAC and EK-FAC.
+* :mod:`~jaxinf.solvers.kfac` — K-FAC and EK-FAC (:mod:`~jaxinf.solvers.kfac_plan` builds the per-layer plan,
+  :mod:`~jaxinf.solvers.kfac_fit` runs the factor passes).
 """
 
 from jaxinf.solvers import arnoldi, base, cg, direct, kfac, lissa, lowrank, nystrom, preconditioners

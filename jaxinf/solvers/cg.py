@@ -304,7 +304,10 @@ def _block_pcg(matvec, precond, b, rtol, atol, maxiter: int) -> tuple[jax.Array,
         delta = p @ q.T
         delta = 0.5 * (delta + delta.T) + jnp.diag((~keep).astype(dtype))
         w, v = jnp.linalg.eigh(delta)
-        bad = ~jnp.all(w > 0)  # not positive definite on the block, or NaN
+        # Not positive definite on the block (or NaN): a curvature pᵀCp at rounding level of ‖Cp‖ counts as zero,
+        # else its inverse would throw the iterate out by ~1/eps.
+        scale = jnp.maximum(jnp.max(jnp.abs(w)), jnp.max(jnp.linalg.norm(q, axis=1)))
+        bad = ~jnp.all(w > 100 * k * jnp.finfo(dtype).eps * scale)
         inv = (v / jnp.where(bad, 1.0, w)) @ v.T
         alpha = (inv @ (p @ r.T)) * active[None, :]  # column j: coefficients for right-hand side j
         x_new = x + alpha.T @ p

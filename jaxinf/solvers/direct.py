@@ -161,12 +161,12 @@ def direct(*, max_memory: int | None = None, column_batch: int = 128) -> Solver:
     return Solver(init=init, solve=solve, validate=validate, name="direct", stream_init=stream_init)
 
 
-def check_memory(operator: CurvatureOperator, need: int, max_memory: int | None) -> None:
+def check_memory(operator: CurvatureOperator, need: int, max_memory: int | None, *, what: str = "direct()") -> None:
     """``ValueError`` with the GiB needed when ``need`` bytes exceed ``max_memory`` (default: free memory)."""
     budget = available_bytes() if max_memory is None else int(max_memory)
     if need > budget:
         raise ValueError(
-            f"direct() needs about {need / 2**30:.2f} GiB for the dense curvature of {operator.size} "
+            f"{what} needs about {need / 2**30:.2f} GiB for the dense curvature of {operator.size} "
             f"parameters ({operator.num_blocks} block(s)), but {budget / 2**30:.2f} GiB is available. "
             "Use blocks='layer', an iterative or low-rank solver (cg, arnoldi, ekfac), "
             "or raise max_memory if you know it fits."
@@ -194,7 +194,7 @@ def fit_dense(layout: CurvatureOperator, dense: Callable, *, max_memory: int | N
     Refuses, before the pass, matrices larger than ``max_memory``.
     """
     need = required_bytes(layout) + layout.size * layout.size * jnp.dtype(layout.dtype).itemsize
-    check_memory(layout, need, max_memory)
+    check_memory(layout, need, max_memory, what="direct() from a stream")
     full = dense(column_batch=column_batch)
     blocks = []
     for b in range(layout.num_blocks):

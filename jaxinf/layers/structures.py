@@ -1,0 +1,197 @@
+"""The pieces of the report: a layer (:class:`Layer`), each use of its weight (:class:`Site`), the canonical
+``(d_in, d_out)`` matrix view of a weight (:class:`Canon`) and a leaf outside every layer (:class:`Fallback`).
+
+The matching step builds :class:`Canon` and :class:`Site` candidates, the grouping step assembles them into
+layers; :class:`Site` also maps recorded layer inputs and output gradients to matrices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Canon:
+    """How a weight leaf maps to its canonical ``(d_in, d_out)`` matrix.
+
+    Either a permutation of the leaf's axes followed by a reshape (``perm``),
+    or, for layouts that no axis permutation gives, a gather with the flat
+    leaf index of every matrix entry (``index``).
+    """
+
+    shape: tuple
+    d_in: int
+    d_out: int
+    perm: tuple | None
+    index: Any  # np.ndarray (d_in, d_out) or None
+
+    def to_matrix(self, leaf):
+        if self.perm is not None:
+            return jnp.reshape(jnp.transpose(leaf, self.perm), (self.d_in, self.d_out))
+        return jnp.reshape(leaf, (-1,))[jnp.asarray(self.index)]
+
+    def from_matrix(self, m):
+        if self.perm is not None:
+            shaped = jnp.reshape(m, tuple(self.shape[p] for p in self.perm))
+            return jnp.transpose(shaped, np.argsort(self.perm))
+        flat = jnp.zeros((math.prod(self.shape),), m.dtype).at[jnp.asarray(self.index).ravel()].set(m.ravel())
+        return jnp.reshape(flat, self.shape)
+
+    def same_as(self, other: Canon) -> bool:
+        return (self.d_in, self.d_out) == (other.d_in, other.d_out) and np.array_equal(
+            self.index_array(), other.index_array()
+        )
+
+    def index_array(self) -> np.ndarray:
+        if self.index is not None:
+            return np.asarray(self.index)
+        idx = np.arange(math.prod(self.shape)).reshape(self.shape)
+        return np.transpose(idx, self.perm).reshape(self.d_in, self.d_out)
+
+
+def _canon_from_index(shape, index: np.ndarray) -> Canon | None:
+    """A :class:`Canon` from a ``(d_in, d_out)`` array of flat leaf indices, or ``None`` if not a permutation."""
+    size = math.prod(shape)
+    if index.size != size or not np.array_equal(np.sort(index.ravel()), np.arange(size)):
+        return None
+    d_in, d_out = index.shape
+    base = np.arange(size).reshape(shape)
+    if len(shape) <= 5:
+        for perm in itertools.permutations(range(len(shape))):
+            if np.array_equal(np.transpose(base, perm).reshape(d_in, d_out), index):
+                return Canon(tuple(shape), d_in, d_out, tuple(perm), None)
+    return Canon(tuple(shape), d_in, d_out, None, index)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Site:
+    """One use of a layer's weight in the traced graph (a layer may have several)."""
+
+    sid: int
+    node_uid: int
+    kind: str  # "dense" | "conv" | "tag"
+    weight: int
+    x_pos: int
+    w_pos: int | None
+    w_chain: tuple
+    x_shape: tuple
+    out_shape: tuple
+    out_dtype: Any
+    stack: tuple  # lengths of the enclosing lax.scan loops, outermost first
+    canon: Canon
+    x_perm: tuple = ()  # dense: x axes -> (free..., contracted...)
+    out_perm: tuple = ()  # dense: output axes -> (x free..., w free...)
+    conv: dict | None = None
+    bias: tuple | None = None  # (leaf, chain, add node uid, operand position, row permutation)
+
+    @property
+    def locations(self) -> int:
+        return math.prod(self.stack) * (self._locations_unstacked())
+
+    def _locations_unstacked(self) -> int:
+        return math.prod(self.out_shape) // self.canon.d_out
+
+    def inputs_matrix(self, x):
+        """Layer input(s) recorded at this site -> ``(locations, d_in)``."""
+        fn = self._canon_x
+        for _ in self.stack:
+            fn = jax.vmap(fn)
+        return jnp.reshape(fn(x), (-1, self.canon.d_in))
+
+    def outputs_matrix(self, g):
+        """Output gradient(s) at this site -> ``(locations, d_out)``."""
+        fn = self._canon_out
+        for _ in self.stack:
+            fn = jax.vmap(fn)
+        return jnp.reshape(fn(g), (-1, self.canon.d_out))
+
+    def _canon_x(self, x):
+        if self.kind != "conv":
+            return jnp.reshape(jnp.transpose(x, self.x_perm), (-1, self.canon.d_in))
+        c = self.conv
+        xn = jnp.transpose(x, c["lhs_spec"])
+        patches = jax.lax.conv_general_dilated_patches(
+            xn,
+            c["filter_shape"],
+            c["window_strides"],
+            c["padding"],
+            lhs_dilation=c["lhs_dilation"],
+            rhs_dilation=c["rhs_dilation"],
+            precision=jax.lax.Precision.HIGHEST,
+        )
+        return jnp.reshape(jnp.moveaxis(patches, 1, -1), (-1, self.canon.d_in))
+
+    def _canon_out(self, g):
+        if self.kind != "conv":
+            return jnp.reshape(jnp.transpose(g, self.out_perm), (-1, self.canon.d_out))
+        gn = jnp.transpose(g, self.conv["out_spec"])
+        return jnp.reshape(jnp.moveaxis(gn, 1, -1), (-1, self.canon.d_out))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Layer:
+    """A tagged layer: one weight leaf (and optionally a bias leaf) and its sites."""
+
+    name: str
+    kind: str  # "dense" | "conv"
+    weight: int
+    bias: int | None
+    sites: tuple
+    canon: Canon
+    bias_perm: Any  # np.ndarray (d_out,) of flat bias indices, or None
+    source: str  # "auto" | "explicit"
+    other_uses: tuple = ()  # descriptions of uses of weight/bias outside the layer
+
+    @property
+    def d_in(self) -> int:
+        return self.canon.d_in
+
+    @property
+    def d_out(self) -> int:
+        return self.canon.d_out
+
+    @property
+    def rows(self) -> int:
+        """Rows of the canonical matrix: ``d_in``, plus one for the bias."""
+        return self.canon.d_in + (self.bias is not None)
+
+    @property
+    def locations(self) -> int:
+        return sum(s.locations for s in self.sites)
+
+    def to_matrix(self, leaves):
+        """Params-ordered leaves -> the canonical ``(rows, d_out)`` matrix ``[W; bᵀ]``."""
+        m = self.canon.to_matrix(leaves[self.weight])
+        if self.bias is None:
+            return m
+        return jnp.concatenate([m, self.bias_row(leaves[self.bias])[None].astype(m.dtype)], axis=0)
+
+    def bias_row(self, b):
+        flat = jnp.reshape(b, (-1,))
+        return flat if self.bias_perm is None else flat[jnp.asarray(self.bias_perm)]
+
+    def from_matrix(self, m, bias_shape=None):
+        """Inverse of :meth:`to_matrix`: ``(weight leaf, bias leaf or None)``."""
+        w = self.canon.from_matrix(m[: self.canon.d_in])
+        if self.bias is None:
+            return w, None
+        row = m[self.canon.d_in]
+        if self.bias_perm is not None:
+            row = jnp.zeros_like(row).at[jnp.asarray(self.bias_perm)].set(row)
+        return w, jnp.reshape(row, bias_shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class Fallback:
+    """A parameter leaf not in any layer: it gets a diagonal or an exact (small) block."""
+
+    leaf: int
+    method: str  # "diagonal" | "block"
+    reason: str

@@ -1,0 +1,327 @@
+"""K-FAC and EK-FAC: the fitting passes over the data, from a plan to a state.
+
+Pass 1 sums, per tagged layer, the Kronecker factors ``A = E[Σ_t a_t a_tᵀ]``
+and ``G = E[(1/T) Σ_t g_t g_tᵀ]`` of K-FAC (Martens & Grosse 2015; Grosse &
+Martens 2016 for convolutions), plus the statistics of the fallback leaves;
+their eigendecompositions give the Kronecker eigenbasis. Pass 2 (EK-FAC,
+George et al. 2018) replaces ``λ_A λ_Gᵀ`` by the second moments of the
+per-example gradients in that basis. :func:`fit` runs the passes in memory
+(inside one jit), :func:`fit_stream` as host loops over a stream; both give
+a :class:`~jaxinf.solvers.kfac_plan.KFACState` for
+:mod:`jaxinf.solvers.kfac` to solve with.
+
+References:
+  Martens & Grosse, "Optimizing Neural Networks with Kronecker-factored
+  Approximate Curvature", ICML 2015. Grosse & Martens, "A Kronecker-factored
+  approximate Fisher matrix for convolution layers", ICML 2016. George,
+  Laurent, Bouthillier, Ballas & Vincent, "Fast Approximate Natural Gradient
+  Descent in a Kronecker-factored Eigenbasis", NeurIPS 2018.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinf.core.curvature import CurvatureOperator
+from jaxinf.core.data import Batches, add_example_axis, batch_size
+from jaxinf.layers.statistics import example_statistics, layer_matrices, rest_matrix
+from jaxinf.solvers.kfac_plan import KFACPlan, KFACState
+
+# ----------------------------------------------------------------------------
+# Per-example layer statistics
+# ----------------------------------------------------------------------------
+
+
+def _output_cotangents(plan: KFACPlan, output_loss, outs, batch1, key):
+    """Cotangents ``r`` (leading axis K) at the traced function's outputs, pre-scaled by √weight."""
+    tracer = plan.fit
+    if plan.fisher == "empirical":
+        return [jnp.ones((1, *o.shape), o.dtype) for o in outs], 1
+    flat = jnp.concatenate([jnp.ravel(o) for o in outs])
+    shapes = [o.shape for o in outs]
+    sizes = [math.prod(s) for s in shapes]
+
+    def split(vec):
+        parts, start = [], 0
+        for s, n in zip(shapes, sizes):
+            parts.append(jnp.reshape(vec[..., start : start + n], (*vec.shape[:-1], *s)))
+            start += n
+        return parts
+
+    m = flat.shape[0]
+    s_count = plan.num_samples
+    if plan.fisher == "sampled" and plan.likelihood == "categorical":
+        logits = outs[0]
+        probs = jax.nn.softmax(logits, axis=-1)
+        labels = jax.random.categorical(key, logits, axis=-1, shape=(s_count, *logits.shape[:-1]))
+        r = (probs[None] - jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)) / math.sqrt(s_count)
+        return [r], s_count
+    if plan.fisher == "sampled" and plan.likelihood == "gaussian":
+        eps = jax.random.normal(key, (s_count, m), flat.dtype) / math.sqrt(s_count)
+        return split(eps), s_count
+    if plan.likelihood == "gaussian":  # exact, H_out = I
+        return split(jnp.eye(m, dtype=flat.dtype)), m
+
+    if plan.likelihood == "categorical":
+
+        def nll(vec):
+            logits = split(vec)[0]
+            return -jnp.sum(jax.nn.log_softmax(logits, axis=-1)[..., 0])
+
+    else:
+
+        def nll(vec):
+            return output_loss(jax.tree.unflatten(tracer.out_tree, split(vec)), batch1)
+
+    hess = jax.hessian(nll)(flat)
+    hess = 0.5 * (hess + hess.T)
+    w, u = jnp.linalg.eigh(hess)
+    root = u * jnp.sqrt(jnp.clip(w, 0.0))[None, :]  # H = root rootᵀ
+    if plan.fisher == "exact":
+        return split(root.T), m
+    eps = jax.random.normal(key, (s_count, m), flat.dtype) / math.sqrt(s_count)
+    return split(eps @ root.T), s_count
+
+
+def _weighted_sum(fn: Callable, data: Batches):
+    """``Σ_b (n_b / n) fn(batch_b, b)`` (the pattern of :func:`jaxinf.core.data.weighted_mean`, plus a batch index)."""
+    n = data.num_examples
+    total, offset = None, 0
+    if data.stacked is not None:
+        k = np.shape(jax.tree.leaves(data.stacked)[0])[0]
+        first = jax.tree.map(lambda a: a[0], data.stacked)
+        weight = batch_size(first) / n
+        zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fn, first, 0))
+
+        def body(acc, xs):
+            batch, i = xs
+            return jax.tree.map(lambda s, t: s + weight * t, acc, fn(batch, i)), None
+
+        total, _ = jax.lax.scan(body, zero, (data.stacked, jnp.arange(k)))
+        offset = k
+    for j, b in enumerate(data.rest):
+        weight = batch_size(b) / n
+        term = jax.tree.map(lambda t, w=weight: w * t, fn(b, offset + j))
+        total = term if total is None else jax.tree.map(jnp.add, total, term)
+    return total
+
+
+# ----------------------------------------------------------------------------
+# Fitting
+# ----------------------------------------------------------------------------
+
+
+def _batch_key(key, index):
+    return jax.random.fold_in(key, index)
+
+
+def _batch_statistics(plan: KFACPlan, output_loss, params_leaves, batch, key, indices=None):
+    """Per example of ``batch`` (vmapped): records, output gradients, rest gradients.
+
+    Example ``i`` draws with ``fold_in(key, indices[i])`` (default: its position ``i``).
+    """
+    tracer = plan.fit
+    indices = jnp.arange(batch_size(batch)) if indices is None else indices
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(indices)
+
+    def one(example, k):
+        batch1 = add_example_axis(example)
+        return example_statistics(
+            tracer, params_leaves, batch1, lambda outs, b1: _output_cotangents(plan, output_loss, outs, b1, k)
+        )
+
+    return jax.vmap(one)(batch, keys)
+
+
+def _pass1(plan: KFACPlan, output_loss, params_leaves, batch, key) -> dict:
+    """Pass 1 on one batch (``key`` already folded with its index): mean ``A``, ``G`` and fallback statistics."""
+    tags = plan.tags
+    dtype = plan.factor_dtype
+    records, pert, diff = _batch_statistics(plan, output_loss, params_leaves, batch, key)
+    n = batch_size(batch)
+    out = {"A": [], "G": [], "F": []}
+    for layer in tags.layers:
+        a, g = jax.vmap(lambda r, p, L=layer: layer_matrices(L, r, p, dtype))(records, pert)
+        t = a.shape[1]
+        out["A"].append(jnp.einsum("nti,ntj->ij", a, a) / n)
+        out["G"].append(jnp.einsum("nkto,nktp->op", g, g) / (n * t))
+    for fb in tags.fallbacks:
+        gl = jnp.reshape(diff[fb.leaf], (n, -1, math.prod(tags.shapes[fb.leaf]))).astype(dtype)
+        if fb.method == "block":
+            out["F"].append(jnp.einsum("nki,nkj->ij", gl, gl) / n)
+        else:
+            out["F"].append(jnp.sum(gl * gl, axis=(0, 1)) / n)
+    return out
+
+
+def _eigenbases(stats: dict) -> tuple:
+    """Eigendecompositions of the summed ``A`` and ``G``: ``(λ_A, Q_A, λ_G, Q_G)``, lists per layer."""
+    eig_a, vec_a, eig_g, vec_g = [], [], [], []
+    for a, g in zip(stats["A"], stats["G"]):
+        wa, qa = jnp.linalg.eigh(0.5 * (a + a.T))
+        wg, qg = jnp.linalg.eigh(0.5 * (g + g.T))
+        eig_a.append(jnp.clip(wa, 0.0))
+        vec_a.append(qa)
+        eig_g.append(jnp.clip(wg, 0.0))
+        vec_g.append(qg)
+    return eig_a, vec_a, eig_g, vec_g
+
+
+def _sum_in_chunks(fn: Callable, batch, chunk: int):
+    """``Σ fn(part, indices)`` over parts of ``batch`` of ``chunk`` examples, in a ``lax.map``.
+
+    Bounds the per-example temporaries to ``chunk`` examples. Part ``j`` holds
+    the examples ``j, j + s, j + 2s, ...`` (``s`` parts), so a batch sharded
+    along its examples stays sharded in every part; ``indices`` are the
+    examples' positions in ``batch``. Examples past the last full part are
+    summed after the map.
+    """
+    n = batch_size(batch)
+    steps = n // chunk
+    if steps < 2:
+        return fn(batch, jnp.arange(n))
+    m = steps * chunk
+    parts = jax.tree.map(lambda a: jnp.swapaxes(a[:m].reshape(chunk, steps, *a.shape[1:]), 0, 1), batch)
+    indices = jnp.arange(m).reshape(chunk, steps).T
+    total = jax.tree.map(lambda t: jnp.sum(t, axis=0), jax.lax.map(lambda xs: fn(*xs), (parts, indices)))
+    if m < n:
+        rest = fn(jax.tree.map(lambda a: a[m:], batch), jnp.arange(m, n))
+        total = jax.tree.map(jnp.add, total, rest)
+    return total
+
+
+def _pass2(plan: KFACPlan, output_loss, params_leaves, vec_a, vec_g, batch, key, chunk: int) -> list:
+    """EK-FAC pass 2 on one batch: mean ``(Q_Aᵀ ∇_W ℓ_i Q_G)²`` per layer.
+
+    Called with the same ``key`` as :func:`_pass1` for this batch: ``Λ`` is then
+    exactly the diagonal of the same estimate in the eigenbasis. The rotated
+    per-example gradients (``d_in+1 × d_out`` per example and layer) are formed
+    ``chunk`` examples at a time (:data:`jaxinf.solvers.kfac.EXAMPLE_CHUNK`).
+    """
+    dtype = plan.factor_dtype
+
+    def sums(part, indices):
+        records, pert, diff = _batch_statistics(plan, output_loss, params_leaves, part, key, indices)
+        out = []
+        for layer, qa, qg in zip(plan.tags.layers, vec_a, vec_g):
+
+            def rotated(r, p, d, L=layer, qa=qa, qg=qg):
+                a, g = layer_matrices(L, r, p, dtype)
+                m = jnp.einsum("ti,kto->kio", a @ qa, g @ qg)
+                rest = rest_matrix(L, d, dtype)
+                if rest is not None:
+                    m = m + jnp.einsum("ij,kjl,lo->kio", qa.T, rest, qg)
+                return jnp.sum(m * m, axis=0)
+
+            out.append(jnp.sum(jax.vmap(rotated)(records, pert, diff), axis=0))
+        return out
+
+    n = batch_size(batch)
+    return [t / n for t in _sum_in_chunks(sums, batch, chunk)]
+
+
+def _finish(plan: KFACPlan, stats: dict, bases: tuple, corrected, operator_damping, heuristic) -> KFACState:
+    """The state from the summed statistics, the eigenbases and (EK-FAC) the corrected eigenvalues."""
+    tags = plan.tags
+    dtype = plan.factor_dtype
+    eig_a, vec_a, eig_g, vec_g = bases
+    if plan.update_diagonal:
+        eigvals = list(corrected) if tags.layers else []
+    else:
+        eigvals = [wa[:, None] * wg[None, :] for wa, wg in zip(eig_a, eig_g)]
+
+    def effective(leaf, values):
+        lam = operator_damping[leaf].astype(dtype)
+        if heuristic is None:
+            return lam
+        return jnp.where(lam > 0, lam, heuristic * jnp.mean(values))
+
+    damping = tuple(effective(layer.weight, ev) for layer, ev in zip(tags.layers, eigvals))
+    fb_vecs, fb_vals, fb_damp = [], [], []
+    for fb, f in zip(tags.fallbacks, stats["F"]):
+        if fb.method == "block":
+            w, q = jnp.linalg.eigh(0.5 * (f + f.T))
+            fb_vecs.append(q)
+            fb_vals.append(jnp.clip(w, 0.0))
+        else:
+            fb_vecs.append(None)
+            fb_vals.append(f)
+        fb_damp.append(effective(fb.leaf, fb_vals[-1]))
+    return KFACState(
+        tuple(stats["A"]),
+        tuple(stats["G"]),
+        tuple(vec_a),
+        tuple(vec_g),
+        tuple(eigvals),
+        damping,
+        tuple(fb_vecs),
+        tuple(fb_vals),
+        tuple(fb_damp),
+        plan,
+    )
+
+
+def fit(plan: KFACPlan, output_loss, operator: CurvatureOperator, key, heuristic, chunk: int) -> KFACState:
+    """The in-memory fit: both passes as :func:`_weighted_sum` sweeps of ``operator.data`` (inside one jit)."""
+    params_leaves = jax.tree.leaves(operator.params)
+    stats = _weighted_sum(
+        lambda batch, index: _pass1(plan, output_loss, params_leaves, batch, _batch_key(key, index)), operator.data
+    )
+    bases = _eigenbases(stats)
+    corrected = None
+    if plan.update_diagonal and plan.tags.layers:
+        _, vec_a, _, vec_g = bases
+        corrected = _weighted_sum(
+            lambda batch, index: _pass2(
+                plan, output_loss, params_leaves, vec_a, vec_g, batch, _batch_key(key, index), chunk
+            ),
+            operator.data,
+        )
+    return _finish(plan, stats, bases, corrected, operator.damping, heuristic)
+
+
+def fit_stream(plan: KFACPlan, output_loss, stream, key, heuristic, chunk: int) -> KFACState:
+    """The streamed fit: the passes of :func:`fit` as host loops, one jitted call per batch.
+
+    Each batch's statistics are added to a device-resident sum with weight
+    ``n_b / n`` (as :func:`_weighted_sum` does), with the key of its batch
+    index, so the state equals the in-memory fit on the same batches.
+    Compiled once per batch shape (a ragged last batch compiles once more).
+    """
+    operator = stream.operator
+    params_leaves = stream.replicate(jax.tree.leaves(operator.params))
+
+    def first_pass(leaves, batch, k):
+        return _pass1(plan, output_loss, leaves, batch, k)
+
+    def second_pass(leaves, batch, k, vec_a, vec_g):
+        return _pass2(plan, output_loss, leaves, vec_a, vec_g, batch, k, chunk)
+
+    def run(fn, desc, *args):
+        def step(total, leaves, batch, key, index, weight, *args):
+            term = fn(leaves, batch, _batch_key(key, index), *args)
+            return jax.tree.map(lambda s, t: s + weight * t, total, term)
+
+        step = jax.jit(step, donate_argnums=0)
+        total = stream.zeros(jax.eval_shape(fn, params_leaves, stream.first, key, *args))
+        for index, batch, weight in stream.batches(desc):
+            total = step(total, params_leaves, batch, key, index, weight, *args)
+        return total
+
+    passes = 2 if plan.update_diagonal and plan.tags.layers else 1
+    stats = run(first_pass, f"K-FAC factors, pass 1/{passes}")
+    bases = jax.jit(_eigenbases)(stats)
+    corrected = None
+    if passes == 2:
+        _, vec_a, _, vec_g = bases
+        corrected = run(second_pass, "EK-FAC eigenvalues, pass 2/2", vec_a, vec_g)
+    finish = jax.jit(lambda s, b, c, d: _finish(plan, s, b, c, d, heuristic))
+    return finish(stats, bases, corrected, operator.damping)
+
+
+__all__ = ["fit", "fit_stream"]

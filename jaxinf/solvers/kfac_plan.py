@@ -1,0 +1,229 @@
+"""K-FAC and EK-FAC: the checked options, the static plan of a fit and the fitted state.
+
+:func:`check_options` rejects a bad option of :func:`jaxinf.solvers.kfac.ekfac`
+at once; :func:`make_plan` resolves the ``fisher`` mode for an operator and
+traces its layers into a :class:`KFACPlan`; :class:`KFACState` holds what the
+fitting passes (:mod:`jaxinf.solvers.kfac_fit`) produce: the Kronecker
+factors and eigenbases of K-FAC (Martens & Grosse 2015) and the eigenvalues,
+corrected in that eigenbasis for EK-FAC (George et al. 2018). The solve and
+the scores are in :mod:`jaxinf.solvers.kfac`, which re-exports these names.
+
+References:
+  Martens & Grosse, "Optimizing Neural Networks with Kronecker-factored
+  Approximate Curvature", ICML 2015. George, Laurent, Bouthillier, Ballas &
+  Vincent, "Fast Approximate Natural Gradient Descent in a Kronecker-factored
+  Eigenbasis", NeurIPS 2018.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxinf.core.curvature import CurvatureOperator
+from jaxinf.core.tree import TreeSpec
+from jaxinf.layers import LayerTags, Tracer, trace_layers
+
+FISHER_MODES = ("auto", "sampled", "exact", "empirical")
+LIKELIHOODS = (None, "categorical", "gaussian")
+MAX_EXACT_OUTPUTS = 4096
+
+
+# ----------------------------------------------------------------------------
+# State
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class KFACPlan:
+    """Static part of a K-FAC state: the traced layers and the configuration."""
+
+    fit: Tracer  # the function whose output gradients build the factors
+    score: Tracer  # the loss, for training-side scores
+    loss_fn: Callable
+    fisher: str
+    likelihood: str | None
+    num_samples: int
+    update_diagonal: bool
+    spec: TreeSpec
+    factor_dtype: Any
+    kind: str  # operator curvature kind, for the report
+
+    @property
+    def tags(self) -> LayerTags:
+        return self.fit.tags
+
+
+@jax.tree_util.register_pytree_node_class
+@dataclasses.dataclass(frozen=True)
+class KFACState:
+    """Fitted Kronecker factors, eigenbases and eigenvalues, per tagged layer.
+
+    Per layer ``l`` (in ``plan.tags.layers`` order): ``factors_a[l]`` ``A``
+    ``(d_in+1, d_in+1)``, ``factors_g[l]`` ``G`` ``(d_out, d_out)``, their
+    eigenvectors ``eigvecs_a[l]``, ``eigvecs_g[l]``, the eigenvalues
+    ``eigvals[l]`` ``(d_in+1, d_out)`` used by the solve (EK-FAC corrected or
+    ``λ_A λ_Gᵀ``) and the effective damping ``damping[l]``. Per fallback leaf
+    (``plan.tags.fallbacks`` order): eigenvectors (``None`` for a diagonal),
+    eigenvalues and damping. ``plan`` (static) holds the traced layers;
+    ``print(state.plan.tags)`` shows the report.
+    """
+
+    factors_a: tuple
+    factors_g: tuple
+    eigvecs_a: tuple
+    eigvecs_g: tuple
+    eigvals: tuple
+    damping: tuple
+    fallback_vecs: tuple
+    fallback_vals: tuple
+    fallback_damping: tuple
+    plan: KFACPlan
+
+    def tree_flatten(self):
+        children = (
+            self.factors_a,
+            self.factors_g,
+            self.eigvecs_a,
+            self.eigvecs_g,
+            self.eigvals,
+            self.damping,
+            self.fallback_vecs,
+            self.fallback_vals,
+            self.fallback_damping,
+        )
+        return children, (self.plan,)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(*children, *aux)
+
+    @property
+    def tags(self) -> LayerTags:
+        return self.plan.tags
+
+
+# ----------------------------------------------------------------------------
+# Options and plan
+# ----------------------------------------------------------------------------
+
+
+def check_options(
+    *,
+    fisher: str,
+    likelihood: str | None,
+    num_samples: int,
+    model_fn: Callable | None,
+    output_loss: Callable | None,
+    damping_heuristic: float | None,
+    factor_dtype: Any,
+    block_max_size: int,
+) -> None:
+    """Raise ``ValueError`` on a bad option of :func:`jaxinf.solvers.kfac.ekfac` (before any operator is seen)."""
+    if fisher not in FISHER_MODES:
+        raise ValueError(f"Unknown fisher={fisher!r}; choose one of {FISHER_MODES}.")
+    if likelihood not in LIKELIHOODS:
+        raise ValueError(f"Unknown likelihood={likelihood!r}; choose None, 'categorical' or 'gaussian'.")
+    if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
+        raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}.")
+    if damping_heuristic is not None and not (np.isfinite(damping_heuristic) and damping_heuristic >= 0):
+        raise ValueError(f"damping_heuristic must be >= 0 or None, got {damping_heuristic!r}.")
+    if block_max_size < 0:
+        raise ValueError(f"block_max_size must be >= 0, got {block_max_size}.")
+    if factor_dtype is not None and not jnp.issubdtype(jnp.dtype(factor_dtype), jnp.floating):
+        raise ValueError(f"factor_dtype must be a float dtype such as jnp.float64, got {factor_dtype!r}.")
+    if (model_fn is None) != (output_loss is None) and likelihood is None:
+        raise ValueError("Give both model_fn and output_loss (or model_fn with a likelihood), not one of them.")
+
+
+def make_plan(
+    operator: CurvatureOperator,
+    *,
+    update_diagonal: bool,
+    fisher: str,
+    likelihood: str | None,
+    num_samples: int,
+    model_fn: Callable | None,
+    output_loss: Callable | None,
+    factor_dtype: Any,
+    block_max_size: int,
+) -> tuple[KFACPlan, Callable | None]:
+    """The plan for ``operator`` (``fisher`` resolved, layers traced) and the output loss the fit uses.
+
+    The options are those of :func:`jaxinf.solvers.kfac.ekfac`, already
+    checked by :func:`check_options`; ``model_fn`` and ``output_loss``
+    default to the operator's.
+
+    Raises:
+      ValueError: when the Fisher chosen needs an output loss the operator
+        does not have, when ``factor_dtype`` is float64 without 64-bit JAX,
+        or when the model has too many outputs to form the output-loss
+        Hessian.
+    """
+    m_fn = model_fn or operator.model_fn
+    o_loss = output_loss or operator.output_loss
+    mode = fisher
+    knows_output = m_fn is not None and (o_loss is not None or likelihood is not None)
+    if mode == "auto":
+        mode = "empirical" if operator.kind == "fisher" or not knows_output else "sampled"
+    if mode in ("sampled", "exact") and not knows_output:
+        raise ValueError(
+            f"ekfac(fisher={mode!r}) needs the model outputs and the output loss: build the operator with "
+            "curvature='gauss_newton' (model_fn, output_loss), or pass ekfac(model_fn=..., output_loss=...) "
+            "or ekfac(model_fn=..., likelihood='categorical'|'gaussian'); or use fisher='empirical'."
+        )
+    loss_fn = operator.loss_fn
+    if loss_fn is None:
+        mf, ol = operator.model_fn, operator.output_loss
+
+        def loss_fn(p, batch):
+            return ol(mf(p, batch), batch)
+
+    dtype = jnp.dtype(factor_dtype) if factor_dtype is not None else jnp.dtype(operator.dtype)
+    if dtype == jnp.float64 and not jax.config.jax_enable_x64:
+        raise ValueError("factor_dtype=float64 needs 64-bit JAX: call jax.config.update('jax_enable_x64', True) first.")
+    example = next(operator.data.batches())
+    shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.result_type(a)), operator.params)
+    fit_fn = loss_fn if mode == "empirical" else m_fn
+    fit = trace_layers(fit_fn, shapes, example, block_max_size=block_max_size)
+    if mode == "empirical":
+        score = fit
+    else:
+        score = trace_layers(loss_fn, shapes, example, block_max_size=block_max_size, restrict_to=fit.tags)
+    if mode != "empirical":
+        out_size = sum(math.prod(a.shape) for a in fit.out_avals)
+        if out_size > MAX_EXACT_OUTPUTS and (mode == "exact" or likelihood is None):
+            raise ValueError(
+                f"The model has {out_size} outputs per example; forming the output-loss Hessian is too costly. "
+                "Use fisher='sampled' with likelihood='categorical' or 'gaussian', or fisher='empirical'."
+            )
+    plan = KFACPlan(
+        fit,
+        score,
+        loss_fn,
+        mode,
+        likelihood,
+        int(num_samples),
+        update_diagonal,
+        operator.spec,
+        dtype,
+        operator.kind,
+    )
+    return plan, o_loss
+
+
+__all__ = [
+    "FISHER_MODES",
+    "LIKELIHOODS",
+    "MAX_EXACT_OUTPUTS",
+    "KFACPlan",
+    "KFACState",
+    "check_options",
+    "make_plan",
+]
