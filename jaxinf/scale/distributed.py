@@ -46,7 +46,9 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-__all__ = ["barrier", "broadcast_from_first", "initialize", "is_initialized", "shutdown"]
+__all__ = ["agree", "barrier", "broadcast_from_first", "initialize", "is_initialized", "shutdown"]
+
+AGREE_TIMEOUT_S = 120  # how long a process waits for the others' verdict at one step before it gives up
 
 
 def initialize(
@@ -109,3 +111,49 @@ def broadcast_from_first(value: np.ndarray) -> np.ndarray:
     from jax.experimental import multihost_utils
 
     return np.asarray(multihost_utils.broadcast_one_to_all(value))
+
+
+def agree(error: str | None, *, step: str, timeout_s: float | None = None) -> None:
+    """Every process states its verdict at ``step``; all raise the same error if any process failed.
+
+    Each process passes ``None`` (all well) or the message of the error it
+    found. In a multi-process run the verdicts are exchanged through the
+    ``jax.distributed`` coordinator's key-value store (host side, no device
+    collective), so a process that found nothing wrong still learns why its
+    peers stop and stops with them, instead of waiting in the next
+    collective. A process that does not state its verdict within
+    ``timeout_s`` is named in the error: the run never hangs here.
+
+    Raises:
+      ValueError: some process failed (every process raises the same message,
+        naming the processes and the step), or a process did not answer in
+        time.
+    """
+    if jax.process_count() == 1:
+        if error:
+            raise ValueError(error)
+        return
+    from jax._src import distributed as jax_distributed
+
+    client = jax_distributed.global_state.client
+    timeout_ms = int(1000 * (AGREE_TIMEOUT_S if timeout_s is None else timeout_s))
+    counter = _STEP_COUNTS.get(step, 0)
+    _STEP_COUNTS[step] = counter + 1
+    prefix = f"jaxinf/agree/{step}/{counter}"
+    client.key_value_set(f"{prefix}/{jax.process_index()}", "ok" if not error else "error:" + error)
+    failures = []
+    for pid in range(jax.process_count()):
+        try:
+            value = client.blocking_key_value_get(f"{prefix}/{pid}", timeout_ms)
+        except Exception as err:  # the coordinator reports a timeout as a runtime error of its own type
+            if "DEADLINE_EXCEEDED" not in str(err) and "timed out" not in str(err).lower():
+                raise
+            failures.append(f"process {pid} gave no verdict within {timeout_ms / 1000:.0f} s (it may have died)")
+            continue
+        if value.startswith("error:"):
+            failures.append(f"process {pid}: {value[len('error:'):]}")
+    if failures:
+        raise ValueError(f"Stopped at step {step!r} on every process: " + "; ".join(failures))
+
+
+_STEP_COUNTS: dict = {}

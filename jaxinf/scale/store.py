@@ -17,33 +17,15 @@ from __future__ import annotations
 import os
 import shutil
 
-import jax
 import numpy as np
 
+from jaxinf.core.fingerprint import hash_tree
 from jaxinf.scale.plan import format_bytes
-from jaxinf.scale.sharding import to_host
 
 FORMAT = "jaxinf-influences"
 VERSION = 1
 
 __all__ = ["FORMAT", "VERSION", "hash_tree", "open_influences", "open_store"]
-
-
-def hash_tree(tree, h) -> None:
-    """Feed every leaf of ``tree`` (path, shape, dtype and bytes) to the hash ``h``.
-
-    Leaves sharded over several processes contribute their shape and dtype only.
-    """
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        h.update(jax.tree_util.keystr(path).encode())
-        if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-            leaf = jax.random.key_data(leaf)
-        if isinstance(leaf, jax.Array) and not (leaf.is_fully_addressable or leaf.is_fully_replicated):
-            h.update(repr((leaf.shape, str(leaf.dtype))).encode())  # sharded over processes: shape only
-            continue
-        value = to_host(leaf)
-        h.update(repr((value.shape, str(value.dtype))).encode())
-        h.update(np.ascontiguousarray(value).tobytes())
 
 
 def open_store(path: str, fingerprint: dict, shape, chunks, dtype, done_shape, disk_bytes: int, *, resume, overwrite):

@@ -44,7 +44,7 @@ import jax.numpy as jnp
 
 from jaxinf.core.curvature import CurvatureOperator
 from jaxinf.core.sketch import curvature_matvec
-from jaxinf.solvers.base import Solver
+from jaxinf.solvers.base import Solver, records_config
 from jaxinf.solvers.lowrank import LowRankState, check_operator, lowrank_solve, lowrank_validate, positive_int, scorer
 
 NEGATIVE = ("keep", "clip", "abs")
@@ -163,6 +163,7 @@ def ritz_state(q, h, breakdowns, damping, spec, *, rank: int, negative: str) -> 
     )
 
 
+@records_config
 def arnoldi(
     rank: int,
     *,

@@ -20,13 +20,17 @@ or a warning with the numbers.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxinf.core.data import batch_size
+from jaxinf.core.fingerprint import tree_digest
 
 
 class SolveInfo(NamedTuple):
@@ -103,6 +107,9 @@ class Solver(NamedTuple):
       scorer: a :class:`Scorer`, for solvers that score faster than "solve
         the test factors, contract with training gradients"; the wrapper uses
         it for ``influences(..., mode="up")``.
+      config: the factory's arguments as JSON-able values (filled in by
+        :func:`records_config`); stores and saved states record it, so that a
+        state is never used with a solver configured differently.
     """
 
     init: Callable[..., Any]
@@ -113,6 +120,7 @@ class Solver(NamedTuple):
     solve_many: Callable[[Any, Any], tuple[Any, SolveInfo]] | None = None
     stream_init: Callable[..., Any] | None = None
     scorer: Scorer | None = None
+    config: dict | None = None
 
     @property
     def score(self) -> Callable[..., Any] | None:
@@ -147,6 +155,62 @@ class BatchStreamLike(Protocol):
     def matmat(self, vectors: jax.Array, *, desc: str = ...) -> jax.Array: ...  # C V for raveled (p, k)
 
     def matvec(self, vector: jax.Array, *, desc: str = ...) -> jax.Array: ...
+
+
+def describe(value: Any) -> Any:
+    """A JSON-able description of a factory argument (numbers, strings, dtypes, nested solvers, arrays by digest)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    config = getattr(value, "config", None)
+    if isinstance(config, dict):  # a Solver or Preconditioner built by a recorded factory
+        return config
+    if isinstance(value, (list, tuple)):
+        return [describe(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): describe(v) for k, v in value.items()}
+    if isinstance(value, (jax.Array, np.ndarray, np.generic)):
+        return {"array": tree_digest(value)}
+    try:
+        return str(np.dtype(value))
+    except TypeError:
+        pass
+    name = getattr(value, "__qualname__", None)
+    if name is not None:
+        return f"{getattr(value, '__module__', '')}.{name}"
+    if isinstance(value, NamedTupleLike):
+        return {k: describe(v) for k, v in value._asdict().items()}
+    raise TypeError(f"Cannot record a factory argument of type {type(value).__name__} ({value!r}).")
+
+
+@runtime_checkable
+class NamedTupleLike(Protocol):
+    def _asdict(self) -> dict: ...
+
+
+def records_config(factory: Callable) -> Callable:
+    """Decorate a solver or preconditioner factory so that what it returns carries ``config``: its arguments.
+
+    ``config`` is ``{"factory": name, **arguments with defaults applied}``,
+    JSON-able (:func:`describe`).
+    """
+    signature = inspect.signature(factory)
+
+    @functools.wraps(factory)
+    def wrapped(*args, **kwargs):
+        made = factory(*args, **kwargs)
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        arguments = {}
+        for name, value in bound.arguments.items():
+            if signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+                arguments.update(value)
+            else:
+                arguments[name] = value
+        inner = made.config or {}  # a factory that calls another recorded one (kfac -> ekfac) keeps its defaults
+        config = {**inner, "factory": factory.__name__, **{k: describe(v) for k, v in sorted(arguments.items())}}
+        return made._replace(config=config)
+
+    return wrapped
 
 
 def solve_many(solver: Solver, state, rhs):

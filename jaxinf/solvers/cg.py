@@ -44,7 +44,7 @@ from jaxinf.core.tree import (
     unravel,
     unravel_batched,
 )
-from jaxinf.solvers.base import SolveInfo, Solver, make_info
+from jaxinf.solvers.base import SolveInfo, Solver, make_info, records_config
 from jaxinf.solvers.preconditioners import Preconditioner
 
 PyTree = Any
@@ -67,6 +67,7 @@ class CGState(NamedTuple):
     preconditioner: Any = None
 
 
+@records_config
 def cg(
     *,
     rtol: float = 1e-6,

@@ -25,7 +25,7 @@ import numpy as np
 from jaxinf.core.curvature import CurvatureOperator
 from jaxinf.core.memory import available_bytes
 from jaxinf.core.tree import TreeSpec, check_matches, ravel, unravel
-from jaxinf.solvers.base import Solver, make_info
+from jaxinf.solvers.base import Solver, make_info, records_config
 
 
 @jax.tree_util.register_pytree_node_class
@@ -77,6 +77,7 @@ def required_bytes(operator: CurvatureOperator) -> int:
     return sum(3 * s * s * itemsize for s in sizes)
 
 
+@records_config
 def direct(*, max_memory: int | None = None, column_batch: int = 128) -> Solver:
     """Exact solver: ``x = (C + λI)⁻¹ v`` from a dense eigendecomposition.
 

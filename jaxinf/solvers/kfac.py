@@ -71,7 +71,7 @@ from jaxinf.core.curvature import CurvatureOperator, per_example_grads
 from jaxinf.core.tree import check_matches
 from jaxinf.layers.statistics import example_statistics
 from jaxinf.scoring.layerwise import contract_by_layer
-from jaxinf.solvers.base import Scorer, Solver, make_info
+from jaxinf.solvers.base import Scorer, Solver, make_info, records_config
 from jaxinf.solvers.kfac_fit import fit, fit_stream
 from jaxinf.solvers.kfac_plan import FISHER_MODES, KFACPlan, KFACState, check_options, make_plan
 
@@ -84,6 +84,7 @@ EXAMPLE_CHUNK = 128  # examples whose EK-FAC pass-2 temporaries are formed at on
 # ----------------------------------------------------------------------------
 
 
+@records_config
 def ekfac(
     *,
     update_diagonal: bool = True,
@@ -199,6 +200,7 @@ def ekfac(
     )
 
 
+@records_config
 def kfac(**kwargs) -> Solver:
     """K-FAC: :func:`ekfac` without the eigenvalue correction (``Λ = λ_A λ_Gᵀ``).
 

@@ -31,7 +31,7 @@ from jaxinf.core.curvature import CurvatureOperator
 from jaxinf.core.data import Batches
 from jaxinf.core.data import batch_size as leading_size
 from jaxinf.core.tree import check_matches, is_tracer, tree_norm, tree_scale, tree_sub, tree_where
-from jaxinf.solvers.base import SolveInfo, Solver, make_info
+from jaxinf.solvers.base import SolveInfo, Solver, make_info, records_config
 
 PyTree = Any
 
@@ -54,6 +54,7 @@ class LissaState(NamedTuple):
     key: jax.Array
 
 
+@records_config
 def lissa(
     *,
     maxiter: int = 1000,

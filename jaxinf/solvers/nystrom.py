@@ -35,7 +35,7 @@ import jax.numpy as jnp
 
 from jaxinf.core.curvature import CurvatureOperator
 from jaxinf.core.sketch import NystromApproximation, nystrom_from_sketch, nystrom_of_operator, sketch_test_matrix
-from jaxinf.solvers.base import Solver
+from jaxinf.solvers.base import Solver, records_config
 from jaxinf.solvers.lowrank import (
     LowRankState,
     check_concrete_positive,
@@ -52,6 +52,7 @@ ADVICE = (
 )
 
 
+@records_config
 def nystrom(
     rank: int,
     *,

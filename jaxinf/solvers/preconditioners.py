@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from jaxinf.core.curvature import CurvatureOperator
 from jaxinf.core.sketch import NystromApproximation, nystrom_of_operator, nystrom_precondition
 from jaxinf.core.tree import ravel, tree_spec, unravel
+from jaxinf.solvers.base import records_config
 
 PyTree = Any
 
@@ -35,6 +36,7 @@ class Preconditioner(NamedTuple):
     init: Callable[[CurvatureOperator, jax.Array], Any]
     apply: Callable[[Any, PyTree], PyTree]
     name: str = "preconditioner"
+    config: dict | None = None
 
 
 class JacobiState(NamedTuple):
@@ -95,6 +97,7 @@ def hutchinson_diagonal(operator: CurvatureOperator, num_samples: int, key: jax.
     return mean, std_error
 
 
+@records_config
 def jacobi_preconditioner(num_samples: int = 100, *, batch_size: int = 16) -> Preconditioner:
     """Jacobi (diagonal) pre-conditioner ``M = diag(C + Λ)``, diagonal estimated by Hutchinson.
 
@@ -157,6 +160,7 @@ class NystromPreconditionerState(NamedTuple):
     damping: jax.Array
 
 
+@records_config
 def nystrom_preconditioner(rank: int, *, batch_size: int | None = None) -> Preconditioner:
     """Randomized Nyström pre-conditioner (Frangella, Tropp & Udell 2023).
 
