@@ -122,6 +122,9 @@ class Solver(NamedTuple):
     scorer: Scorer | None = None
     config: dict | None = None
 
+    def __hash__(self) -> int:  # a static argument of jit: hashable although ``config`` is a dict
+        return hash(self[:-1])
+
     @property
     def score(self) -> Callable[..., Any] | None:
         """``score(state, operator, test_batch, train_batch)`` of the :class:`Scorer`, or ``None``."""

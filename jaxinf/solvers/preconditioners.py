@@ -38,6 +38,9 @@ class Preconditioner(NamedTuple):
     name: str = "preconditioner"
     config: dict | None = None
 
+    def __hash__(self) -> int:  # hashable although ``config`` is a dict (solvers are static arguments of jit)
+        return hash(self[:-1])
+
 
 class JacobiState(NamedTuple):
     """``inverse_diagonal``: ``1 / d`` with the structure of the parameters, where ``d``
