@@ -3,8 +3,9 @@
     python benchmarks/bench_influence.py --solver direct --n-train 2000 --n-test 100
 
 Prints a table and writes ``benchmarks/results/influence_<solver>.json`` and
-``.md``. Compile time is reported apart (first call minus the median of the
-following calls). The floor is one jitted pass of per-example gradients over
+``.md`` (``--quick``: a smoke test, under ``benchmarks/results/quick/``).
+Compile time is reported apart (first call minus the median of the following
+calls). The floor is one jitted pass of per-example gradients over
 the same test and training data; ``x floor`` columns are ratios measured in the
 same run. When the solver is not ``direct`` and the model is small enough, the
 influence matrix is compared with ``direct``'s (relative error, Pearson and
@@ -22,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
+import _cli as cli  # noqa: E402
 import common  # noqa: E402
 
 import jaxinf  # noqa: E402
@@ -79,22 +81,43 @@ def run(args) -> dict:
     return row
 
 
+QUICK = dict(n_train=200, n_test=5, d_in=8, widths=[16], batch_size=100, repeats=1)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = cli.parser(__doc__)
+    parser.add_argument("--solver", default="direct", help="jaxinf solver factory to time, e.g. direct, cg, arnoldi")
+    parser.add_argument(
+        "--options", default="{}", help="JSON keyword arguments of the factory, e.g. '{\"rank\": 50}'"
+    )
+    parser.add_argument(
+        "--curvature", default="gauss_newton", choices=list(jaxinf.CURVATURES), help="curvature the solver inverts"
+    )
+    parser.add_argument("--damping", type=float, default=1e-3, help="damping λ of (C + λI)⁻¹")
+    parser.add_argument("--n-train", type=int, default=2000, help="training points (columns of the influence matrix)")
+    parser.add_argument("--n-test", type=int, default=100, help="test points (rows of the influence matrix)")
+    parser.add_argument("--d-in", type=int, default=32, help="input features of the MLP")
+    parser.add_argument("--widths", type=int, nargs="+", default=[64], help="hidden-layer widths of the tanh MLP")
+    parser.add_argument("--batch-size", type=int, default=500, help="training points per batch")
+    parser.add_argument(
+        "--dtype", default="float32", choices=["float32", "float64"], help="dtype of model, data and solver"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="timed calls after the compiling first one (the median is reported)"
+    )
+    parser.add_argument(
+        "--max-direct-params",
+        type=int,
+        default=6000,
+        help="compare a non-direct solver with direct only up to this many parameters (direct costs O(P³))",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="random seed of data, model and solver")
+    cli.add_quick(parser, "N=200, 5 test points, an 8-16-10 MLP, one repeat")
+    return parser
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--solver", default="direct", help="a jaxinf solver factory name")
-    parser.add_argument("--options", default="{}", help="JSON keyword arguments of the factory, e.g. '{\"rank\": 50}'")
-    parser.add_argument("--curvature", default="gauss_newton", choices=list(jaxinf.CURVATURES))
-    parser.add_argument("--damping", type=float, default=1e-3)
-    parser.add_argument("--n-train", type=int, default=2000)
-    parser.add_argument("--n-test", type=int, default=100)
-    parser.add_argument("--d-in", type=int, default=32)
-    parser.add_argument("--widths", type=int, nargs="+", default=[64])
-    parser.add_argument("--batch-size", type=int, default=500)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--max-direct-params", type=int, default=6000)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    args = cli.parse(build_parser(), argv, QUICK)
     row = run(args)
     columns = [
         "solver",

@@ -18,7 +18,8 @@ full-data equivalents (``steps · batch_size / N``, plus its final residual).
 The cost of one curvature-vector product is measured as a multiple of one
 gradient of the mean loss over the same data (both jitted, median time).
 
-Writes ``benchmarks/results/iterative<tag>.json`` and ``.md``.
+Writes ``benchmarks/results/iterative<tag>.json`` and ``.md`` (``--quick``: a
+smoke test at toy sizes, under ``benchmarks/results/quick/``).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
+import _cli as cli  # noqa: E402
 import common  # noqa: E402
 
 import jaxinf  # noqa: E402
@@ -161,27 +163,44 @@ def run(args) -> tuple[list[dict], dict]:
     return rows, meta
 
 
+QUICK = dict(
+    n_train=200, n_test=4, d_in=8, widths=[16], batch_size=100, damping=1e-3, maxiter=300, block_size=4,
+    ranks=[10], jacobi_samples=10, lissa_steps=50, lissa_batch=50, repeats=1,
+)  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = cli.parser(__doc__)
+    add = parser.add_argument
+    add("--n-train", type=int, default=1000, help="training points the curvature averages over")
+    add("--n-test", type=int, default=8, help="right-hand sides (gradients of that many test points)")
+    add("--d-in", type=int, default=32, help="input features of the MLP")
+    add("--widths", type=int, nargs="+", default=[256], help="hidden-layer widths of the tanh MLP")
+    add("--batch-size", type=int, default=500, help="training points per batch of the curvature operator")
+    add("--damping", type=float, default=1e-5, help="damping λ of C + λI (smaller: worse conditioned)")
+    add("--rtol", type=float, default=1e-6, help="relative residual tolerance of every iterative method")
+    add("--maxiter", type=int, default=2000, help="iteration cap of the CG variants, per right-hand side")
+    add("--block-size", type=int, default=8, help="right-hand sides per block of block CG")
+    add("--ranks", type=int, nargs="+", default=[100], help="ranks of the Nyström pre-conditioner (one row each)")
+    add("--jacobi-samples", type=int, default=50, help="Hutchinson probes of the Jacobi (diagonal) pre-conditioner")
+    add("--lissa-steps", type=int, default=1000, help="LiSSA iteration cap (minibatch steps) per right-hand side")
+    add("--lissa-batch", type=int, default=100, help="training points per LiSSA minibatch")
+    add("--dtype", default="float64", choices=["float32", "float64"], help="dtype of model, data and solvers")
+    add("--repeats", type=int, default=3, help="timed calls after the compiling first one (the median is reported)")
+    add(
+        "--max-direct-params",
+        type=int,
+        default=4000,
+        help="reference is direct up to this many parameters, else pre-conditioned CG at rtol 1e-11",
+    )
+    add("--seed", type=int, default=0, help="random seed of data, model and solvers")
+    add("--tag", default="", help="suffix of the result files: results/iterative<tag>.json and .md")
+    cli.add_quick(parser, "N=200, 4 right-hand sides, an 8-16-10 MLP, λ=1e-3, Nyström rank 10, 50 LiSSA steps")
+    return parser
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n-train", type=int, default=1000)
-    parser.add_argument("--n-test", type=int, default=8, help="right-hand sides (test gradients)")
-    parser.add_argument("--d-in", type=int, default=32)
-    parser.add_argument("--widths", type=int, nargs="+", default=[256])
-    parser.add_argument("--batch-size", type=int, default=500)
-    parser.add_argument("--damping", type=float, default=1e-5)
-    parser.add_argument("--rtol", type=float, default=1e-6)
-    parser.add_argument("--maxiter", type=int, default=2000)
-    parser.add_argument("--block-size", type=int, default=8)
-    parser.add_argument("--ranks", type=int, nargs="+", default=[100])
-    parser.add_argument("--jacobi-samples", type=int, default=50)
-    parser.add_argument("--lissa-steps", type=int, default=1000)
-    parser.add_argument("--lissa-batch", type=int, default=100)
-    parser.add_argument("--dtype", default="float64", choices=["float32", "float64"])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--max-direct-params", type=int, default=4000)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--tag", default="", help="suffix of the result files: results/iterative<tag>.json")
-    args = parser.parse_args(argv)
+    args = cli.parse(build_parser(), argv, QUICK)
     rows, meta = run(args)
     columns = ["method", "fit_s", "fit_compile_s", "fit_products", "solve_s", "solve_compile_s", "solve_x_cg",
                "iterations_max", "products", "converged", "diverged", "rel_error_max"]

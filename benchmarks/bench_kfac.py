@@ -20,7 +20,8 @@ exact or sampled true Fisher) it reports
   ``direct`` uses ``P``).
 
 All at the same damping, ``0.1 × mean eigenvalue`` of the Gauss-Newton. Prints
-a table and writes ``benchmarks/results/kfac.json`` (and ``.md``).
+a table and writes ``benchmarks/results/kfac.json`` (and ``.md``; ``--quick``:
+a smoke test at toy sizes, under ``benchmarks/results/quick/``).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import numpy as np
 import optax
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
+import _cli as cli  # noqa: E402
 import common  # noqa: E402
 
 import jaxinf  # noqa: E402
@@ -52,14 +54,15 @@ class CNN(nn.Module):
         return nn.Dense(self.classes)(x.reshape((x.shape[0], -1)))
 
 
-def cnn_problem(n_train, n_test, *, size=8, channels=2, dtype=jnp.float64, seed=0, train_steps=200):
-    """A small CNN classifier (8x8x2 images) trained briefly (Adam, full batch) on a random teacher task."""
+def cnn_problem(n_train, n_test, *, size=8, channels=2, width=6, dtype=jnp.float64, seed=0, train_steps=200):
+    """A small CNN classifier (8x8x2 images, ``width`` channels per convolution) trained briefly (Adam, full batch)
+    on a random teacher task."""
     kx, kt, ki = jax.random.split(jax.random.key(seed), 3)
     n = n_train + n_test
     x = jax.random.normal(kx, (n, size, size, channels), jnp.float32).astype(dtype)
     teacher = jax.random.normal(kt, (size * size * channels, 10), jnp.float32).astype(dtype)
     y = jnp.argmax(x.reshape(n, -1) @ teacher / size + 0.5 * jax.random.normal(ki, (n, 10)), axis=-1)
-    module = CNN()
+    module = CNN(channels=width)
     params = jax.tree.map(lambda a: a.astype(dtype), jax.jit(module.init)(jax.random.key(seed + 1), x[:1]))
 
     def model_fn(p, batch):
@@ -114,10 +117,10 @@ def run_model(name, problem, args, rows):
     g_test = flat(grads(problem.params, problem.test))
     g_train = flat(grads(problem.params, problem.train))
 
-    # the reference: direct on the full Gauss-Newton (one dense factorisation, timed once)
+    # the reference: direct on the full Gauss-Newton (one dense factorisation, timed once with its compilation)
     start = time.perf_counter()
     direct = jaxinf.direct()
-    dstate = jax.block_until_ready(direct.init(operator(0.0)))
+    dstate = jax.block_until_ready(jax.jit(direct.init)(operator(0.0)))  # compile included
     direct_fit = time.perf_counter() - start
     q, w = dstate.eigvecs[0], dstate.eigvals[0]
     damping = 0.1 * float(jnp.mean(w))
@@ -136,10 +139,11 @@ def run_model(name, problem, args, rows):
          "score_s": nan, "score_x_floor": nan, "pearson": 1.0, "spearman": 1.0,
          "pearson_layer_blocks": pearson(ref, ref_block), "backward_per_example": f"{problem.num_params} CVPs"}
     )  # fmt: skip
+    print(f"{name} (P = {problem.num_params}): direct reference {direct_fit:.2f} s", flush=True)
 
     classes = int(problem.model_fn(problem.params, jax.tree.map(lambda a: a[:1], problem.test)).shape[-1])
     fits = {}
-    for fisher in ("exact", "sampled"):
+    for fisher in args.fishers:
         for make in (jaxinf.kfac, jaxinf.ekfac):
             solver = make(fisher=fisher)
             init = jax.jit(lambda o, k, s=solver: s.init(o, key=k))
@@ -159,28 +163,62 @@ def run_model(name, problem, args, rows):
                  "pearson_layer_blocks": pearson(ref_block, scores),
                  "backward_per_example": f"{passes * per_pass}"}
             )  # fmt: skip
+            print(f"  {solver.name} fisher={fisher}: fit {fit.median:.3g} s (+{fit.compile:.2g} s compile), "
+                  f"score {timing.median:.3g} s (+{timing.compile:.2g} s compile)", flush=True)
     return floor
 
 
+QUICK = dict(
+    n_train=64, n_test=4, batch_size=32, repeats=1, mlp_d_in=8, mlp_widths=[8], cnn_channels=2, fishers=["sampled"]
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = cli.parser(__doc__)
+    add = parser.add_argument
+    add("--n-train", type=int, default=500, help="training points (columns of the influence matrix)")
+    add("--n-test", type=int, default=20, help="test points (rows of the influence matrix)")
+    add("--batch-size", type=int, default=125, help="training points per batch of the factor sweep")
+    add("--dtype", choices=["float32", "float64"], default="float64", help="dtype of models, data and solvers")
+    add("--repeats", type=int, default=3, help="timed calls after the compiling first one (the median is reported)")
+    add("--seed", type=int, default=0, help="random seed of the models' data and weights")
+    add(
+        "--models",
+        nargs="+",
+        default=["mlp", "cnn"],
+        choices=["mlp", "cnn"],
+        help="models to run: a tanh MLP and/or a two-convolution CNN on 8x8x2 images (10 classes each)",
+    )
+    add("--mlp-d-in", type=int, default=32, help="input features of the MLP")
+    add("--mlp-widths", type=int, nargs="+", default=[32], help="hidden-layer widths of the MLP")
+    add("--cnn-channels", type=int, default=6, help="output channels of each of the CNN's two convolutions")
+    add(
+        "--fishers",
+        nargs="+",
+        default=["exact", "sampled"],
+        choices=["exact", "sampled"],
+        help="K-FAC/EK-FAC output-loss curvature: exact (one backward pass per class) and/or sampled (one draw)",
+    )
+    cli.add_quick(
+        parser, "N=64, 4 test points, batches of 32, an 8-8-10 MLP, a CNN of 2 channels, sampled Fisher, one repeat"
+    )
+    return parser
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--n-train", type=int, default=500)
-    parser.add_argument("--n-test", type=int, default=20)
-    parser.add_argument("--batch-size", type=int, default=125)
-    parser.add_argument("--dtype", choices=["float32", "float64"], default="float64")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--models", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn"])
-    args = parser.parse_args(argv)
+    args = cli.parse(build_parser(), argv, QUICK)
     if args.dtype == "float64":
         jax.config.update("jax_enable_x64", True)
     dtype = jnp.float64 if args.dtype == "float64" else jnp.float32
     rows, floors = [], {}
     for name in args.models:
         if name == "mlp":
-            problem = common.mlp_problem(args.n_train, args.n_test, d_in=32, widths=(32,), dtype=dtype, seed=args.seed)
+            widths = tuple(args.mlp_widths)
+            problem = common.mlp_problem(
+                args.n_train, args.n_test, d_in=args.mlp_d_in, widths=widths, dtype=dtype, seed=args.seed
+            )
         else:
-            problem = cnn_problem(args.n_train, args.n_test, dtype=dtype, seed=args.seed)
+            problem = cnn_problem(args.n_train, args.n_test, width=args.cnn_channels, dtype=dtype, seed=args.seed)
         floors[name] = run_model(name, problem, args, rows).median
     columns = [
         "model",

@@ -13,7 +13,8 @@ training gradients" path of the same fitted state; and the accuracy of the
 influence matrix against a reference (``direct`` when ``P`` is small enough,
 else CG to a tight tolerance): relative error, Pearson and Spearman.
 
-Writes ``benchmarks/results/lowrank.json`` and ``.md``.
+Writes ``benchmarks/results/lowrank.json`` and ``.md`` (``--quick``: a smoke
+test at toy sizes, under ``benchmarks/results/quick/``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
+import _cli as cli  # noqa: E402
 import common  # noqa: E402
 
 import jaxinf  # noqa: E402
@@ -112,23 +114,39 @@ def run(args) -> tuple[list[dict], dict]:
     return rows, meta
 
 
+QUICK = dict(
+    ranks=[5], methods=["arnoldi", "nystrom"], n_train=200, n_test=5, d_in=8, widths=[16, 8], batch_size=100, repeats=1
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = cli.parser(__doc__)
+    add = parser.add_argument
+    add("--ranks", type=int, nargs="+", default=[10, 40, 160], help="ranks r of the low-rank solvers (one row each)")
+    add("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), help="low-rank variants to run")
+    add("--curvature", default="gauss_newton", choices=list(jaxinf.CURVATURES), help="curvature the solvers invert")
+    add("--damping", type=float, default=1e-2, help="damping λ of (C + λI)⁻¹")
+    add("--n-train", type=int, default=1000, help="training points (columns of the influence matrix)")
+    add("--n-test", type=int, default=20, help="test points (rows of the influence matrix)")
+    add("--d-in", type=int, default=64, help="input features of the MLP")
+    add("--widths", type=int, nargs="+", default=[128, 64], help="hidden-layer widths of the tanh MLP")
+    add("--batch-size", type=int, default=500, help="training points per batch")
+    add("--dtype", default="float64", choices=["float32", "float64"], help="dtype of model, data and solvers")
+    add("--repeats", type=int, default=3, help="timed calls after the compiling first one (the median is reported)")
+    add(
+        "--max-direct-params",
+        type=int,
+        default=3000,
+        help="reference is direct up to this many parameters, else CG to a tight tolerance",
+    )
+    add("--cg-maxiter", type=int, default=3000, help="iteration cap of the CG reference (large models only)")
+    add("--seed", type=int, default=0, help="random seed of data, model and solvers")
+    cli.add_quick(parser, "rank 5, arnoldi and nystrom only, N=200, 5 test points, an 8-16-8-10 MLP, one repeat")
+    return parser
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ranks", type=int, nargs="+", default=[10, 40, 160])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--curvature", default="gauss_newton", choices=list(jaxinf.CURVATURES))
-    parser.add_argument("--damping", type=float, default=1e-2)
-    parser.add_argument("--n-train", type=int, default=1000)
-    parser.add_argument("--n-test", type=int, default=20)
-    parser.add_argument("--d-in", type=int, default=64)
-    parser.add_argument("--widths", type=int, nargs="+", default=[128, 64])
-    parser.add_argument("--batch-size", type=int, default=500)
-    parser.add_argument("--dtype", default="float64", choices=["float32", "float64"])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--max-direct-params", type=int, default=3000)
-    parser.add_argument("--cg-maxiter", type=int, default=3000)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    args = cli.parse(build_parser(), argv, QUICK)
     rows, meta = run(args)
     columns = [
         "method",

@@ -29,7 +29,9 @@ Three tables:
    ``pick_is_fastest`` says whether the pick was the fastest of the three and
    ``pick_over_best`` how much slower than the fastest it was.
 
-Writes ``benchmarks/results/scale.json`` and ``scale.md``.
+Writes ``benchmarks/results/scale.json`` and ``scale.md`` (and one
+``scale_<table>.json``/``.md`` per table; ``--quick``: a smoke test at toy
+sizes, under ``benchmarks/results/quick/``).
 """
 
 from __future__ import annotations
@@ -43,6 +45,9 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import _cli as cli  # noqa: E402  (argparse only: JAX starts later, after XLA_FLAGS is set)
+
 D_IN, CLASSES = 32, 10
 
 
@@ -234,7 +239,7 @@ def _time_methods(common, contract, loss_fn, params, batch, factors: int, repeat
     return times
 
 
-def pick_rows(repeats: int, scale_factor: float = 1.0) -> list[dict]:
+def pick_rows(repeats: int, scale_factor: float = 1.0, cases: list[int] | None = None) -> list[dict]:
     sys.path.insert(0, HERE)
     import common
 
@@ -244,7 +249,7 @@ def pick_rows(repeats: int, scale_factor: float = 1.0) -> list[dict]:
         return max(lo, int(v * scale_factor))
 
     rows = []
-    for kind, shape, batch, factors in PICK_CASES:
+    for kind, shape, batch, factors in [PICK_CASES[i] for i in cases] if cases else PICK_CASES:
         batch = shrink(batch)
         factors = shrink(factors, 1) if factors > 1 else 1
         if kind == "mlp":
@@ -281,23 +286,60 @@ def pick_rows(repeats: int, scale_factor: float = 1.0) -> list[dict]:
 # ----------------------------------------------------------------------------
 
 
+def _logged(runner):
+    """``runner`` that prints each row it returns and the wall time it took, as it goes."""
+
+    def run(spec: dict) -> dict:
+        start = time.perf_counter()
+        row = runner(spec)
+        took = time.perf_counter() - start
+        print(f"{spec['tag']} N={spec['n']} devices={spec['devices']}: {took:.1f} s", row, flush=True)
+        return row
+
+    return run
+
+
+QUICK = dict(
+    sizes=[2000], devices_n=2000, devices=[8], n_test=10, batch=256, widths=[4], fit_n=256, train_steps=10,
+    inline=True, repeats=1, pick_scale=0.05, pick_cases=[0, len(PICK_CASES) - 1],
+)  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = cli.parser(__doc__)
+    add = parser.add_argument
+    add("--sizes", type=float, nargs="+", default=[1e4, 1e5], help="numbers of training points N of the scaling rows")
+    add("--large", action="store_true", help="add N = 1e6 to the scaling rows")
+    add("--devices-n", type=float, default=1e5, help="N of the devices rows")
+    add("--devices", type=int, nargs="+", default=[1, 8], help="simulated host devices of the devices rows")
+    add("--n-test", type=int, default=100, help="test points scored against the N training points")
+    add("--batch", type=int, default=1024, help="training points per streamed batch")
+    add("--widths", type=int, nargs="+", default=[64], help="hidden-layer widths of the tanh MLP (32 inputs)")
+    add("--fit-n", type=int, default=4096, help="in-memory points the model is trained and the solver fitted on")
+    add("--train-steps", type=int, default=200, help="Adam steps training the model")
+    add("--repeats", type=int, default=5, help="timed calls after the first, for the pick timings (median)")
+    add("--pick-scale", type=float, default=1.0, help="factor shrinking the pick cases' batches, widths and factors")
+    add(
+        "--pick-cases",
+        type=int,
+        nargs="+",
+        choices=range(len(PICK_CASES)),
+        metavar="I",
+        help="indices into PICK_CASES of the pick rows (default: all)",
+    )
+    add("--only", choices=["scaling", "devices", "pick"], nargs="+", help="tables to make (default: all three)")
+    add("--inline", action="store_true", help="run the scaling rows in this process, not a fresh one each")
+    add("--child", help=argparse.SUPPRESS)
+    cli.add_quick(
+        parser,
+        "N=2000, 10 test points, batches of 256, a 32-4-10 MLP, scaling rows inline, 8 devices only, "
+        "2 pick cases at 5%%",
+    )
+    return parser
+
+
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=float, nargs="+", default=[1e4, 1e5], help="numbers of training points")
-    parser.add_argument("--large", action="store_true", help="add N = 1e6")
-    parser.add_argument("--devices-n", type=float, default=1e5, help="N for the 1-vs-8-devices rows")
-    parser.add_argument("--devices", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--n-test", type=int, default=100)
-    parser.add_argument("--batch", type=int, default=1024)
-    parser.add_argument("--widths", type=int, nargs="+", default=[64])
-    parser.add_argument("--fit-n", type=int, default=4096, help="in-memory points the solver is fitted on")
-    parser.add_argument("--train-steps", type=int, default=200, help="Adam steps training the model")
-    parser.add_argument("--repeats", type=int, default=5, help="repetitions for the pick timings")
-    parser.add_argument("--pick-scale", type=float, default=1.0, help="shrink the pick cases (smoke tests)")
-    parser.add_argument("--only", choices=["scaling", "devices", "pick"], nargs="+")
-    parser.add_argument("--inline", action="store_true", help="run the rows in this process (smoke tests)")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    args = cli.parse(build_parser(), argv, QUICK)
     if args.child:
         spec = json.loads(args.child)
         os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={spec['devices']}"  # before JAX starts
@@ -323,7 +365,7 @@ def main(argv=None) -> dict:
             "train_steps": args.train_steps,
         }
         if "scaling" in parts:
-            runner = child if args.inline else run_child
+            runner = _logged(child if args.inline else run_child)
             results["scaling"] = [
                 runner({**base, "n": n, "devices": 1, "floor": True, "tag": "scaling"}) for n in sizes
             ]
@@ -332,14 +374,15 @@ def main(argv=None) -> dict:
                 r["time_per_N_vs_first"] = (r["run_s"] / r["N"]) / (first["run_s"] / first["N"])
         if "devices" in parts:
             rows = [
-                run_child({**base, "n": int(args.devices_n), "devices": d, "floor": False, "tag": "devices"})
+                _logged(run_child)({**base, "n": int(args.devices_n), "devices": d, "floor": False, "tag": "devices"})
                 for d in args.devices
             ]
             for r in rows:
                 r["speedup"] = rows[0]["run_s"] / r["run_s"]
             results["devices"] = rows
     if "pick" in parts:
-        results["pick"] = pick_rows(args.repeats, args.pick_scale)
+        print("scoring pick ...", flush=True)
+        results["pick"] = pick_rows(args.repeats, args.pick_scale, args.pick_cases)
 
     tables = []
     meta = {
@@ -403,11 +446,13 @@ def main(argv=None) -> dict:
                 meta,
             )
         )
-    os.makedirs(common.RESULTS, exist_ok=True)
-    with open(os.path.join(common.RESULTS, "scale.json"), "w") as f:
-        json.dump({"machine": common.machine(), "meta": meta, **results}, f, indent=2, default=float)
-    with open(os.path.join(common.RESULTS, "scale.md"), "w") as f:
-        f.write("\n\n".join(tables) + "\n")
+    folder = common.results_dir()
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "scale.json"), "w") as f:
+        payload = {"machine": common.machine(), "quick": cli.QUICK, "meta": meta, **results}
+        json.dump(payload, f, indent=2, default=float)
+    with open(os.path.join(folder, "scale.md"), "w") as f:
+        f.write((cli.BANNER + "\n\n" if cli.QUICK else "") + "\n\n".join(tables) + "\n")
     print(
         f"{common.machine()}; float32, direct solver, Gauss-Newton, damping 1e-3; {os.cpu_count()} physical cores "
         "(8 simulated devices share them)\n"

@@ -27,7 +27,8 @@ the same fit on the first two batches, i.e. mostly compilation;
 and ``max_rel_diff`` (largest relative difference of the EK-FAC eigenvalues
 between the two fits at that N: same batches, same draws).
 
-Writes ``benchmarks/results/stream_fit.json`` and ``stream_fit.md``.
+Writes ``benchmarks/results/stream_fit.json`` and ``stream_fit.md``
+(``--quick``: a smoke test at toy sizes, under ``benchmarks/results/quick/``).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
+import _cli as cli  # noqa: E402  (argparse only)
 from bench_scale import CLASSES, D_IN, _reset_peak, _rss_mb, write_data  # noqa: E402  (the same data and RSS probes)
 from bench_scale import run_child as scale_child  # noqa: E402
 
@@ -140,18 +142,33 @@ def max_rel_diff(out: str, n: int) -> float:
     return max(float(np.max(np.abs(a[k] - b[k])) / np.max(np.abs(b[k]))) for k in a.files)
 
 
+QUICK = dict(sizes=[2000], batch=256, widths=[16, 16], fit_n=256, train_steps=10, inline=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = cli.parser(__doc__)
+    add = parser.add_argument
+    add("--sizes", type=float, nargs="+", default=[1e4, 1e5], help="numbers of training points N (one row per mode)")
+    add("--large", action="store_true", help="add N = 1e6")
+    add("--batch", type=int, default=1024, help="training points per batch (streamed and in memory)")
+    add("--widths", type=int, nargs="+", default=[128, 128], help="hidden-layer widths of the tanh MLP (32 inputs)")
+    add(
+        "--modes",
+        nargs="+",
+        choices=["stream", "memory"],
+        default=["stream", "memory"],
+        help="fits to run: streamed from disk and/or in memory (both: their eigenvalues are compared)",
+    )
+    add("--fit-n", type=int, default=4096, help="points the model is trained on")
+    add("--train-steps", type=int, default=200, help="Adam steps training the model")
+    add("--inline", action="store_true", help="run the rows in this process, not a fresh one each (smoke tests)")
+    add("--child", help=argparse.SUPPRESS)
+    cli.add_quick(parser, "N=2000, batches of 256, a 32-16-16-10 MLP, rows inline")
+    return parser
+
+
 def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=float, nargs="+", default=[1e4, 1e5], help="numbers of training points")
-    parser.add_argument("--large", action="store_true", help="add N = 1e6")
-    parser.add_argument("--batch", type=int, default=1024)
-    parser.add_argument("--widths", type=int, nargs="+", default=[128, 128])
-    parser.add_argument("--modes", nargs="+", choices=["stream", "memory"], default=["stream", "memory"])
-    parser.add_argument("--fit-n", type=int, default=4096, help="points the model is trained on")
-    parser.add_argument("--train-steps", type=int, default=200, help="Adam steps training the model")
-    parser.add_argument("--inline", action="store_true", help="run the rows in this process (smoke tests)")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    args = cli.parse(build_parser(), argv, QUICK)
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
         return []

@@ -1,8 +1,12 @@
 """Shared benchmark helpers: problems, timing, the per-example-gradient floor, result files.
 
-Timing follows ../shared/STYLE.md: the first call (compile + run) is timed
-apart, then the median of ``repeats`` calls, each ended by
-``jax.block_until_ready``. Ratios are measured in the same run.
+Timing: the first call (compile + run) is timed apart, then the median of
+``repeats`` calls, each ended by ``jax.block_until_ready``; ratios (to the
+per-example-gradient floor, to another method) are measured in the same run,
+because absolute times on a shared machine move from run to run.
+
+Results go to ``benchmarks/results/`` (``results_dir()``), or to
+``benchmarks/results/quick/`` during a ``--quick`` run (see ``_cli.py``).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import _cli as cli  # benchmarks/ is on sys.path whenever common is importable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -24,6 +29,11 @@ import optax
 from jaxinf.scoring import per_example_grads
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
+
+
+def results_dir() -> str:
+    """Where results go: ``RESULTS``, or its ``quick/`` subfolder during a ``--quick`` run."""
+    return os.path.join(RESULTS, "quick") if cli.QUICK else RESULTS
 
 
 class Timing(NamedTuple):
@@ -134,17 +144,21 @@ def machine() -> str:
 
 
 def write_results(name: str, rows: list[dict], columns: list[str], meta: dict | None = None) -> str:
-    """Write ``results/<name>.json`` and ``results/<name>.md``; return the markdown table."""
-    os.makedirs(RESULTS, exist_ok=True)
-    payload = {"machine": machine(), "meta": meta or {}, "rows": rows}
-    with open(os.path.join(RESULTS, f"{name}.json"), "w") as f:
+    """Write ``<name>.json`` and ``<name>.md`` under ``results_dir()``; return the markdown table.
+
+    A ``--quick`` run marks both files (``"quick": true``, a first line in the markdown) as not representative.
+    """
+    folder = results_dir()
+    os.makedirs(folder, exist_ok=True)
+    payload = {"machine": machine(), "quick": cli.QUICK, "meta": meta or {}, "rows": rows}
+    with open(os.path.join(folder, f"{name}.json"), "w") as f:
         json.dump(payload, f, indent=2, default=float)
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
         lines.append("| " + " | ".join(_fmt(r.get(c, "")) for c in columns) + " |")
     table = "\n".join(lines)
-    with open(os.path.join(RESULTS, f"{name}.md"), "w") as f:
-        f.write(table + "\n")
+    with open(os.path.join(folder, f"{name}.md"), "w") as f:
+        f.write((cli.BANNER + "\n\n" if cli.QUICK else "") + table + "\n")
     return table
 
 

@@ -34,7 +34,9 @@ For reference, ``direct`` in that form scores Pearson 0.983 / Spearman 0.969
 against 0.987 / 0.999 in the exact form (defaults). The ``mode`` column says
 which form each row used.
 
-Writes ``benchmarks/results/loo.json``, ``loo.md`` and ``loo.png``.
+Writes ``benchmarks/results/loo.json``, ``loo.md`` and ``loo.png`` (``--quick``:
+a smoke test with 20 retrainings and four methods, under
+``benchmarks/results/quick/``).
 """
 
 from __future__ import annotations
@@ -51,11 +53,12 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _cli as cli  # noqa: E402
 import common  # noqa: E402
 import suite  # noqa: E402
 
 import jaxinf  # noqa: E402
-from jaxinf.model import ConvergenceError  # noqa: E402
+from jaxinf import ConvergenceError  # noqa: E402
 
 # Factories whose fit needs λ > 0 or that factor only the data term: penalty given as damping.
 PENALTY_AS_DAMPING = ("nystrom", "kfac", "ekfac")
@@ -260,22 +263,31 @@ def plot(actual, predictions, meta, path):
 COLUMNS = ["method", "mode", "pearson", "pearson_min", "spearman", "slope", "first_call_s"]
 
 
+QUICK = dict(n_train=100, n_test=2, k=20, methods=["direct", *suite.QUICK_METHODS])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = cli.parser(__doc__)
+    add = parser.add_argument
+    add("--methods", nargs="+", default=None, help="factory names, families or labels (default: all discovered)")
+    add("--n-train", type=int, default=400, help="training points (of the 569 in the data set; the rest are test)")
+    add("--n-test", type=int, default=5, help="test points compared (those with the highest loss)")
+    add("--k", type=int, default=400, help="training points to leave out and retrain without (all when >= N)")
+    add("--alpha", type=float, default=1e-2, help="L2 penalty α of the training objective, (α/2)‖w‖²")
+    add("--seed", type=int, default=0, help="random seed of the train/test split and of the points left out")
+    add("--name", default="loo", help="base name of the result files: <name>.json, .md, .png")
+    cli.add_quick(parser, "N=100, 2 test points, 20 retrainings, methods direct, " + ", ".join(suite.QUICK_METHODS))
+    return parser
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", nargs="+", default=None, help="factory names, families or labels")
-    parser.add_argument("--n-train", type=int, default=400)
-    parser.add_argument("--n-test", type=int, default=5)
-    parser.add_argument("--k", type=int, default=400, help="training points to leave out (all when >= N)")
-    parser.add_argument("--alpha", type=float, default=1e-2, help="L2 penalty (α/2)‖w‖²")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--name", default="loo")
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = parser.parse_args(argv)
+    args = cli.parse(build_parser(), argv, QUICK)
     args.argv = argv
     rows, meta, actual, predictions = run(args)
     table = common.write_results(args.name, rows, COLUMNS + ["error"] * any("error" in r for r in rows), meta)
     if predictions:
-        plot(actual, predictions, meta, os.path.join(common.RESULTS, f"{args.name}.png"))
+        plot(actual, predictions, meta, os.path.join(common.results_dir(), f"{args.name}.png"))
     print(f"\nmachine: {meta['machine']}")
     print(table)
     return rows, meta

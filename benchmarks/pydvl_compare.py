@@ -1,6 +1,9 @@
 """jaxinf and pyDVL side by side: same weights, same data, same λ, against one exact reference.
 
-    pip install torch pydvl          # optional; CPU torch is enough
+    # pyDVL pins numpy<2 and plain `pip install torch` pulls a CUDA build: use a separate environment
+    python -m venv .venv-pydvl && . .venv-pydvl/bin/activate
+    pip install torch --index-url https://download.pytorch.org/whl/cpu   # CPU torch (~200 MB)
+    pip install "pydvl[influence]" ".[benchmarks]"
     python benchmarks/pydvl_compare.py
     python benchmarks/pydvl_compare.py --methods cg arnoldi --n-train 500
 
@@ -8,9 +11,10 @@ The tanh MLP classifier of ``suite.py`` is trained in JAX; its weights are
 copied into an equivalent ``torch.nn.Sequential`` (Linear/Tanh/Linear, kernels
 transposed), checked to give the same logits. Both libraries then compute
 ``influences(test, train)`` with the **Hessian** of the mean cross-entropy
-(pyDVL's default; its Gauss-Newton is the empirical Fisher and is
-mis-normalised in 0.10.0, see ../shared/REFERENCE.md) and the same
-regularisation ``λ``, method by method with matching settings:
+(pyDVL's default; its Gauss-Newton is the empirical Fisher ``(1/n) Σ g gᵀ``,
+and in pyDVL 0.10.0 its dense form is mis-normalised: infinite with one batch,
+about 6x too large with four) and the same regularisation ``λ``, method by
+method with matching settings:
 
 ========================  ===========================================  ==================================
 method                    jaxinf                                       pyDVL
@@ -33,8 +37,10 @@ first call; jaxinf's compile time apart), the relative error of the influence
 factors (pyDVL's flat factors are mapped to jaxinf's parameter order) and the
 Pearson/Spearman correlation of the influence matrix with the reference, and
 the speed ratio ``pydvl_total_s / jaxinf_total_s`` measured in the same run.
-Writes ``benchmarks/results/pydvl_compare.{json,md}``. Exits with a message
-(status 0) when torch or pyDVL is not importable.
+Writes ``benchmarks/results/pydvl_compare.{json,md}`` (``--quick``: a smoke
+test at toy sizes, under ``benchmarks/results/quick/``). Exits with status 2 and
+the install recipe when torch or pyDVL is not importable: a comparison that
+was asked for and could not run is a failure, not a skip.
 """
 
 from __future__ import annotations
@@ -51,12 +57,14 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _cli as cli  # noqa: E402
 import common  # noqa: E402
 import suite  # noqa: E402
 
 import jaxinf  # noqa: E402
-from jaxinf.model import ConvergenceError, solve_many  # noqa: E402
+from jaxinf import ConvergenceError
 from jaxinf.scoring import per_example_grads  # noqa: E402
+from jaxinf.solvers.base import solve_many  # noqa: E402
 
 
 def _imports():
@@ -380,23 +388,39 @@ COLUMNS = [
 ]
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", nargs="+", default=None, help="substrings of the method labels to run")
-    parser.add_argument("--rtol", type=float, default=1e-5)
-    parser.add_argument("--rank", type=int, default=50)
-    parser.add_argument("--lissa-iters", type=int, default=1000)
+QUICK = dict(
+    n_train=200, n_test=5, d_in=8, widths=[8], batch_size=100, repeats=1, rank=5, lissa_iters=50,
+    methods=["direct", "cg rtol", "lissa", "arnoldi r", "nystrom r", "ekfac"],
+)  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = cli.parser(__doc__)
+    add = parser.add_argument
+    add("--methods", nargs="+", default=None, help="substrings of the method labels to run (default: all)")
+    add("--rtol", type=float, default=1e-5, help="relative residual tolerance of CG, both libraries")
+    add("--rank", type=int, default=50, help="rank of Arnoldi, Nyström and the Nyström pre-conditioner (capped at P)")
+    add("--lissa-iters", type=int, default=1000, help="LiSSA iterations (minibatches of 64), both libraries")
     suite.problem_arguments(parser, damping=1e-2, repeats=2, name="pydvl_compare")
+    cli.add_quick(parser, "N=200, 5 test points, an 8-8-10 MLP, rank 5, 50 LiSSA steps, six methods")
+    return parser
+
+
+def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = parser.parse_args(argv)
+    args = cli.parse(build_parser(), argv, QUICK)
     args.argv = argv
     missing = _imports()
     if missing:
         print(
-            f"pyDVL comparison skipped: torch and pydvl are not importable ({missing}).\n"
-            "Install them with: pip install torch pydvl   (a CPU torch wheel is enough)"
+            f"pyDVL comparison cannot run: torch and pydvl are not importable ({missing}).\n"
+            "Install them in an environment of their own (pyDVL pins numpy<2):\n"
+            "  python -m venv .venv-pydvl && . .venv-pydvl/bin/activate\n"
+            "  pip install torch --index-url https://download.pytorch.org/whl/cpu\n"
+            '  pip install "pydvl[influence]" ".[benchmarks]"',
+            file=sys.stderr,
         )
-        return [], {}
+        raise SystemExit(2)  # status 2, as documented: a comparison asked for and not run is a failure
     rows, meta = run(args)
     errors = [c for c in ("jaxinf_error", "pydvl_error") if any(c in r for r in rows)]
     table = common.write_results(args.name, rows, COLUMNS + errors, meta)

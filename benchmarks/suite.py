@@ -31,7 +31,8 @@ task (``common.mlp_problem``), it reports
 
 The exact reference is ``direct()`` in float64 on the same (float32-trained)
 weights and data, upcast. Writes ``benchmarks/results/suite.json``,
-``suite.md`` and ``suite.png`` (accuracy against time per method).
+``suite.md`` and ``suite.png`` (accuracy against time per method); ``--quick``:
+a smoke test at toy sizes with three methods, under ``benchmarks/results/quick/``.
 """
 
 from __future__ import annotations
@@ -50,12 +51,14 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _cli as cli  # noqa: E402
 import common  # noqa: E402
 from common import spearman, split  # noqa: E402,F401  (also used as suite.spearman / suite.split)
 
 import jaxinf  # noqa: E402
-from jaxinf.model import ConvergenceError, solve_many  # noqa: E402
+from jaxinf import ConvergenceError
 from jaxinf.scoring import per_example_grads  # noqa: E402
+from jaxinf.solvers.base import solve_many  # noqa: E402
 
 
 class Config(NamedTuple):
@@ -166,7 +169,12 @@ def configurations(ctx: dict, only: list[str] | None = None) -> tuple[list[Confi
         configs.extend(found)
     configs = list({c.label: c for c in configs}.values())  # ranks capped at P can coincide
     if only:
-        configs = [c for c in configs if c.family in only or c.label in only or c.family.split("+")[0] in only]
+
+        def matches(c: Config, name: str) -> bool:
+            return name in (c.family, c.label, c.family.split("+")[0])
+
+        notes += [f"{name}: matches no configuration" for name in only if not any(matches(c, name) for c in configs)]
+        configs = [c for c in configs if any(matches(c, name) for name in only)]
     return configs, notes
 
 
@@ -203,17 +211,23 @@ def solve_products(cfg: Config, solver: jaxinf.Solver, info, ctx: dict) -> float
 
 def problem_arguments(parser: argparse.ArgumentParser, *, damping: float, repeats: int, name: str) -> None:
     """The options shared by the scripts that use ``common.mlp_problem`` (sizes, dtype, damping, timing, output)."""
-    parser.add_argument("--damping", type=float, default=damping)
-    parser.add_argument("--n-train", type=int, default=1000)
-    parser.add_argument("--n-test", type=int, default=50)
-    parser.add_argument("--d-in", type=int, default=32)
-    parser.add_argument("--widths", type=int, nargs="+", default=[32])
-    parser.add_argument("--batch-size", type=int, default=500)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    parser.add_argument("--repeats", type=int, default=repeats, help="timed calls after the first")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--name", default=name, help=f"results/<name>.* (default {name})")
+    add = parser.add_argument
+    add("--damping", type=float, default=damping, help="damping λ of (C + λI)⁻¹, the same for every method")
+    add("--n-train", type=int, default=1000, help="training points (columns of the influence matrix)")
+    add("--n-test", type=int, default=50, help="test points (rows of the influence matrix)")
+    add("--d-in", type=int, default=32, help="input features of the MLP")
+    add("--widths", type=int, nargs="+", default=[32], help="hidden-layer widths of the tanh MLP (10 classes)")
+    add("--batch-size", type=int, default=500, help="training points per batch")
+    add("--dtype", default="float32", choices=["float32", "float64"], help="dtype of the methods (reference: float64)")
+    add("--repeats", type=int, default=repeats, help="timed calls after the compiling first one (median reported)")
+    add("--seed", type=int, default=0, help="random seed of data, model and solvers")
+    add("--name", default=name, help="base name of the result files: <name>.json, .md, ...")
 
+
+# The --quick methods of suite.py and loo.py: one configuration per branch of the products bookkeeping (CG's
+# iterations, LiSSA's minibatch steps, a low-rank fit's products and no solve products).
+QUICK_METHODS = ["cg rtol=0.01", "lissa T=100 bs=64", "arnoldi r=10"]
+QUICK = dict(n_train=200, n_test=5, d_in=8, widths=[8], batch_size=100, repeats=1, methods=QUICK_METHODS)
 
 
 def run(args) -> tuple[list[dict], dict]:
@@ -383,16 +397,23 @@ def plot(rows: list[dict], meta: dict, path: str) -> None:
     plt.close(fig)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = cli.parser(__doc__)
     parser.add_argument(
         "--methods", nargs="+", default=None, help="factory names, families or labels to run (default: all discovered)"
     )
     parser.add_argument("--list", action="store_true", help="print the configurations and exit")
-    parser.add_argument("--curvature", default="gauss_newton", choices=list(jaxinf.CURVATURES))
+    parser.add_argument(
+        "--curvature", default="gauss_newton", choices=list(jaxinf.CURVATURES), help="curvature every method inverts"
+    )
     problem_arguments(parser, damping=1e-3, repeats=3, name="suite")
+    cli.add_quick(parser, "N=200, 5 test points, an 8-8-10 MLP, one repeat, methods " + ", ".join(QUICK_METHODS))
+    return parser
+
+
+def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = parser.parse_args(argv)
+    args = cli.parse(build_parser(), argv, QUICK)
     args.argv = argv
     if args.list:
         ctx = {"P": 1000, "N": args.n_train, "damping": args.damping, "lam_max": 1.0, "dtype": args.dtype}
@@ -404,7 +425,7 @@ def main(argv=None):
         return [], {}
     rows, meta = run(args)
     table = common.write_results(args.name, rows, COLUMNS + ["error"] * any("error" in r for r in rows), meta)
-    plot(rows, meta, os.path.join(common.RESULTS, f"{args.name}.png"))
+    plot(rows, meta, os.path.join(common.results_dir(), f"{args.name}.png"))
     print(f"\nmachine: {meta['machine']}")
     print(
         f"P = {meta['P']}, N = {meta['N']}, n_test = {meta['n_test']}, {meta['dtype']}, {meta['curvature']}, "
@@ -412,7 +433,7 @@ def main(argv=None):
         f"per-example-gradient floor {meta['floor_s'] * 1e3:.1f} ms"
     )
     print(table)
-    print(f"wrote {os.path.join(common.RESULTS, args.name)}.{{json,md,png}}")
+    print(f"wrote {os.path.join(common.results_dir(), args.name)}.{{json,md,png}}")
     return rows, meta
 
 

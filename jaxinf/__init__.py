@@ -12,12 +12,14 @@ from jaxinf.model import InfluenceModel
 from jaxinf.solvers.arnoldi import arnoldi
 from jaxinf.solvers.base import Scorer, SolveInfo, Solver
 from jaxinf.solvers.cg import cg
+from jaxinf.solvers.datainf import DataInfState, datainf
 from jaxinf.solvers.direct import DirectState, direct
 from jaxinf.solvers.kfac import KFACState, ekfac, kfac
 from jaxinf.solvers.lissa import lissa
 from jaxinf.solvers.lowrank import LowRankState
 from jaxinf.solvers.nystrom import nystrom
 from jaxinf.solvers.preconditioners import jacobi_preconditioner, nystrom_preconditioner
+from jaxinf.solvers.similarity import gradient_cosine, gradient_dot, tracin
 
 __version__ = "0.1.0"
 
@@ -48,4 +50,9 @@ __all__ = [
     "lissa",
     "jacobi_preconditioner",
     "nystrom_preconditioner",
+    "DataInfState",
+    "datainf",
+    "gradient_cosine",
+    "gradient_dot",
+    "tracin",
 ]

@@ -18,6 +18,7 @@ removing it (``ε = −1/n``) raises that loss by about ``+I[i, j]/n``.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -26,10 +27,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinf.core.curvature import CURVATURES, CurvatureOperator, curvature_operator
+from jaxinf.core.checks import check_curvature, check_damping, check_key, check_like_training, check_loss
+from jaxinf.core.curvature import CURVATURES, CurvatureOperator, curvature_operator, resolve_blocks
 from jaxinf.core.data import as_batches, batch_size
 from jaxinf.core.errors import ConvergenceError, NotFittedError
-from jaxinf.core.tree import check_finite, check_matches, tree_spec
+from jaxinf.core.tree import check_finite, check_matches, check_params, tree_spec
 from jaxinf.scoring import (
     SCORING_METHODS,
     choose_method,
@@ -56,7 +58,10 @@ class InfluenceModel:
         ``nnx.split(model, nnx.Param)[1]``).
       solver: a :class:`jaxinf.Solver`, e.g. ``jaxinf.direct()``.
       damping: ``λ >= 0`` in ``(C + λI)⁻¹``; a scalar or ``{block: λ}``.
-        Assigning ``model.damping`` later refits.
+        Checked here and on assignment. Assigning ``model.damping`` or
+        ``model.params`` on a fitted model refits it on the data of its fit
+        (streamed again if it was streamed), so the state never lags them; a
+        bad value raises and leaves the model as it was.
       curvature: ``"hessian"``, ``"gauss_newton"`` or ``"fisher"`` (empirical).
       model_fn, output_loss: the split loss for ``"gauss_newton"``.
       blocks: block-diagonal structure (``None``, ``"layer"``,
@@ -70,6 +75,11 @@ class InfluenceModel:
       strict: raise :class:`ConvergenceError` when a solve does not converge;
         if ``False``, warn with the numbers instead. Divergence and NaN always
         raise.
+
+    Raises:
+      ValueError: bad configuration, at construction (unknown curvature or
+        scoring, params that are not finite floats, bad ``damping`` or
+        ``blocks``), naming the argument.
 
     Examples:
       >>> import jax, jax.numpy as jnp, jaxinf
@@ -104,6 +114,7 @@ class InfluenceModel:
             raise ValueError(f"Unknown curvature {curvature!r}; choose one of {CURVATURES}.")
         if scoring not in SCORING_METHODS:
             raise ValueError(f"Unknown scoring {scoring!r}; choose one of {SCORING_METHODS}.")
+        self._loss_given = loss_fn is not None  # with a split too, both are checked at fit
         if loss_fn is None:
             if model_fn is None or output_loss is None:
                 raise ValueError("Give loss_fn(params, batch), or model_fn and output_loss.")
@@ -118,9 +129,12 @@ class InfluenceModel:
                 "curvature='gauss_newton' needs model_fn(params, batch) -> outputs and "
                 "output_loss(outputs, batch) -> mean loss."
             )
+        check_params(params)
         check_finite(params, "params")
+        self._block_names = resolve_blocks(params, blocks)[1]  # bad blocks raise here, not at fit
+        check_damping(damping, self._block_names)
         self.loss_fn = loss_fn
-        self.params = params
+        self._params = params
         self.solver = solver
         self.curvature = curvature
         self.model_fn = model_fn
@@ -145,7 +159,7 @@ class InfluenceModel:
         self._score_prepare = jax.jit(solver.scorer.prepare) if solver.scorer is not None else None
         self._score_finish = jax.jit(solver.scorer.finish) if solver.scorer is not None else None
         self._profiles: dict = {}
-        # Set by jaxinf.scale.fit_from_stream(model, ...): refits from the same stream when the damping changes.
+        # Set by jaxinf.scale.fit_from_stream(model, ...): refits from the same stream when damping or params change.
         self._refit_stream: Callable[[], None] | None = None
 
     # ------------------------------------------------------------------ fit
@@ -155,12 +169,46 @@ class InfluenceModel:
 
     @damping.setter
     def damping(self, value):
-        """Changing the damping of a fitted model refits it on the same data (streamed again if it was streamed)."""
-        self._damping = value
-        if self._refit_stream is not None:
-            self._refit_stream()
-        elif self.operator is not None:
-            self._fit_operator(self.operator.with_damping(value), self._fit_key)
+        check_damping(value, self._block_names)
+        self._assign("_damping", value)
+
+    @property
+    def params(self):
+        """The parameters; assigning new ones (same structure, shapes and dtypes) to a fitted model refits it."""
+        return self._params
+
+    @params.setter
+    def params(self, value):
+        check_params(value)
+        check_finite(value, "params")
+        if tree_spec(value) != self._spec:
+            raise ValueError(
+                f"params: the new params have another layout ({tree_spec(value)}) than the model's ({self._spec}). "
+                "Build a new InfluenceModel for another model."
+            )
+        self._assign("_params", value)
+
+    def _assign(self, attribute: str, value) -> None:
+        """Set ``attribute`` and refit a fitted model on the data of its fit; on failure restore it and re-raise."""
+        if self.state is not None and self.operator is None and self._refit_stream is None:
+            raise ValueError(
+                f"{attribute[1:]}: this model holds a state but not the data it was fitted on, so it cannot refit. "
+                f"Fit it again (model.fit(train_data)) after setting {attribute[1:]}."
+            )
+        old = getattr(self, attribute)
+        setattr(self, attribute, value)
+        if self.state is None:
+            return
+        try:
+            if self._refit_stream is not None:
+                self._refit_stream()
+            else:
+                op = self.operator
+                params = jax.tree.map(_placed_like, self._params, op.params)
+                self._fit_operator(dataclasses.replace(op, params=params).with_damping(self._damping), self._fit_key)
+        except BaseException:
+            setattr(self, attribute, old)  # the state is untouched: keep the attribute in step with it
+            raise
 
     @property
     def is_fitted(self) -> bool:
@@ -177,10 +225,28 @@ class InfluenceModel:
 
         Returns:
           ``self``, fitted.
+
+        Raises:
+          ValueError: a ``key`` that is not one PRNG key; bad data; a loss
+            that is not a finite scalar mean over the leading axis of the
+            batch (a sum, time-major data); a curvature that is zero or not
+            finite on the data (see :mod:`jaxinf.core.checks`).
         """
-        self._fit_operator(self.operator_for(train_data), key)
+        check_key(key)
+        operator = self.operator_for(train_data)
+        self._check_loss(operator)
+        self._fit_operator(operator, key)
         self._refit_stream = None
         return self
+
+    def _check_loss(self, operator: CurvatureOperator) -> None:
+        """The fit-time checks of :mod:`jaxinf.core.checks` on the loss (and the split) and the curvature."""
+        split = "output_loss(model_fn(params, batch), batch)"
+        check_loss(self.loss_fn, self._params, operator.data.batches(), name="loss_fn" if self._loss_given else split)
+        if self._loss_given and self.model_fn is not None and self.output_loss is not None:
+            composed = lambda p, b: self.output_loss(self.model_fn(p, b), b)  # noqa: E731
+            check_loss(composed, self._params, operator.data.batches(), name=split)
+        check_curvature(operator)
 
     def operator_for(self, train_data: Any) -> CurvatureOperator:
         """The damped curvature operator of this model's loss over ``train_data`` (no fitting)."""
@@ -209,15 +275,11 @@ class InfluenceModel:
 
     # ------------------------------------------------------------ batches
     def _batches(self, data: Any, name: str) -> list:
-        batches = as_batches(data, name=name)
-        out = list(batches.batches())
+        out = list(as_batches(data, name=name).batches())
         if self.operator is not None:
-            ref = jax.tree.structure(next(self.operator.data.batches()))
-            for b in out:
-                if jax.tree.structure(b) != ref:
-                    raise ValueError(
-                        f"{name} has tree structure {jax.tree.structure(b)}, but the training batches have {ref}."
-                    )
+            ref = next(self.operator.data.batches())
+            for i, b in enumerate(out):
+                check_like_training(b, ref, f"{name}[batch {i}]" if len(out) > 1 else name)
         return out
 
     def _check_info(self, info, what: str) -> None:
@@ -257,8 +319,9 @@ class InfluenceModel:
         """
         self._require_fit()
         parts = []
-        for batch in self._batches(test_data, "test_data"):
+        for i, batch in enumerate(self._batches(test_data, "test_data")):
             grads = self._grads(self.params, batch)
+            check_finite(grads, f"the loss gradient on test_data[batch {i}]", per_example=True, advice=_NON_FINITE_LOSS)
             factors, info = self._solve_many(self.state, grads)
             self._check_info(info, "right-hand sides")
             self._check_factors_finite(factors)
@@ -319,6 +382,9 @@ class InfluenceModel:
         self._check_mode(mode)
         if train_data is None:
             train_data = test_data
+        # Read one-shot iterables (generators) once: both sides are iterated several times below.
+        test_data = as_batches(test_data, name="test_data")
+        train_data = as_batches(train_data, name="train_data")
         if mode == "up" and self._score_prepare is not None:
             rows = []
             for tb in self._batches(test_data, "test_data"):
@@ -340,8 +406,9 @@ class InfluenceModel:
         """``∇θℓ(z_j)ᵀ (C + λI)⁻¹ ∇θℓ(z_j)`` for each point; shape ``(n,)``."""
         self._require_fit()
         out = []
-        for batch in self._batches(data, "data"):
+        for i, batch in enumerate(self._batches(data, "data")):
             grads = self._grads(self.params, batch)
+            check_finite(grads, f"the loss gradient on data[batch {i}]", per_example=True, advice=_NON_FINITE_LOSS)
             factors, info = self._solve_many(self.state, grads)
             self._check_info(info, "right-hand sides")
             self._check_factors_finite(factors)
@@ -352,6 +419,16 @@ class InfluenceModel:
     def _check_mode(mode: str) -> None:
         if mode not in MODES:
             raise ValueError(f"Unknown mode {mode!r}; choose 'up' (up-weighting) or 'perturbation'.")
+
+
+def _placed_like(new, old):
+    """``new`` with the sharding of ``old`` (a fit on a mesh refits on it), unchanged when ``old`` is not an array."""
+    return jax.device_put(new, old.sharding) if isinstance(old, jax.Array) else new
+
+
+_NON_FINITE_LOSS = (
+    "loss_fn is not finite at these points though the data is finite; check the loss for log(0) or labels out of range."
+)
 
 
 @jax.jit

@@ -12,6 +12,7 @@ interrupted after two blocks and resumed.
 import os
 import re
 import sys
+import time
 
 import jax
 import jax.flatten_util
@@ -20,6 +21,7 @@ import numpy as np
 import jaxinf
 from jaxinf import scale
 from jaxinf.core.data import add_example_axis
+from jaxinf.scale import distributed
 from tests import models
 
 N_TRAIN, N_TEST, BATCH, DAMPING = 24, 5, 4, 0.05
@@ -40,7 +42,12 @@ def reference_model(problem):
 
 def stream_solvers() -> dict:
     # max_memory: direct() reads the free memory of jax.devices()[0], which another process owns.
-    return {"direct": jaxinf.direct(max_memory=1 << 30), "ekfac": jaxinf.ekfac(fisher="exact")}
+    # ekfac-sampled: every draw is keyed by the example's global index, so 2 processes equal 1 (issue 16)
+    return {
+        "direct": jaxinf.direct(max_memory=1 << 30),
+        "ekfac": jaxinf.ekfac(fisher="exact"),
+        "ekfac-sampled": jaxinf.ekfac(fisher="sampled", num_samples=2),
+    }
 
 
 def test_gradients(problem):
@@ -55,6 +62,48 @@ def expect_error(fn, pattern: str) -> None:
         assert re.search(pattern, str(err)), str(err)
         return
     raise AssertionError(f"no ValueError matching {pattern!r}")
+
+
+def expect_error_everywhere(fn, pattern: str, log: list) -> None:
+    """``fn`` raises the same ValueError matching ``pattern`` on every process, in bounded time (logged per case)."""
+    start = time.monotonic()
+    expect_error(fn, pattern)
+    log.append(f"{pattern}: {time.monotonic() - start:.1f} s")
+
+
+def bad_inputs(process_id: int, problem, local, mesh, stream_fit) -> None:
+    """Every cross-process check stops every process with one clear error naming the process and the step."""
+    log = []
+    # agree itself: one process's verdict reaches the other; a silent process is named after the timeout
+    expect_error_everywhere(
+        lambda: distributed.agree("bad" if process_id == 1 else None, step="probe"), r"'probe'.*process 1: bad", log
+    )
+    if process_id == 0:
+        expect_error_everywhere(
+            lambda: distributed.agree(None, step="only process 0", timeout_s=2), r"\[1\] gave no answer", log
+        )
+    # a source at the wrong offset (overlapping the other process's rows): both name the overlap
+    train = jax.tree.map(np.asarray, problem.train)
+    wrong = scale.ArraySource(train, BATCH, start=4 if process_id == 1 else 0, stop=16 if process_id == 1 else 12)
+    expect_error_everywhere(lambda: stream_fit(jaxinf.ekfac(fisher="exact"), wrong), r"overlap: process 0", log)
+    # NaN in one process's FIRST batch: both stop, naming process 1 and its batch 0
+    poisoned = jax.tree.map(np.array, local)
+    if process_id == 1:
+        poisoned[0][1, 0] = np.nan
+    expect_error_everywhere(
+        lambda: stream_fit(jaxinf.ekfac(fisher="exact"), scale.ArraySource(poisoned, BATCH)),
+        r"process 1: .*data\[batch 0\]",
+        log,
+    )
+    expect_error_everywhere(lambda: scale.fit(reference_model(problem), poisoned, mesh), r"process 1: .*NaN", log)
+    # a mismatch that shows up late: process 1's iterator ends a batch early (at batch 2 of 3)
+    sizes = [BATCH, BATCH, BATCH] if process_id == 0 else [BATCH, BATCH]
+    batches = [jax.tree.map(lambda a, i=i: a[i * BATCH : (i + 1) * BATCH], local) for i in range(len(sizes))]
+    short = scale.IterableSource(lambda: iter(batches), num_examples=3 * BATCH, batch_size=BATCH)
+    expect_error_everywhere(
+        lambda: stream_fit(jaxinf.ekfac(fisher="exact"), short), r"process 1: .*yielded 8 examples", log
+    )
+    print(f"process {process_id}: bad inputs stopped every process: {log}", flush=True)
 
 
 class Interrupt(Exception):
@@ -106,6 +155,8 @@ def main(process_id: int, num_processes: int, port: int, out_dir: str) -> None:
     if process_id == 1:
         poisoned[0][BATCH + 1, 0] = np.nan  # second batch of process 1 only
     expect_error(lambda: stream_fit(jaxinf.ekfac(fisher="exact"), scale.ArraySource(poisoned, BATCH)), r"batch 1\]")
+
+    bad_inputs(process_id, problem, local, mesh, stream_fit)
 
     calc = scale.InfluenceCalculator(model, mesh=mesh, test_block=2, progress=False)
     path = os.path.join(out_dir, "store")

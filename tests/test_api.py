@@ -47,3 +47,17 @@ def test_solvers_are_hashable_static_arguments_with_their_config():
         assert jax.jit(lambda x, s: x + 1, static_argnums=1)(1.0, solver) == 2.0
     assert jaxinf.cg(preconditioner=jaxinf.jacobi_preconditioner(4)).config["preconditioner"]["num_samples"] == 4
     assert jaxinf.kfac().config["factory"] == "kfac" and jaxinf.kfac().config["update_diagonal"] is False
+
+
+def test_every_public_name_has_a_docstring():
+    import inspect
+
+    import jaxinf.scale
+
+    missing = []
+    for module in (jaxinf, jaxinf.scale):
+        for name in module.__all__:
+            obj = getattr(module, name)
+            if (callable(obj) or inspect.isclass(obj)) and len(inspect.getdoc(obj) or "") < 30:
+                missing.append(f"{module.__name__}.{name}")
+    assert not missing, missing

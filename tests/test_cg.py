@@ -259,3 +259,20 @@ def test_through_influence_model(mlp):
     g_train = models.dense_grads(problem.loss_fn, problem.params, problem.train)
     ref = g_test @ np.linalg.solve(np.asarray(_dense(op)), np.asarray(g_train).T)
     np.testing.assert_allclose(got, ref, rtol=1e-8, atol=1e-10 * np.abs(ref).max())
+
+
+def test_default_rtol_follows_the_dtype():
+    """rtol=None: 1e-6 in float64, 1e-4 in float32 (1e-6 is out of float32's reach from condition numbers ~10)."""
+    from jaxinf.solvers.cg import default_rtol
+
+    assert (default_rtol(jnp.float64), default_rtol(jnp.float32), default_rtol(jnp.bfloat16)) == (1e-6, 1e-4, 1e-2)
+    assert jaxinf.cg().config["rtol"] is None
+    p = models.mlp_problem("plain", dtype=jnp.float32, n_train=23, hidden=16)
+    op = _gn_operator(p, 1e-2)
+    rhs = _rhs(p.params, 3)
+    solver, block = jaxinf.cg(), jaxinf.cg(block=True)
+    for _, info in (_vmap(solver)(solver.init(op), rhs), jax.jit(block.solve_many)(block.init(op), rhs)):
+        assert bool(jnp.all(info.converged)), info.residual_norm
+        assert bool(jnp.all(info.residual_norm <= 1e-4 * jnp.linalg.norm(_rows(rhs), axis=1)))
+    with pytest.raises(ValueError, match="rtol must be a real number"):
+        jaxinf.cg(rtol="1e-6")

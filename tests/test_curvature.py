@@ -214,3 +214,100 @@ def test_bad_inputs_raise_clear_errors():
     bad = dict(p.params, w1=jnp.zeros((3, 3)))
     with pytest.raises(ValueError, match=r"v\['w1'\] has shape \(3, 3\)"):
         op.matvec(bad)
+
+
+# ------------------------------------------------- clear errors (issue 16): named, early, raised by jaxinf
+
+
+def _linear():
+    x = jnp.arange(12.0).reshape(4, 3) / 10
+    y = jnp.array([1.0, 2.0, 0.5, 1.5])
+
+    def loss(p, batch):
+        return jnp.mean((batch[0] @ p["w"] + p["b"] - batch[1]) ** 2)
+
+    return loss, {"w": jnp.zeros(3), "b": jnp.zeros(())}, (x, y)
+
+
+def test_empty_batch_is_refused_by_name():
+    loss, params, (x, y) = _linear()
+    with pytest.raises(ValueError, match=r"data has 0 examples"):
+        jaxinf.curvature_operator(loss, params, (x[:0], y[:0]))
+    with pytest.raises(ValueError, match=r"data\[batch 1\] has 0 examples"):
+        jaxinf.curvature_operator(loss, params, [(x, y), (x[:0], y[:0])])
+    with pytest.raises(ValueError, match="0 examples"):  # was ZeroDivisionError
+        jaxinf.InfluenceModel(loss, params, jaxinf.direct(), damping=0.1).fit((x[:0], y[:0]))
+
+
+def test_used_up_generator_is_named_and_a_fresh_one_is_read_once():
+    loss, params, (x, y) = _linear()
+    gen = ((x[i : i + 2], y[i : i + 2]) for i in range(0, 4, 2))
+    op = jaxinf.curvature_operator(loss, params, gen)
+    assert op.num_examples == 4
+    with pytest.raises(ValueError, match=r"data is an iterator \(generator\).*used up.*list\(data\)"):
+        jaxinf.curvature_operator(loss, params, gen)
+
+
+def test_non_finite_loss_on_finite_data_is_named_at_fit():
+    loss, params, (x, y) = _linear()
+
+    def log_loss(p, batch):  # NaN where a label is negative: finite data, non-finite loss
+        return jnp.mean((batch[0] @ p["w"] + p["b"] - jnp.log(batch[1])) ** 2)
+
+    bad_y = y.at[3].set(-1.0)
+    with pytest.raises(ValueError, match=r"loss_fn\(params, batch\) is nan on data\[batch 1\], first at example 1"):
+        jaxinf.curvature_operator(log_loss, params, [(x[:2], y[:2]), (x[2:], bad_y[2:])])
+    model = jaxinf.InfluenceModel(log_loss, params, jaxinf.direct(), damping=0.1)
+    with pytest.raises(ValueError, match="is nan on data"):  # was a silent matrix of zeros
+        model.fit((x, bad_y))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_half_precision_params_are_refused_with_the_cast(dtype):
+    loss, params, (x, y) = _linear()
+    half = jax.tree.map(lambda a: a.astype(dtype), params)
+    with pytest.raises(ValueError, match=r"params\['b'\] has dtype .*float32 parameters"):
+        jaxinf.curvature_operator(loss, half, (x.astype(dtype), y.astype(dtype)))
+
+
+def test_mixed_float32_float64_params_are_refused():
+    loss, params, data = _linear()
+    mixed = {"w": params["w"].astype(jnp.float32), "b": params["b"]}
+    with pytest.raises(ValueError, match=r"mix dtypes \(float64: params\['b'\]; float32: params\['w'\]\)"):
+        jaxinf.curvature_operator(loss, mixed, data)
+    with pytest.raises(ValueError, match="mix dtypes"):  # was a while_loop carry TypeError inside CG
+        jaxinf.InfluenceModel(loss, mixed, jaxinf.cg(), damping=0.1).fit(data)
+
+
+def test_non_array_params_leaf_is_named():
+    loss, params, data = _linear()
+    with pytest.raises(ValueError, match=r"params\['name'\] is a str \('dense'\), not an array"):
+        jaxinf.curvature_operator(loss, dict(params, name="dense"), data)
+    with pytest.raises(ValueError, match=r"params\['name'\] is a str"):  # was "data type 'dense' not understood"
+        jaxinf.InfluenceModel(loss, dict(params, name="dense"), jaxinf.direct())
+
+
+def test_loss_returning_a_vector_is_refused():
+    loss, params, data = _linear()
+
+    def per_example(p, batch):
+        return (batch[0] @ p["w"] + p["b"] - batch[1]) ** 2
+
+    with pytest.raises(ValueError, match=r"must return a scalar.*returns \(4,\).*jnp.mean"):
+        jaxinf.curvature_operator(per_example, params, data)
+    with pytest.raises(ValueError, match="must return a scalar"):  # the split loss of Gauss-Newton too
+        jaxinf.curvature_operator(
+            None,
+            params,
+            data,
+            kind="gauss_newton",
+            model_fn=lambda p, b: b[0] @ p["w"] + p["b"],
+            output_loss=lambda out, b: (out - b[1]) ** 2,
+        )
+
+
+@pytest.mark.parametrize("damping", ["0.1", None, 1j, True, {"all": "0.1"}])
+def test_damping_must_be_a_real_number(damping):
+    loss, params, data = _linear()
+    with pytest.raises(ValueError, match=r"damping for block 'all' must be a real number"):
+        jaxinf.curvature_operator(loss, params, data, damping=damping)

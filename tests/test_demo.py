@@ -28,11 +28,11 @@ def test_demo_runs_small_and_writes_outputs(tmp_path, capsys):
         ]
     )
     out = capsys.readouterr().out
-    assert "most harmful" in out and "flipped labels among" in out
+    assert "most harmful" in out and "flipped labels among" in out and "training loss" in out
     assert os.path.getsize(tmp_path / "influence_demo.png") > 1000
     saved = json.loads((tmp_path / "summary.json").read_text())
     assert saved["n_train"] == 150 and saved["num_params"] == 64 * 6 + 6 + 6 * 10 + 10
-    assert 0 <= saved["flipped_in_top_self_influence"] <= 5
+    assert 0 <= saved["flipped_in_top_self_influence"] <= 5 and 0 <= saved["flipped_in_top_loss"] <= 5
     assert summary["figure"] == str(tmp_path / "influence_demo.png")
 
 

@@ -120,3 +120,19 @@ def test_direct_rejects_mismatched_right_hand_side():
         solver.solve(state, dict(p.params, b1=jnp.zeros(5)))
     with pytest.raises(ValueError, match="column_batch"):
         jaxinf.direct(column_batch=0)
+
+
+def test_influence_columns_follow_the_order_of_ragged_training_batches():
+    # Found by tests/test_fuzz_entry_points.py: batches of sizes (4, 3, 4) were stored as the two of size 4 and
+    # then the one of size 3, and the influence columns came out in that stored order, not the order given.
+    x = jax.random.normal(jax.random.key(0), (11, 3))
+    y = jax.random.normal(jax.random.key(1), (11,))
+
+    def loss(w, batch):
+        return jnp.mean((batch[0] @ w - batch[1]) ** 2)
+
+    w = jnp.full(3, 0.1)
+    model = jaxinf.InfluenceModel(loss, w, jaxinf.direct(), damping=0.5).fit((x, y))
+    whole = model.influences((x[:2], y[:2]), (x, y))
+    ragged = model.influences((x[:2], y[:2]), [(x[:4], y[:4]), (x[4:7], y[4:7]), (x[7:], y[7:])])
+    np.testing.assert_allclose(ragged, whole, rtol=1e-12, atol=1e-12)

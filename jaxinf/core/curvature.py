@@ -29,6 +29,8 @@ per block.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import itertools
 import math
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -38,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinf.core.data import Batches, add_example_axis, as_batches, weighted_mean
-from jaxinf.core.tree import TreeSpec, check_matches, is_tracer, tree_spec
+from jaxinf.core.tree import TreeSpec, check_finite, check_matches, check_params, is_tracer, tree_spec
 
 PyTree = Any
 CURVATURES = ("hessian", "gauss_newton", "fisher")
@@ -129,6 +131,19 @@ def resolve_blocks(params: PyTree, blocks: Any) -> tuple[tuple[int, ...], tuple[
     return tuple(names.index(x) for x in labels), names
 
 
+def _check_damping_type(value: Any, block: str) -> None:
+    """``ValueError`` unless ``value`` is a real number or a real array (not a string, ``None``, bool or complex)."""
+    dtype = getattr(value, "dtype", None)
+    if dtype is None and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return
+    if dtype is not None and (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)):
+        return
+    raise ValueError(
+        f"damping for block {block!r} must be a real number >= 0 (e.g. damping=1e-3), "
+        f"got {type(value).__name__} {value!r}."
+    )
+
+
 def resolve_damping(damping: Any, block_ids: tuple[int, ...], block_names: tuple[str, ...]) -> tuple:
     """One damping scalar per parameter leaf, from a scalar or a ``{block: λ}`` mapping."""
     if isinstance(damping, Mapping):
@@ -144,6 +159,7 @@ def resolve_damping(damping: Any, block_ids: tuple[int, ...], block_names: tuple
         per_block = [damping] * len(block_names)
     values = []
     for name, value in zip(block_names, per_block):
+        _check_damping_type(value, name)
         arr = jnp.asarray(value)
         if arr.ndim != 0:
             raise ValueError(f"damping for block {name!r} must be a scalar, got shape {arr.shape}.")
@@ -154,6 +170,74 @@ def resolve_damping(damping: Any, block_ids: tuple[int, ...], block_names: tuple
                 raise ValueError(f"damping for block {name!r} must be finite and >= 0, got {float(arr)}.")
         values.append(arr)
     return tuple(values[i] for i in block_ids)
+
+
+# ----------------------------------------------------------------------------
+# Checking the loss on the training data
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _SplitLoss:
+    """``output_loss(model_fn(params, batch), batch)``, hashable by its two functions (one compile per pair)."""
+
+    model_fn: Callable
+    output_loss: Callable
+
+    def __call__(self, params, batch):
+        return self.output_loss(self.model_fn(params, batch), batch)
+
+
+def _abstract(tree: PyTree) -> PyTree:
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.result_type(a)), tree)
+
+
+def check_loss(loss_fn: Callable, params: PyTree, data: Batches) -> None:
+    """Raise ``ValueError`` unless ``loss_fn`` gives a finite scalar on every batch of ``data``.
+
+    The shape is checked from shapes alone (``jax.eval_shape``); the values
+    with one forward pass per batch, on the host, when params and data are
+    concrete arrays on this process (skipped under ``jit`` and for data
+    spread over several processes). A non-finite batch is named with its
+    first non-finite example.
+    """
+    first = next(data.batches())
+    out = jax.eval_shape(loss_fn, _abstract(params), _abstract(first))
+    if not isinstance(out, jax.ShapeDtypeStruct) or out.shape != ():
+        shape = out.shape if isinstance(out, jax.ShapeDtypeStruct) else jax.tree.map(lambda o: o.shape, out)
+        raise ValueError(
+            f"loss_fn(params, batch) must return a scalar, the mean loss over the batch, but returns {shape}. "
+            "Reduce it with jnp.mean over the examples."
+        )
+    leaves = jax.tree.leaves((params, data))
+    if any(is_tracer(x) or not getattr(x, "is_fully_addressable", True) for x in leaves):
+        return
+    values = [] if data.stacked is None else list(np.asarray(_stacked_losses(loss_fn, params, data.stacked)))
+    values += [float(_stacked_losses(loss_fn, params, add_example_axis(b))[0]) for b in data.rest]
+    bad_batches = [i for i, v in enumerate(values) if not np.isfinite(v)]
+    if not bad_batches:
+        return
+    i = bad_batches[0]
+    batch = next(itertools.islice(data.batches(), i, None))
+    losses = np.asarray(_example_losses(loss_fn, params, batch))
+    bad = np.flatnonzero(~np.isfinite(losses))
+    where = f", first at example {int(bad[0])} of {losses.size}" if bad.size else ""
+    label = f"data[batch {i}]" if len(values) > 1 else "data"
+    raise ValueError(
+        f"loss_fn(params, batch) is {values[i]} on {label}{where} ({len(bad_batches)} of {len(values)} batch(es) "
+        "non-finite), though data and params are finite. Check the loss for log(0), division by zero or labels "
+        "out of range."
+    )
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _stacked_losses(loss_fn, params, stacked):
+    return jax.lax.map(lambda batch: loss_fn(params, batch), stacked)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _example_losses(loss_fn, params, batch):
+    return per_example_losses(loss_fn, params, batch)
 
 
 # ----------------------------------------------------------------------------
@@ -296,8 +380,11 @@ def curvature_operator(
       A :class:`CurvatureOperator`; ``op.matvec(v)`` gives ``(C + λ) v``.
 
     Raises:
-      ValueError: unknown ``kind``, missing functions, bad damping or blocks,
-        malformed or non-finite data.
+      ValueError: unknown ``kind``, missing functions, bad damping (also one
+        that is not a real number) or blocks, malformed, empty or non-finite
+        data, params that are not all float32 or all float64 arrays
+        (:func:`jaxinf.core.tree.check_params`), a loss that is not a scalar
+        or is not finite on a training batch.
     """
     if kind not in CURVATURES:
         raise ValueError(f"Unknown curvature {kind!r}; choose one of {CURVATURES}.")
@@ -309,19 +396,15 @@ def curvature_operator(
             )
     elif loss_fn is None:
         raise ValueError(f"curvature={kind!r} needs loss_fn(params, batch) -> mean loss.")
-    leaves = jax.tree.leaves(params)
-    if not leaves:
-        raise ValueError("params has no array leaves.")
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
-            raise ValueError(
-                f"params{jax.tree_util.keystr(path)} has dtype {jnp.result_type(leaf)}; "
-                "pass only the float parameters (e.g. nnx.split(model, nnx.Param))."
-            )
+    check_params(params)
+    check_finite(params, "params")
     block_ids, block_names = resolve_blocks(params, blocks)
+    batches = as_batches(data, name="data")
+    loss = loss_fn if kind != "gauss_newton" else _SplitLoss(model_fn, output_loss)
+    check_loss(loss, params, batches)
     return CurvatureOperator(
         params=params,
-        data=as_batches(data, name="data"),
+        data=batches,
         damping=resolve_damping(damping, block_ids, block_names),
         kind=kind,
         loss_fn=loss_fn,

@@ -1,9 +1,12 @@
 """Datasets as batches: one batch, or a collection of batches of any sizes.
 
-A *batch* is any pytree of arrays whose leaves share a leading (example) axis,
-e.g. ``(x, y)`` or ``{"image": x, "label": y}``. A *collection* is a ``list``
-of batches, or any other iterable of batches (a generator, a data loader).
-Tuples, dicts and NamedTuples are always read as one batch.
+A *batch* is any pytree of arrays whose leaves share a leading (example) axis
+of size at least one, e.g. ``(x, y)`` or ``{"image": x, "label": y}``. A
+*collection* is a ``list`` of batches, or any other iterable of batches (a
+generator, a data loader). Tuples, dicts and NamedTuples are always read as
+one batch. :func:`as_batches` reads a collection exactly once, so a one-shot
+generator is accepted; code that needs the data twice keeps the
+:class:`Batches` it returns (an exhausted generator is refused by name).
 
 :class:`Batches` stores a collection so that it can be swept inside ``jit``:
 the batches that have the size of the first are stacked and visited with
@@ -85,18 +88,26 @@ class Batches:
       stacked: pytree whose leaves have shape ``(num_stacked, batch_size, ...)``,
         or ``None`` when there is no group of equal-size batches.
       rest: tuple of batches with other leading sizes (e.g. a ragged last batch).
+      order: static; ``order[i]`` is where the ``i``-th batch as given sits in
+        the stored order (the stacked batches, then ``rest``), so that
+        :meth:`batches` yields the batches, and influence columns follow the
+        examples, in the order given. Empty: the stored order.
     """
 
     stacked: PyTree
     rest: tuple
+    order: tuple = ()
 
     def tree_flatten(self):
-        return (self.stacked, self.rest), None
+        return (self.stacked, self.rest), self.order
 
     @classmethod
     def tree_unflatten(cls, aux, children):
-        del aux
-        return cls(*children)
+        return cls(*children, order=aux)
+
+    @property
+    def num_stacked(self) -> int:
+        return 0 if self.stacked is None else int(np.shape(jax.tree.leaves(self.stacked)[0])[0])
 
     @property
     def num_examples(self) -> int:
@@ -107,12 +118,10 @@ class Batches:
         return n + sum(batch_size(b) for b in self.rest)
 
     def batches(self):
-        """Yield the batches one by one (host-side; used by non-jitted sweeps)."""
-        if self.stacked is not None:
-            k = np.shape(jax.tree.leaves(self.stacked)[0])[0]
-            for i in range(k):
-                yield jax.tree.map(lambda a, i=i: a[i], self.stacked)
-        yield from self.rest
+        """Yield the batches one by one in the order given (host-side; used by non-jitted sweeps)."""
+        k = self.num_stacked
+        for i in self.order or range(k + len(self.rest)):
+            yield jax.tree.map(lambda a, i=i: a[i], self.stacked) if i < k else self.rest[i - k]
 
 
 def as_batches(data: Any, *, name: str = "data", check_values: bool = True) -> Batches:
@@ -124,14 +133,21 @@ def as_batches(data: Any, *, name: str = "data", check_values: bool = True) -> B
       check_values: raise on NaN or inf (host-side; skipped for tracers).
 
     Raises:
-      ValueError: empty data, leaves with different leading sizes, batches with
-        different tree structures or trailing shapes, NaN or inf.
+      ValueError: no batches (naming an exhausted iterator), a batch of zero
+        examples, leaves with different leading sizes, batches with different
+        tree structures or trailing shapes, NaN or inf.
     """
     if isinstance(data, Batches):
         return data
     batches = list(iterate_batches(data))
     if not batches:
-        raise ValueError(f"{name} holds no batches.")
+        if isinstance(data, collections.abc.Iterator):
+            raise ValueError(
+                f"{name} is an iterator ({type(data).__name__}) that yielded no batches: a generator can be read "
+                "only once, and this one is empty or already used up. Pass a fresh generator, a list of batches "
+                f"(list({name})) or a re-iterable data loader."
+            )
+        raise ValueError(f"{name} holds no batches; pass one batch or a non-empty list of batches.")
     ref_leaves, ref_def = jax.tree.flatten(batches[0])
     sizes = []
     for i, b in enumerate(batches):
@@ -149,17 +165,27 @@ def as_batches(data: Any, *, name: str = "data", check_values: bool = True) -> B
                     f"has {np.shape(ref)[1:]}."
                 )
         sizes.append(batch_size(b, label))
+        if sizes[-1] == 0:
+            raise ValueError(
+                f"{label} has 0 examples (leading size 0). Every batch needs at least one example: "
+                "drop empty batches (e.g. an empty last batch) before passing the data."
+            )
         if check_values:
             check_finite(b, label)
     if len(batches) == 1:
         return Batches(None, (batches[0],))
     head = sizes[0]
-    same = [b for b, s in zip(batches, sizes) if s == head]
-    other = tuple(b for b, s in zip(batches, sizes) if s != head)
+    same = [i for i, s in enumerate(sizes) if s == head]
+    other = [i for i, s in enumerate(sizes) if s != head]
     if len(same) == 1:
-        return Batches(None, (same[0], *other))
-    stacked = jax.tree.map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]), *same)
-    return Batches(stacked, other)
+        same, other = [], same + other
+    stored = same + other  # stored position -> position given
+    order = tuple(int(i) for i in np.argsort(stored)) if stored != sorted(stored) else ()
+    rest = tuple(batches[i] for i in other)
+    if not same:
+        return Batches(None, rest, order)
+    stacked = jax.tree.map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]), *(batches[i] for i in same))
+    return Batches(stacked, rest, order)
 
 
 def weighted_mean(fn: Callable[[PyTree], PyTree], data: Batches) -> PyTree:

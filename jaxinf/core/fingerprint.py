@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 PyTree = Any
@@ -41,9 +42,12 @@ def hash_tree(tree: PyTree, h) -> None:
 
 
 def tree_digest(tree: PyTree) -> str:
-    """SHA-256 (hex) of the structure, shapes, dtypes and bytes of ``tree``."""
+    """SHA-256 (hex) of the key paths, shapes, dtypes and bytes of the leaves of ``tree``.
+
+    Stable across processes and runs: the tree structure enters through the
+    leaves' key paths only (a treedef's text can hold object addresses).
+    """
     h = hashlib.sha256()
-    h.update(str(jax.tree.structure(tree)).encode())
     hash_tree(tree, h)
     return h.hexdigest()
 
@@ -55,7 +59,7 @@ def loss_digest(loss_fn: Callable, params: PyTree, batch: PyTree) -> str:
     of the loss (another output loss, a regulariser, a different model) changes
     the digest. Constants closed over by ``loss_fn`` are included by value.
     """
-    shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.result_type(a)), (params, batch))
+    shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.result_type(a)), (params, batch))
     closed = jax.make_jaxpr(loss_fn)(*shapes)
     h = hashlib.sha256(str(closed.jaxpr).encode())
     hash_tree(list(closed.consts), h)

@@ -91,13 +91,88 @@ class TreeSpec(NamedTuple):
         return [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(dummy)[0]]
 
 
-def tree_spec(tree: PyTree) -> TreeSpec:
+def is_array_leaf(x) -> bool:
+    """True for what can be a leaf of a parameter or data tree: an array, a tracer or a Python/NumPy number."""
+    return isinstance(x, (jax.Array, np.ndarray, np.generic, int, float, complex)) or (
+        hasattr(x, "shape") and hasattr(x, "dtype")
+    )
+
+
+def check_array_leaves(tree: PyTree, name: str) -> None:
+    """Raise ``ValueError`` naming the first leaf of ``tree`` that is not an array or a number."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if not is_array_leaf(leaf):
+            raise ValueError(
+                f"{name}{jax.tree_util.keystr(path)} is a {type(leaf).__name__} ({_short_repr(leaf)}), not an array. "
+                f"Every leaf of {name} must be an array; keep other values out of the tree (e.g. in a closure, "
+                "or with nnx.split(model, nnx.Param) for parameters)."
+            )
+
+
+def _short_repr(x, limit: int = 40) -> str:
+    text = repr(x)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def tree_spec(tree: PyTree, name: str = "params") -> TreeSpec:
+    """The :class:`TreeSpec` of ``tree``; ``ValueError`` naming ``name`` and the leaf if a leaf is not an array."""
+    check_array_leaves(tree, name)
     leaves, treedef = jax.tree.flatten(tree)
     return TreeSpec(
         treedef,
         tuple(tuple(np.shape(x)) for x in leaves),
         tuple(jnp.result_type(x) for x in leaves),
     )
+
+
+# Dtypes the curvature can be computed in: LAPACK's eigensolvers and the Krylov tolerances need at least float32.
+SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def check_params(params: PyTree, name: str = "params") -> None:
+    """Refuse parameters the curvature cannot be computed for, naming the leaf and the fix.
+
+    jaxinf computes in the one dtype of the parameters, float32 or float64:
+    half precision (float16, bfloat16) is refused rather than silently
+    promoted (LAPACK has no half-precision eigensolver, and half precision
+    cannot resolve a curvature), and so are leaves of mixed dtypes (an
+    iterative solver's state must have one dtype).
+
+    Raises:
+      ValueError: no leaves, or only zero-size ones; a leaf that is not an
+        array; a leaf that is not float32/float64; leaves of more than one
+        dtype.
+    """
+    check_array_leaves(params, name)
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    if not flat:
+        raise ValueError(f"{name} has no array leaves; pass the pytree of the model's float parameters.")
+    by_dtype: dict = {}
+    for path, leaf in flat:
+        where = f"{name}{jax.tree_util.keystr(path)}"
+        dtype = np.dtype(jnp.result_type(leaf))
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise ValueError(
+                f"{where} has dtype {dtype}; pass only the float parameters (e.g. nnx.split(model, nnx.Param))."
+            )
+        if dtype not in SUPPORTED_DTYPES:
+            raise ValueError(
+                f"{where} has dtype {dtype}; jaxinf computes the curvature in float32 or float64 and refuses "
+                f"half precision. Pass float32 parameters: jax.tree.map(lambda a: a.astype(jnp.float32), {name})."
+            )
+        by_dtype.setdefault(dtype, []).append(where)
+    if sum(math.prod(np.shape(leaf)) for _, leaf in flat) == 0:
+        raise ValueError(
+            f"{name} has only zero-size leaves ({', '.join(w for ws in by_dtype.values() for w in ws)}): there is "
+            "no parameter to take the curvature of. Pass the model's trained parameters."
+        )
+    if len(by_dtype) > 1:
+        detail = "; ".join(f"{dt}: {', '.join(w[:3])}{' ...' if len(w) > 3 else ''}" for dt, w in by_dtype.items())
+        wide = max(by_dtype, key=lambda dt: dt.itemsize)
+        raise ValueError(
+            f"The leaves of {name} mix dtypes ({detail}); jaxinf solves in one dtype. Cast them to one, e.g. "
+            f"jax.tree.map(lambda a: a.astype(jnp.{wide}), {name})."
+        )
 
 
 def ravel(tree: PyTree, dtype=None):
@@ -177,19 +252,30 @@ def is_tracer(x) -> bool:
     return isinstance(x, jax.core.Tracer)
 
 
-def check_finite(tree: PyTree, name: str) -> None:
+def check_finite(tree: PyTree, name: str, *, per_example: bool = False, advice: str | None = None) -> None:
     """Raise ``ValueError`` naming the first leaf of ``tree`` holding NaN or inf.
 
-    Host-side check for concrete inputs (skipped for tracers, which have no
-    values yet).
+    Host-side check for concrete inputs: tracers (no values yet) and arrays
+    spread over several processes (not readable here) are skipped.
+
+    Args:
+      tree: the pytree to check.
+      name: how to call ``tree`` in the message.
+      per_example: the leaves share a leading example axis; the message then
+        also names the first example (row) holding a non-finite value, e.g.
+        for per-example gradients of test points.
+      advice: what to do, replacing the default advice about the inputs.
     """
+    advice = advice or "influence computations need finite inputs. Clean the data or check the training run."
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        if is_tracer(leaf):
+        if is_tracer(leaf) or not getattr(leaf, "is_fully_addressable", True):
             continue
         arr = np.asarray(leaf)
         if arr.dtype.kind in "fc" and not np.all(np.isfinite(arr)):
-            bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
-            raise ValueError(
-                f"{name}{jax.tree_util.keystr(path)} contains {bad} NaN or inf value(s); "
-                "influence computations need finite inputs. Clean the data or check the training run."
-            )
+            finite = np.isfinite(arr)
+            bad = int(np.size(arr) - np.count_nonzero(finite))
+            where = ""
+            if per_example and arr.ndim >= 1:
+                rows = np.flatnonzero(~np.all(finite.reshape(arr.shape[0], -1), axis=1))
+                where = f" (example {int(rows[0])} first; {rows.size} example(s) in all)"
+            raise ValueError(f"{name}{jax.tree_util.keystr(path)} contains {bad} NaN or inf value(s){where}; {advice}")

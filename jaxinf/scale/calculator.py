@@ -11,15 +11,16 @@ memory:
    (:func:`jaxinf.scoring.contract`, method picked by
    :func:`jaxinf.scoring.choose_method`) and written to the chunk
    ``[test block, train batch]`` of a zarr array;
-3. a block is marked done (in a small ``done`` array of the same store)
-   only after its chunk is written, so a run killed part-way and started
-   again with the same arguments skips the done blocks and gives a result
-   identical to an uninterrupted run.
+3. a cell is marked done (an atomic done-mark recording the digests of its
+   test block and training batch) only after its chunk is written, so a run
+   killed part-way and started again with the same arguments and data skips
+   the done cells and gives a result identical to an uninterrupted run.
 
-The store (a zarr v3 group at ``path``) holds ``influences`` (``(n_test,
-n_train)``, or ``(n_test, n_train, *x_shape)`` in perturbation mode; NaN where
-not computed yet), ``done`` and the run's fingerprint in its attributes.
-Open it lazily with :func:`open_influences` (or ``zarr.open_group``).
+The store (:mod:`jaxinf.scale.store`: a zarr v3 group at ``path``, locked
+while a job writes) holds ``influences`` (``(n_test, n_train)``, or
+``(n_test, n_train, *x_shape)`` in perturbation mode; NaN where not computed
+yet), the done-marks and the run's fingerprint. Open it lazily with
+:func:`open_influences`.
 
 Memory is planned before any work (:mod:`jaxinf.scale.plan`).
 
@@ -33,8 +34,6 @@ shared file system or an object store that zarr can open).
 
 from __future__ import annotations
 
-import hashlib
-import math
 import os
 from collections.abc import Callable
 from typing import Any
@@ -47,26 +46,47 @@ from jax.sharding import PartitionSpec as P
 
 from jaxinf.core.data import batch_size as leading_size
 from jaxinf.core.data import is_single_batch
-from jaxinf.core.errors import ConvergenceError
 from jaxinf.core.memory import available_bytes
 from jaxinf.model import MODES
-from jaxinf.scale.distributed import barrier, broadcast_from_first
+from jaxinf.scale.distributed import agree, barrier, broadcast_from_first
 from jaxinf.scale.kernels import factors_kernel, scores_kernel
 from jaxinf.scale.plan import MemoryPlan, compiled_peak_bytes, tree_bytes
 from jaxinf.scale.progress import progress_bar
 from jaxinf.scale.sharding import (
-    _place,
     data_mesh,
     data_sharding,
     global_batch,
     mesh_size,
     pad_batch,
     replicate,
-    to_host,
 )
 from jaxinf.scale.sources import _Source, as_source
-from jaxinf.scale.store import hash_tree, open_influences, open_store
-from jaxinf.scale.tiles import Tiling, check_process_source, local_columns, on_mesh, round_up, shape_key, slice_rows
+from jaxinf.scale.store import (
+    FORMAT,
+    check_fingerprint,
+    check_store,
+    done_cells,
+    mark_done,
+    open_influences,
+    open_store,
+    read_marks,
+    recorded_digests,
+    set_complete,
+)
+from jaxinf.scale.tiles import (
+    Tiling,
+    check_test_blocks,
+    local_columns,
+    nonfinite_scores,
+    on_mesh,
+    process_split,
+    round_up,
+    run_fingerprint,
+    shape_key,
+    slice_rows,
+    solve_factors,
+    train_steps,
+)
 from jaxinf.scoring import SCORING_METHODS, resolve_input_leaf
 
 PyTree = Any
@@ -185,17 +205,15 @@ class InfluenceCalculator:
         first_test = test_source.first()
         leaf = resolve_input_leaf(first_train, self.model.input_leaf) if self.mode == "perturbation" else None
 
-        def like(batch, rows, sharding_axis_size, global_rows):
-            def one(a):
-                a = np.asarray(a)
-                sharding = data_sharding(self.mesh) if sharding_axis_size else NamedSharding(self.mesh, P())
-                return jax.ShapeDtypeStruct((global_rows, *a.shape[1:]), a.dtype, sharding=sharding)
+        def like(batch, global_rows):  # sharded along the examples
+            sharding = data_sharding(self.mesh)
+            return jax.tree.map(
+                lambda a: jax.ShapeDtypeStruct((global_rows, *np.shape(a)[1:]), np.asarray(a).dtype, sharding=sharding),
+                batch,
+            )
 
-            return jax.tree.map(one, batch)
-
-        processes = self.devices // n_local_dev
-        test_like = like(first_test, tb_pad, True, tb_pad)
-        train_like = like(first_train, b_local_pad, True, b_local_pad * processes)
+        test_like = like(first_test, tb_pad)
+        train_like = like(first_train, b_local_pad * (self.devices // n_local_dev))
         x_shape = ()
         if self.mode == "perturbation":
             x_shape = tuple(np.shape(jax.tree.leaves(first_train)[leaf])[1:])
@@ -267,12 +285,17 @@ class InfluenceCalculator:
           train_data: the training points (columns): a source
             (:class:`~jaxinf.scale.ArraySource`, :class:`~jaxinf.scale.IterableSource`),
             one batch or a list of batches. In a multi-process run each
-            process passes the source of its own part.
-          path: directory of the zarr store (created if needed).
+            process passes the source of its own part. The source is read
+            once per test block and must yield the same batches in the same
+            order every time (each batch's digest is checked).
+          path: directory of the store: new, empty, or a store of an earlier
+            run. Any other existing file or directory is refused, never
+            written to or deleted.
           batch_size: cut in-memory ``train_data`` into batches of this size.
           resume: continue a run found at ``path`` if it was started with the
-            same arguments (else ``ValueError``).
-          overwrite: delete what is at ``path`` first.
+            same arguments and data (else ``ValueError`` naming what differs).
+          overwrite: start again, deleting the store found at ``path`` (only
+            a jaxinf store is ever deleted).
           callback: called after every completed block with a dict
             (``test_block``, ``step``, ``rows``, ``columns``, ``done``,
             ``total``).
@@ -282,87 +305,106 @@ class InfluenceCalculator:
 
         Raises:
           ValueError: the configuration does not fit in memory or on disk (with
-            the plan), the store holds another computation, or bad data.
+            the plan); ``path`` is not a store of ours, holds another
+            computation or is locked by another running job; a test point or
+            training batch holds NaN or inf, or differs from the one this
+            store was computed with or from an earlier pass. In a
+            multi-process run every process raises the same error.
           ConvergenceError: the solver did not converge for some test point
             (strict models; else a warning).
         """
-        job = self._job(test_data, train_data, batch_size)
-        root = self._open(job, os.fspath(path), resume, overwrite)
+        path = os.fspath(path)
+        job, fingerprint = self._job(test_data, train_data, batch_size, path, resume, overwrite)
+        root, lock = self._open(job, fingerprint, path, resume, overwrite)
+        try:
+            return self._run(job, root, path, callback)
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _run(self, job: Tiling, root, path: str, callback):
         out = root["influences"]
-        done = broadcast_from_first(np.asarray(root["done"][:], np.uint8)).all(axis=2)
+        marks = read_marks(path)
+        done = broadcast_from_first(done_cells(path, job.grid, marks).astype(np.uint8)).all(axis=2)
+        pid = jax.process_index()
+        if pid == 0 and not done.all() and root.attrs.get("complete"):
+            root.attrs.update({"complete": False})  # cells without a done-mark: not complete, whatever it said
+        recorded, seen = recorded_digests(marks, pid)
+        tests = check_test_blocks(job, recorded)
         finished = sum(job.rows(i) * job.columns(j) for i, j in zip(*np.nonzero(done)))
         bar = progress_bar(self.progress, job.n_test * job.n_train, desc="influences", unit="score", initial=finished)
+        ctx = (job, path, out, seen, bar, callback)
+        read_all = False
         try:
             for i in range(job.n_blocks):
                 if not done[i].all():
-                    self._score_block(job, i, done[i], out, root["done"], bar, callback)
+                    self._score_block(ctx, i, done[i], tests[i], start=int(np.argmin(done[i])) if read_all else 0)
+                    read_all = True
+            if not read_all:  # a finished store: read the training data once, to check it is the same
+                for _ in train_steps(job, 0, seen):
+                    pass
         finally:
             bar.close()
         barrier("jaxinf-calculator-done")
-        if jax.process_index() == 0:
-            root.attrs.update({"complete": True})
+        agree(set_complete(root, path, job.grid) if pid == 0 else None, step="store complete")
         return out
 
-    def _job(self, test_data, train_data, batch_size) -> Tiling:
-        """Sources, plan, compiled kernels and the tiling of one run; refuses what cannot run."""
+    def _job(self, test_data, train_data, batch_size, path: str, resume: bool, overwrite: bool):
+        """The tiling of one run (sources, plan, compiled kernels) and its fingerprint; refuses what cannot run.
+
+        A store at ``path`` that would be refused is found before anything is compiled or written.
+        """
         test_source = as_source(test_data, self.test_block if _is_one_batch(test_data) else None)
         train_source = as_source(train_data, batch_size)
         if test_source.num_examples != test_source.total_examples:
             raise ValueError("Every process must pass all the test points (the rows); shard only the training data.")
-        plan, layout = self._plan(test_source, train_source)
-        if not plan.fits():
-            raise ValueError(
-                "This influence computation does not fit in memory:\n"
-                f"{plan}\n"
-                "Lower test_block (factor kernel) or the training batch size (scoring kernel), use "
-                "scoring='jvp' for few test points, shard over more devices, or raise max_memory if you know it fits."
-            )
-        n_train, b = train_source.total_examples, train_source.batch_size
         processes = self.devices // self.local_devices
-        if processes == 1 and train_source.num_examples != n_train:
-            raise ValueError(
-                "A single-process run needs the whole training set; this source holds examples "
-                f"[{train_source.offset}, {train_source.offset + train_source.num_examples}) of {n_train}."
-            )
-        per = math.ceil(n_train / (processes * b)) * b  # examples per process (see process_range)
-        if (processes - 1) * per >= n_train:  # the same verdict on every process
-            raise ValueError(
-                f"{n_train} training points in batches of {b} leave the last of {processes} processes without "
-                "examples; use a smaller batch size or fewer processes."
-            )
-        if processes > 1:
-            check_process_source(train_source, per, b)
-        return Tiling(self.test_block, test_source, train_source, plan, *layout, processes=processes, per=per)
+        per = process_split(train_source, processes)
+        layout = self._layout(test_source, train_source)
+        sketch = Tiling(self.test_block, test_source, train_source, None, *layout, self._method(layout[3]), None, None,
+                        processes=processes, per=per)  # fmt: skip
+        fingerprint = run_fingerprint(self, sketch, np.dtype(jnp.dtype(self.spec.dtype)))
+        agree(check_store(path, fingerprint, resume=resume, overwrite=overwrite), step="check store")
+        plan, layout = self._plan(test_source, train_source)
+        plan.check()
+        job = Tiling(self.test_block, test_source, train_source, plan, *layout, processes=processes, per=per)
+        return job, fingerprint
 
-    def _open(self, job: Tiling, path: str, resume: bool, overwrite: bool):
-        """Process 0 creates or reopens the store (checking the fingerprint); the others open it after."""
+    def _open(self, job: Tiling, fingerprint: dict, path: str, resume: bool, overwrite: bool):
+        """Process 0 locks and creates or reopens the store; every process checks the fingerprint; all agree."""
         import zarr
 
         dtype = np.dtype(jnp.dtype(self.spec.dtype))
-        b, n_test, n_train = job.train_batch, job.n_test, job.n_train
-        shape = (n_test, n_train, *job.x_shape)
-        chunks = (min(self.test_block, n_test), min(b, n_train), *job.x_shape)
-        fingerprint = self._fingerprint(shape, chunks, dtype, job.method, b, job.processes, job.test_source)
-        done_shape = (job.n_blocks, job.steps, job.processes)
+        root = lock = error = None
         if jax.process_index() == 0:
-            root = open_store(
-                path, fingerprint, shape, chunks, dtype, done_shape, job.plan.disk_bytes,
-                resume=resume, overwrite=overwrite,
-            )
-        barrier("jaxinf-calculator-open")
-        if jax.process_index() != 0:
-            root = zarr.open_group(path, mode="r+")
-        return root
+            try:
+                root, lock = open_store(
+                    path, fingerprint, job.shape, job.chunks, dtype, job.plan.disk_bytes, resume=resume,
+                    overwrite=overwrite,
+                )  # fmt: skip
+            except ValueError as err:
+                if job.processes == 1:
+                    raise
+                error = str(err)
+        try:
+            agree(error, step="open store")
+            if jax.process_index() != 0:
+                root = zarr.open_group(path, mode="r+")
+                error = check_fingerprint(dict(root.attrs).get(FORMAT, {}), fingerprint, path)
+            agree(error, step="store fingerprint")
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
+        return root, lock
 
-    def _score_block(self, job: Tiling, i: int, done_row, out, done_arr, bar, callback) -> None:
-        """Test block ``i``: solve its factors once, then score every training step not yet done."""
-        r0, r1 = i * self.test_block, i * self.test_block + job.rows(i)
-        factors = self._factors(job.f_compiled, slice_rows(job.test_source, r0, r1), r1 - r0, job.test_pad)
-        start = int(np.argmin(done_row))
+    def _score_block(self, ctx, i: int, done_row, test_digest: str, start: int) -> None:
+        """Test block ``i``: solve its factors once, then score every training step from ``start`` not yet done."""
+        job, path, out, seen, bar, callback = ctx
+        r0, r1 = job.row_range(i)
+        factors = solve_factors(self, job, slice_rows(job.test_source, r0, r1))
         source, b, pid = job.train_source, job.train_batch, jax.process_index()
-        batches = source.batches(min(start, source.num_batches))
-        for j in range(start, job.steps):
-            batch = next(batches, None) if j < source.num_batches else None
+        for j, batch, found in train_steps(job, start, seen):
             if done_row[j]:
                 continue
             c0 = source.offset + j * b
@@ -370,47 +412,18 @@ class InfluenceCalculator:
             if batch is None:  # this process has no examples left: score a stand-in, write nothing
                 batch = jax.tree.map(lambda a: np.asarray(a)[:1], source.first())
             placed = global_batch(pad_batch(batch, job.train_pad), self.mesh)
-            scores = job.s_compiled(self.params, factors, placed)
+            scores = local_columns(job.s_compiled(self.params, factors, placed), r1 - r0, real)
+            agree(nonfinite_scores(scores, i, j, r0, c0), step="scores")
             if real:
-                index = (slice(r0, r1), slice(c0, c0 + real)) + (slice(None),) * len(job.x_shape)
-                out[index] = local_columns(scores, r1 - r0, real)
-            done_arr[i, j, pid] = 1
+                out[(slice(r0, r1), slice(c0, c0 + real)) + (slice(None),) * len(job.x_shape)] = scores
+            mark_done(
+                path, (i, j, pid), {"test": test_digest, "train": found, "rows": [r0, r1], "columns": [c0, c0 + real]}
+            )
             bar.update((r1 - r0) * job.columns(j))
+            info = {"test_block": i, "step": j, "rows": (r0, r1), "columns": (c0, c0 + real), "done": bar.n}
             if callback is not None:
-                callback(
-                    {"test_block": i, "step": j, "rows": (r0, r1), "columns": (c0, c0 + real), "done": bar.n,
-                     "total": job.n_test * job.n_train}
-                )
+                callback({**info, "total": job.n_test * job.n_train})
 
-    # ------------------------------------------------------------ helpers
-    def _factors(self, compiled, test_batch, real: int, tb_pad: int):
-        placed = jax.tree.map(lambda a: _place(np.asarray(a), data_sharding(self.mesh)), pad_batch(test_batch, tb_pad))
-        factors, info, finite = compiled(self.params, self.state, placed)
-        info = jax.tree.map(lambda x: to_host(x)[:real], info)
-        self.model._check_info(info, "right-hand sides")
-        if not to_host(finite)[:real].all():
-            solver = self.model.solver
-            raise ConvergenceError(f"{solver.name} returned NaN or inf influence factors. {solver.advice}".strip())
-        return jax.tree.map(lambda x: jax.device_put(x, NamedSharding(self.mesh, P())), factors)
-
-    def _fingerprint(self, shape, chunks, dtype, method, b, processes, test_source) -> dict:
-        h = hashlib.sha256()
-        hash_tree(self.model.params, h)
-        hash_tree(self.state, h)
-        hash_tree(slice_rows(test_source, 0, min(self.test_block, test_source.num_examples)), h)
-        return {
-            "shape": list(shape),
-            "chunks": list(chunks),
-            "dtype": str(dtype),
-            "mode": self.mode,
-            "method": method,
-            "solver": self.model.solver.name,
-            "test_block": self.test_block,
-            "train_batch": b,
-            "processes": processes,
-            "devices": self.devices,
-            "digest": h.hexdigest(),
-        }
 
 def _is_one_batch(data) -> bool:
     return not isinstance(data, _Source) and is_single_batch(data)

@@ -46,7 +46,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-__all__ = ["agree", "barrier", "broadcast_from_first", "initialize", "is_initialized", "shutdown"]
+__all__ = ["agree", "agreed", "barrier", "broadcast_from_first", "exchange", "initialize", "is_initialized", "shutdown"]
 
 AGREE_TIMEOUT_S = 120  # how long a process waits for the others' verdict at one step before it gives up
 
@@ -113,12 +113,57 @@ def broadcast_from_first(value: np.ndarray) -> np.ndarray:
     return np.asarray(multihost_utils.broadcast_one_to_all(value))
 
 
+def exchange(value: str, *, step: str, timeout_s: float | None = None) -> list[str]:
+    """Every process's ``value`` at ``step``, in process order (``[value]`` in a single process).
+
+    The values travel through the ``jax.distributed`` coordinator's key-value
+    store (host side, no device collective), so a process that never
+    arrives is named after ``timeout_s`` (default :data:`AGREE_TIMEOUT_S`)
+    instead of leaving the others in a collective for ever. Every process
+    must call it for the same steps in the same order.
+
+    Raises:
+      ValueError: a process gave no value within ``timeout_s`` (naming it and
+        the step).
+    """
+    if jax.process_count() == 1:
+        return [value]
+    from jax._src import distributed as jax_distributed
+
+    client = jax_distributed.global_state.client
+    timeout_ms = int(1000 * (AGREE_TIMEOUT_S if timeout_s is None else timeout_s))
+    counter = _STEP_COUNTS.get(step, 0)
+    _STEP_COUNTS[step] = counter + 1
+    prefix = f"jaxinf/agree/{step}/{counter}"
+    client.key_value_set(f"{prefix}/{jax.process_index()}", value)
+    values, silent = [], []
+    for pid in range(jax.process_count()):
+        try:
+            values.append(client.blocking_key_value_get(f"{prefix}/{pid}", timeout_ms))
+        except Exception as err:  # the coordinator reports a timeout as a runtime error of its own type
+            if "DEADLINE_EXCEEDED" not in str(err) and "timed out" not in str(err).lower():
+                raise
+            silent.append(pid)
+            values.append(None)
+    # every process has read the values of the exchange before the previous one (it wrote its value for the
+    # previous one only after): this process's key of that exchange can go
+    _OWN_KEYS.append(f"{prefix}/{jax.process_index()}")
+    if len(_OWN_KEYS) > 2:
+        client.key_value_delete(_OWN_KEYS.pop(0))
+    if silent:
+        raise ValueError(
+            f"Stopped at step {step!r} on process {jax.process_index()}: process(es) {silent} gave no answer within "
+            f"{timeout_ms / 1000:.0f} s (they may have died or be stuck before this step; see their own output)."
+        )
+    return values
+
+
 def agree(error: str | None, *, step: str, timeout_s: float | None = None) -> None:
     """Every process states its verdict at ``step``; all raise the same error if any process failed.
 
     Each process passes ``None`` (all well) or the message of the error it
-    found. In a multi-process run the verdicts are exchanged through the
-    ``jax.distributed`` coordinator's key-value store (host side, no device
+    found. In a multi-process run the verdicts are exchanged with
+    :func:`exchange` (through the coordinator's key-value store, no device
     collective), so a process that found nothing wrong still learns why its
     peers stop and stops with them, instead of waiting in the next
     collective. A process that does not state its verdict within
@@ -133,27 +178,30 @@ def agree(error: str | None, *, step: str, timeout_s: float | None = None) -> No
         if error:
             raise ValueError(error)
         return
-    from jax._src import distributed as jax_distributed
-
-    client = jax_distributed.global_state.client
-    timeout_ms = int(1000 * (AGREE_TIMEOUT_S if timeout_s is None else timeout_s))
-    counter = _STEP_COUNTS.get(step, 0)
-    _STEP_COUNTS[step] = counter + 1
-    prefix = f"jaxinf/agree/{step}/{counter}"
-    client.key_value_set(f"{prefix}/{jax.process_index()}", "ok" if not error else "error:" + error)
-    failures = []
-    for pid in range(jax.process_count()):
-        try:
-            value = client.blocking_key_value_get(f"{prefix}/{pid}", timeout_ms)
-        except Exception as err:  # the coordinator reports a timeout as a runtime error of its own type
-            if "DEADLINE_EXCEEDED" not in str(err) and "timed out" not in str(err).lower():
-                raise
-            failures.append(f"process {pid} gave no verdict within {timeout_ms / 1000:.0f} s (it may have died)")
-            continue
-        if value.startswith("error:"):
-            failures.append(f"process {pid}: {value[len('error:'):]}")
+    verdicts = exchange("ok" if not error else "error:" + error, step=step, timeout_s=timeout_s)
+    failures = [f"process {pid}: {v[len('error:') :]}" for pid, v in enumerate(verdicts) if v.startswith("error:")]
     if failures:
         raise ValueError(f"Stopped at step {step!r} on every process: " + "; ".join(failures))
 
 
+def agreed(step: str, fn, *args, timeout_s: float | None = None):
+    """``fn(*args)`` on every process, then :func:`agree` on whether it raised a ``ValueError`` anywhere.
+
+    In a single process ``fn``'s own error propagates unchanged. With many
+    processes, a ``ValueError`` on one process becomes the same error on
+    every process (naming it and ``step``), raised before any of them goes
+    on to a collective.
+    """
+    if jax.process_count() == 1:
+        return fn(*args)
+    try:
+        out = fn(*args)
+    except ValueError as err:
+        agree(str(err), step=step, timeout_s=timeout_s)
+        raise  # not reached: agree raised
+    agree(None, step=step, timeout_s=timeout_s)
+    return out
+
+
 _STEP_COUNTS: dict = {}
+_OWN_KEYS: list = []  # this process's keys of its last exchanges, oldest first

@@ -90,6 +90,16 @@ class MemoryPlan:
     def fits(self) -> bool:
         return self.total_bytes <= self.budget_bytes
 
+    def check(self) -> None:
+        """Raise ``ValueError`` with this plan and what to lower unless it :meth:`fits`."""
+        if not self.fits():
+            raise ValueError(
+                "This influence computation does not fit in memory:\n"
+                f"{self}\n"
+                "Lower test_block (factor kernel) or the training batch size (scoring kernel), use "
+                "scoring='jvp' for few test points, shard over more devices, or raise max_memory if you know it fits."
+            )
+
     def __str__(self) -> str:
         rows = [
             ("test block × train batch", f"{self.test_block} × {self.train_batch}"),
@@ -121,5 +131,14 @@ def compiled_peak_bytes(compiled, fallback: int) -> int:
 
 
 def tree_bytes(tree) -> int:
-    """Bytes of every array leaf of ``tree`` (arrays or ``ShapeDtypeStruct``)."""
-    return sum(int(np.prod(np.shape(x))) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+    """Bytes of every array leaf of ``tree`` (arrays, ``ShapeDtypeStruct``, PRNG keys, Python scalars)."""
+    return sum(int(np.prod(np.shape(x))) * _itemsize(x) for x in jax.tree.leaves(tree))
+
+
+def _itemsize(x) -> int:
+    dtype = getattr(x, "dtype", None)
+    if dtype is None:  # a Python scalar
+        return np.asarray(x).dtype.itemsize
+    if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):  # key<impl>: the bytes of its key data
+        return dtype.itemsize
+    return jnp.dtype(dtype).itemsize

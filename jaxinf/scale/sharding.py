@@ -44,6 +44,7 @@ from jax.sharding import PartitionSpec as P
 from jaxinf.core.curvature import CurvatureOperator
 from jaxinf.core.data import Batches, as_batches
 from jaxinf.core.data import batch_size as leading_size
+from jaxinf.scale.distributed import agreed, exchange
 
 PyTree = Any
 AXIS = "data"
@@ -266,12 +267,13 @@ def fit(model, train_data: Any, mesh: Mesh, *, key: jax.Array | None = None):
     Returns:
       ``model``, fitted; its operator and state live on ``mesh``.
     """
-    local = as_batches(train_data, name="train_data")  # checks shapes and finiteness on the host
     if jax.process_count() > 1:
+        # each process checks its own part; all stop together, with one error, before the first collective
+        local = agreed("scale.fit: train_data", lambda: _checked_local(train_data, mesh))
         _check_same_layout(local)
         data = _global_batches(local, mesh)
     else:
-        data = local
+        data = as_batches(train_data, name="train_data")  # checks shapes and finiteness on the host
     operator = model.operator_for(data)
     operator = shard_operator(operator, mesh) if jax.process_count() == 1 else _replicate_rest(operator, mesh)
     state = model.solver.init(operator, key=key)  # eager: every op follows the data's sharding
@@ -292,18 +294,27 @@ def _replicate_rest(operator: CurvatureOperator, mesh: Mesh) -> CurvatureOperato
     )
 
 
-def _check_same_layout(local: Batches) -> None:
-    from jax.experimental import multihost_utils
+def _checked_local(train_data: Any, mesh: Mesh) -> Batches:
+    """This process's batches, checked on the host (shapes, finiteness, a multiple of the local devices)."""
+    local = as_batches(train_data, name="train_data")
+    devices = mesh.local_mesh.size
+    for i, b in enumerate(local.batches()):
+        if leading_size(b) % devices:
+            raise ValueError(
+                f"train_data[batch {i}] holds {leading_size(b)} examples on process {jax.process_index()} for its "
+                f"{devices} local devices; use batches of a multiple of {devices} examples on every process."
+            )
+    return local
 
+
+def _check_same_layout(local: Batches) -> None:
+    """Every process must hold the same batch layout (exchanged with :func:`jaxinf.scale.distributed.exchange`)."""
     stacked = None if local.stacked is None else np.shape(jax.tree.leaves(local.stacked)[0])[:2]
-    layout = np.array(
-        [-1 if stacked is None else stacked[0], -1 if stacked is None else stacked[1], len(local.rest)]
-        + [leading_size(b) for b in local.rest[:8]],
-        np.int64,
-    )
-    everyone = np.asarray(multihost_utils.process_allgather(layout))
-    if not np.all(everyone == everyone[0]):
+    layout = [-1 if stacked is None else stacked[0], -1 if stacked is None else stacked[1], len(local.rest)]
+    layout += [leading_size(b) for b in local.rest]
+    everyone = [[int(v) for v in text.split(",")] for text in exchange(",".join(map(str, layout)), step="fit layout")]
+    if any(other != everyone[0] for other in everyone):
         raise ValueError(
             "Every process must hold the same batch layout (number and sizes of batches) for a multi-process fit; "
-            f"got {everyone.tolist()} (per process: stacked count, batch size, other batches, their sizes)."
+            f"got {everyone} (per process: stacked count, batch size, other batches, their sizes)."
         )

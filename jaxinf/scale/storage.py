@@ -1,57 +1,71 @@
 """Save and load fitted solver states, so that fitting and scoring can run in separate jobs.
 
-A solver state is a pytree whose *leaves* are arrays (eigenvectors,
-Kronecker factors, a sketch, the training data of a matrix-free solver) and
-whose *structure* carries static metadata that cannot be serialised
-portably (parameter layouts, traced layer plans holding functions). So only
-the leaves are written, with their key paths, shapes and dtypes; loading
-rebuilds the state from a *skeleton* made in the new job:
+A state's *leaves* (eigenvectors, Kronecker factors, a sketch, the data of a
+matrix-free solver) are written with their key paths, shapes and dtypes; its
+*structure* (layouts, traced layer plans holding functions) is not portable,
+so loading rebuilds it from a *skeleton* made in the new job
+(:func:`state_skeleton`: ``jax.eval_shape``, no curvature product) from an
+operator built as for fitting (same loss, params, curvature, blocks, damping
+and data *shapes*). Every leaf's path, shape and dtype is checked.
 
-    skeleton = state_skeleton(solver, operator)   # jax.eval_shape: no work done
-    state = load_state(path, skeleton)
+**Recorded and checked.** With ``solver=`` and ``operator=``, the file records
+what determines the state (:func:`state_fingerprint`): the solver's name and
+``Solver.config``, the curvature kind, the blocks, each block's damping, a
+digest of the params and of the loss's program (the split
+``output_loss(model_fn(...))`` for Gauss-Newton, else ``loss_fn``). Loading
+with them refuses a state fitted for anything else, naming every difference
+(``on_mismatch="raise"``), or refits with a warning naming them
+(``on_mismatch="refit"``). What was not recorded is not checked (a warning
+says so); the training data itself is not recorded: keep it fixed.
 
-where ``operator`` is built exactly as for fitting (same ``loss_fn``,
-params, curvature, blocks, damping and data *shapes*); no curvature product
-runs. :func:`load_state` checks that every leaf's path, shape and dtype
-match and says which one does not.
-
-Format: one ``.npz`` file (numpy, uncompressed) holding the leaves and a
-JSON header; written to a temporary file and renamed, so a killed job never
-leaves a truncated state. PRNG-key leaves and low-precision dtypes (bfloat16)
-round-trip. In a multi-process run, process 0 writes (leaves sharded over
-processes are gathered first); every process reads.
+**Format.** One ``.npz`` (uncompressed, no pickle) with the leaves and a JSON
+header, written to a temporary file, flushed and renamed, so a killed job
+never leaves a truncated state. Reading parses every ``.npy`` header and
+checks it against the JSON header, the skeleton and the bytes present
+*before* allocating: a truncated, corrupted or forged file gives a
+``ValueError`` naming the file and leaf. PRNG keys and bfloat16 round-trip.
+With several processes, process 0 writes and every process reads.
 
 Examples:
   >>> import jax.numpy as jnp, jaxinf, tempfile, os
-  >>> from jaxinf.scale import save_state, load_state, state_skeleton
+  >>> from jaxinf.scale import save_state, load_state
   >>> loss = lambda w, b: jnp.mean((b[0] @ w - b[1]) ** 2)
   >>> op = jaxinf.curvature_operator(loss, jnp.zeros(2), (jnp.eye(2), jnp.ones(2)), damping=0.1)
   >>> solver = jaxinf.direct()
   >>> path = os.path.join(tempfile.mkdtemp(), "state.npz")
-  >>> save_state(path, solver.init(op), solver=solver)
-  >>> state = load_state(path, state_skeleton(solver, op))
+  >>> save_state(path, solver.init(op), solver=solver, operator=op)
+  >>> state = load_state(path, solver=solver, operator=op)
   >>> round(float(solver.solve(state, jnp.ones(2))[0][0]), 4)  # (H + λ)⁻¹ = 1 / (1 + 0.1)
   0.9091
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import tempfile
+import warnings
+import zipfile
+import zlib
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxinf.core.fingerprint import loss_digest, tree_digest
 from jaxinf.scale.sharding import replicate, to_host
 
 PyTree = Any
 FORMAT = "jaxinf-state"
-VERSION = 1
+VERSION = 2  # 2: the "fit" fingerprint; version 1 files (without it) still load
+MAX_HEADER_BYTES = 64 << 20  # a JSON header above this is refused as corrupted
+ON_MISMATCH = ("raise", "refit")
+_UNREADABLE = (zipfile.BadZipFile, zlib.error, EOFError)  # what a truncated or corrupted zip raises while reading
 
-__all__ = ["load_state", "save_state", "state_skeleton"]
+__all__ = ["load_state", "read_header", "save_state", "state_fingerprint", "state_skeleton"]
 
 
 def state_skeleton(solver, operator, *, key: jax.Array | None = None) -> PyTree:
@@ -59,16 +73,118 @@ def state_skeleton(solver, operator, *, key: jax.Array | None = None) -> PyTree:
     return jax.eval_shape(lambda op, k: solver.init(op, key=k), operator, key)
 
 
-def save_state(path: str | os.PathLike, state: PyTree, *, solver=None, metadata: dict | None = None) -> None:
+def _host_scalar(x) -> float:
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        x = x.addressable_data(0)
+    return float(np.asarray(x))
+
+
+def _example_batch(operator) -> PyTree:
+    """Shapes of one example of the operator's data (a batch of one), for the loss's jaxpr."""
+    data = operator.data
+    if data.stacked is not None:
+        return jax.tree.map(lambda a: jax.ShapeDtypeStruct((1, *np.shape(a)[2:]), a.dtype), data.stacked)
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct((1, *np.shape(a)[1:]), jnp.result_type(a)), data.rest[0])
+
+
+def _curvature_loss(operator):
+    if operator.kind == "gauss_newton":
+        model_fn, output_loss = operator.model_fn, operator.output_loss
+        return lambda p, b: output_loss(model_fn(p, b), b)
+    return operator.loss_fn
+
+
+def state_fingerprint(solver=None, operator=None) -> dict:
+    """What determines a fitted state, as JSON.
+
+    ``{"solver", "solver_config"}`` given ``solver``; ``{"curvature", "blocks", "damping", "params", "loss"}`` given
+    ``operator``: the kind, block names and each leaf's block, ``{block: λ}``, SHA-256 digests of the params and of
+    the curvature's loss jaxpr on one example.
+    """
+    out: dict = {}
+    if solver is not None:
+        out["solver"] = solver.name
+        out["solver_config"] = json.loads(json.dumps(solver.config, sort_keys=True)) if solver.config else None
+    if operator is not None:
+        names = list(operator.block_names)
+        per_block = {}
+        for leaf, block in enumerate(operator.block_ids):
+            per_block.setdefault(names[block], _host_scalar(operator.damping[leaf]))
+        out["curvature"] = operator.kind
+        out["blocks"] = {"names": names, "of_leaf": list(operator.block_ids)}
+        out["damping"] = per_block
+        out["params"] = tree_digest(operator.params)
+        shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.result_type(a)), operator.params)
+        out["loss"] = loss_digest(_curvature_loss(operator), shapes, _example_batch(operator))
+    return out
+
+
+_DESCRIBE = {"solver": "solver", "solver_config": "solver configuration", "curvature": "curvature kind"}
+_DESCRIBE |= {"blocks": "block layout", "damping": "damping", "params": "params (digest)", "loss": "loss (digest)"}
+
+
+def _differences(saved: dict, now: dict) -> tuple[list[str], list[str]]:
+    """``(differences, unchecked)``: what differs, and what ``now`` has that the file did not record."""
+    diffs, unchecked = [], []
+    for key, what in _DESCRIBE.items():
+        if key not in now or now[key] is None:
+            continue
+        if saved.get(key) is None:
+            unchecked.append(what)
+        elif key == "solver_config" and saved[key] != now[key]:
+            changed = sorted(k for k in set(saved[key]) | set(now[key]) if saved[key].get(k) != now[key].get(k))
+            parts = [f"{k}: saved {saved[key].get(k)!r}, now {now[key].get(k)!r}" for k in changed]
+            diffs.append(f"{what} ({'; '.join(parts)})")
+        elif saved[key] != now[key]:
+            short = key in ("params", "loss")
+            old, new = (saved[key][:12] + "…", now[key][:12] + "…") if short else (saved[key], now[key])
+            diffs.append(f"{what}: saved {old!r}, now {new!r}")
+    return diffs, unchecked
+
+
+def _check_json(value: Any, where: str) -> None:
+    """Raise ``ValueError`` naming the first entry of ``value`` that JSON cannot store faithfully."""
+    if value is None or isinstance(value, (bool, str)) or type(value) in (int, float):
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise ValueError(f"{where} has the key {key!r} ({type(key).__name__}); JSON keys must be strings.")
+            _check_json(item, f"{where}[{key!r}]")
+        return
+    if isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_json(item, f"{where}[{i}]")
+        return
+    raise ValueError(
+        f"{where} is a {type(value).__module__}.{type(value).__name__}, which JSON cannot store: pass numbers, "
+        "strings, bools, None, lists and dicts with string keys (e.g. float(x) or x.tolist() for an array)."
+    )
+
+
+def save_state(
+    path: str | os.PathLike, state: PyTree, *, solver=None, operator=None, metadata: dict | None = None
+) -> None:
     """Write the array leaves of ``state`` to ``path`` (``.npz``), atomically.
 
     Args:
       path: the file to write (the ``.npz`` suffix is not added).
       state: a fitted solver state (or any pytree of arrays).
-      solver: optional; its ``name`` is recorded and checked on loading.
-      metadata: optional JSON-serialisable dict stored with the state (e.g.
-        the damping or the fitting data's description).
+      solver: optional; its name and configuration are recorded and checked
+        on loading.
+      operator: optional, the :class:`jaxinf.CurvatureOperator` the state was
+        fitted on (``model.operator``); its curvature kind, blocks, damping,
+        a params digest and a loss digest are recorded and checked on
+        loading (see :func:`state_fingerprint`).
+      metadata: optional JSON-serialisable dict stored with the state.
+
+    Raises:
+      ValueError: ``metadata`` that JSON cannot store (the message names the
+        entry).
     """
+    if metadata is not None and not isinstance(metadata, dict):
+        raise ValueError(f"metadata must be a dict (JSON object) or None, got a {type(metadata).__name__}.")
+    _check_json(metadata, "metadata")
     flat = jax.tree_util.tree_flatten_with_path(state)[0]
     arrays, leaves = {}, []
     for i, (path_key, leaf) in enumerate(flat):
@@ -87,6 +203,7 @@ def save_state(path: str | os.PathLike, state: PyTree, *, solver=None, metadata:
         "format": FORMAT,
         "version": VERSION,
         "solver": getattr(solver, "name", None),
+        "fit": state_fingerprint(solver, operator),
         "leaves": leaves,
         "metadata": metadata or {},
     }
@@ -99,6 +216,8 @@ def save_state(path: str | os.PathLike, state: PyTree, *, solver=None, metadata:
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, __header__=np.frombuffer(json.dumps(header).encode(), np.uint8), **arrays)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -106,77 +225,225 @@ def save_state(path: str | os.PathLike, state: PyTree, *, solver=None, metadata:
         raise
 
 
-def read_header(path: str | os.PathLike) -> dict:
-    """The JSON header of a saved state (solver name, leaf paths, shapes, dtypes, metadata)."""
-    with np.load(os.fspath(path)) as f:
-        return _header(f, path)
+def _unreadable(path, what: str, error: BaseException | str) -> ValueError:
+    return ValueError(
+        f"{path} is not a readable jaxinf state file ({what}: {error}); it is truncated or corrupted. "
+        "Save the state again (jaxinf.scale.save_state)."
+    )
 
 
-def _header(f, path) -> dict:
-    if "__header__" not in f.files:
-        raise ValueError(f"{path} is not a jaxinf state file (no header); write it with jaxinf.scale.save_state.")
-    header = json.loads(bytes(f["__header__"]).decode())
-    if header.get("format") != FORMAT or header.get("version", 0) > VERSION:
-        raise ValueError(
-            f"{path} has format {header.get('format')!r} v{header.get('version')}; expected {FORMAT} v<={VERSION}."
-        )
+class _Member:
+    """One ``.npy`` member of the zip: its header parsed, its size checked, its data not yet read."""
+
+    def __init__(self, archive: zipfile.ZipFile, name: str, path):
+        self.name, self.path = name, path
+        try:
+            self.info = archive.getinfo(name + ".npy")
+        except KeyError:
+            raise ValueError(f"{path} has no array {name!r}; it is truncated or not a jaxinf state file.") from None
+        self.file = archive.open(self.info)
+        try:
+            version = np.lib.format.read_magic(self.file)
+            if version not in ((1, 0), (2, 0)):
+                raise ValueError(f"unsupported .npy version {version}")
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            self.shape, self.fortran, self.dtype = read(self.file)
+        except ValueError as error:  # numpy's message on a bad magic string or header
+            self.file.close()
+            raise _unreadable(path, f"array {name!r}", error) from None
+        if self.dtype.hasobject:
+            self.file.close()
+            raise ValueError(f"{path}: array {name!r} holds Python objects; a state never does (no pickle is read).")
+        self.nbytes = math.prod(self.shape) * self.dtype.itemsize
+        available = self.info.file_size - self.file.tell()
+        if self.nbytes != available:
+            self.file.close()
+            raise _unreadable(
+                path,
+                f"array {name!r}",
+                f"its header declares shape {self.shape} {self.dtype} ({self.nbytes} bytes) "
+                f"but {available} bytes follow",
+            )
+
+    def read(self) -> np.ndarray:
+        with self.file:
+            data = self.file.read(self.nbytes)
+        if len(data) != self.nbytes:
+            raise _unreadable(self.path, f"array {self.name!r}", f"{len(data)} of {self.nbytes} bytes")
+        return np.frombuffer(data, self.dtype).reshape(self.shape, order="F" if self.fortran else "C")
+
+
+def _read_json(archive: zipfile.ZipFile, path) -> dict:
+    member = _Member(archive, "__header__", path)
+    if member.dtype != np.uint8 or len(member.shape) != 1 or member.nbytes > MAX_HEADER_BYTES:
+        member.file.close()
+        raise _unreadable(path, "header", f"shape {member.shape} {member.dtype}")
+    try:
+        header = json.loads(member.read().tobytes().decode())
+    except ValueError as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise _unreadable(path, "header", error) from None
+    if not isinstance(header, dict) or header.get("format") != FORMAT or header.get("version", 0) > VERSION:
+        got = (header.get("format"), header.get("version")) if isinstance(header, dict) else type(header).__name__
+        raise ValueError(f"{path} has format {got!r}; expected {FORMAT} v<={VERSION}.")
+    leaves = header.get("leaves")
+    if not isinstance(leaves, list) or not all(map(_entry_ok, leaves)):
+        raise _unreadable(path, "header", "its list of leaves is malformed")
     return header
 
 
-def load_state(path: str | os.PathLike, like: PyTree, *, solver=None, mesh=None) -> PyTree:
+def _entry_ok(e) -> bool:
+    fields = isinstance(e, dict) and isinstance(e.get("path"), str) and isinstance(e.get("dtype"), str)
+    return fields and isinstance(e.get("shape"), list) and all(isinstance(s, int) and s >= 0 for s in e["shape"])
+
+
+@contextlib.contextmanager
+def _archive(path):
+    """``with _archive(path) as (archive, header)``: the open zip and its checked JSON header."""
+    try:
+        archive = zipfile.ZipFile(os.fspath(path))
+    except _UNREADABLE as error:
+        raise _unreadable(path, "zip", error) from None
+    with archive:
+        try:
+            header = _read_json(archive, path)
+        except _UNREADABLE as error:
+            raise _unreadable(path, "header", error) from None
+        yield archive, header
+
+
+def read_header(path: str | os.PathLike) -> dict:
+    """The JSON header of a saved state (solver, fingerprint ``"fit"``, leaf paths, shapes, dtypes, metadata)."""
+    with _archive(path) as (_, header):
+        return header
+
+
+def _read_leaves(archive: zipfile.ZipFile, header: dict, like: PyTree, path) -> list:
+    flat = jax.tree_util.tree_flatten_with_path(like)[0]
+    saved = header["leaves"]
+    if len(saved) != len(flat):
+        raise ValueError(
+            f"{path} holds {len(saved)} arrays, but the skeleton state has {len(flat)} leaves. Build the skeleton "
+            "with the same solver configuration, curvature, blocks and data shapes as when fitting."
+        )
+    leaves = []
+    for i, ((key_path, ref), entry) in enumerate(zip(flat, saved)):
+        member = _Member(archive, f"leaf_{i:05d}", path)
+        try:
+            leaves.append(_read_leaf(member, i, jax.tree_util.keystr(key_path), ref, entry, path))
+        finally:
+            member.file.close()
+    return leaves
+
+
+def _read_leaf(member: _Member, i: int, name: str, ref, entry: dict, path):
+    """Check leaf ``i`` against its JSON entry and the skeleton's ``ref`` (no data read yet), then read it."""
+    try:
+        dtype = jnp.dtype(entry["dtype"])
+    except TypeError as error:
+        raise _unreadable(path, f"leaf {i}", error) from None
+    stored = dtype if dtype.kind in "biufc" else np.dtype(f"u{dtype.itemsize}")
+    if tuple(member.shape) != tuple(entry["shape"]) or member.dtype != stored:
+        raise _unreadable(
+            path,
+            f"leaf {i}",
+            f"the header says {tuple(entry['shape'])} {dtype}, the array {member.shape} {member.dtype}",
+        )
+    ref_is_key = jax.dtypes.issubdtype(ref.dtype, jax.dtypes.prng_key)
+    if ref_is_key:
+        ref_shape = tuple(jax.random.key_data(ref).shape) if isinstance(ref, jax.Array) else None
+        expect_shape, expect_dtype = (ref_shape if ref_shape is not None else tuple(member.shape)), dtype
+    else:
+        expect_shape, expect_dtype = tuple(np.shape(ref)), jnp.dtype(ref.dtype)
+    if entry["path"] != name or tuple(member.shape) != expect_shape or dtype != expect_dtype:
+        raise ValueError(
+            f"Leaf {i} of {path} does not match the skeleton: saved {entry['path']} {tuple(member.shape)} "
+            f"{dtype}, skeleton {name} {expect_shape} {expect_dtype}. Was the state fitted with another "
+            "solver configuration, parameter layout or data shape?"
+        )
+    try:
+        value = member.read()
+    except _UNREADABLE as error:
+        raise _unreadable(path, f"leaf {i}", error) from None
+    if value.dtype != dtype:
+        value = value.view(dtype)
+    if ref_is_key:
+        return jax.random.wrap_key_data(jnp.asarray(value), impl=entry.get("key_impl"))
+    return value
+
+
+def load_state(
+    path: str | os.PathLike,
+    like: PyTree = None,
+    *,
+    solver=None,
+    operator=None,
+    mesh=None,
+    on_mismatch: str = "raise",
+    key: jax.Array | None = None,
+) -> PyTree:
     """Read a state written by :func:`save_state` into the structure of ``like``.
 
     Args:
       path: the ``.npz`` file.
       like: a skeleton with the state's structure: :func:`state_skeleton`
-        (shapes only) or any state of the same solver and problem.
-      solver: optional; when given, its ``name`` must match the saved one.
+        (shapes only) or any state of the same solver and problem; ``None``:
+        ``state_skeleton(solver, operator, key=key)``.
+      solver: optional; its name and configuration must match the saved ones.
+      operator: optional, the operator of this job, built as for fitting; its
+        curvature kind, blocks, damping, params and loss must match what the
+        file records (see :func:`state_fingerprint`).
       mesh: optional :class:`jax.sharding.Mesh`; the leaves are then
         replicated on it (multi-device and multi-process scoring).
+      on_mismatch: ``"raise"`` (default): a state fitted for another solver
+        configuration or problem raises, naming every difference;
+        ``"refit"``: warn naming them and return ``solver.init(operator,
+        key=key)`` instead (needs ``solver`` and an ``operator`` holding the
+        real training data).
+      key: the PRNG key of a refit (and of the skeleton when ``like`` is
+        ``None``).
 
     Returns:
       The state, with the static metadata of ``like`` and the saved arrays.
 
     Raises:
-      ValueError: not a state file, another solver, or a leaf whose path,
-        shape or dtype differs from the skeleton's (named in the message).
+      ValueError: not a state file or a truncated, corrupted one (nothing is
+        allocated before the headers check out); another solver, configuration
+        or problem (``on_mismatch="raise"``); a leaf unlike the skeleton's.
+        Each message names the file and what differs.
     """
-    flat, treedef = jax.tree_util.tree_flatten_with_path(like)
-    with np.load(os.fspath(path)) as f:
-        header = _header(f, path)
-        if solver is not None and header.get("solver") not in (None, solver.name):
+    if on_mismatch not in ON_MISMATCH:
+        raise ValueError(f"on_mismatch must be one of {ON_MISMATCH}, got {on_mismatch!r}.")
+    if on_mismatch == "refit" and (solver is None or operator is None):
+        raise ValueError("on_mismatch='refit' needs solver= and operator= (holding the training data) to refit with.")
+    with _archive(path) as (archive, header):
+        if on_mismatch == "raise" and solver is not None and header.get("solver") not in (None, solver.name):
             raise ValueError(f"{path} holds a state of solver {header['solver']!r}, not {solver.name!r}.")
-        saved = header["leaves"]
-        if len(saved) != len(flat):
+        if like is None and (solver is None or operator is None):
             raise ValueError(
-                f"{path} holds {len(saved)} arrays, but the skeleton state has {len(flat)} leaves. Build the skeleton "
-                "with the same solver configuration, curvature, blocks and data shapes as when fitting."
+                "like: pass a skeleton (scale.state_skeleton(solver, operator)), or solver= and operator=."
             )
-        leaves = []
-        for i, ((key_path, ref), entry) in enumerate(zip(flat, saved)):
-            name = jax.tree_util.keystr(key_path)
-            value = f[f"leaf_{i:05d}"]
-            dtype = jnp.dtype(entry["dtype"])
-            if value.dtype != dtype:
-                value = value.view(dtype)
-            ref_is_key = jax.dtypes.issubdtype(ref.dtype, jax.dtypes.prng_key)
-            ref_shape = tuple(jax.random.key_data(ref).shape) if ref_is_key and isinstance(ref, jax.Array) else None
-            if ref_is_key:
-                expect_shape = ref_shape if ref_shape is not None else tuple(value.shape)
-                expect_dtype = dtype
-            else:
-                expect_shape, expect_dtype = tuple(np.shape(ref)), jnp.dtype(ref.dtype)
-            if entry["path"] != name or tuple(value.shape) != expect_shape or dtype != expect_dtype:
-                raise ValueError(
-                    f"Leaf {i} of {path} does not match the skeleton: saved {entry['path']} {tuple(value.shape)} "
-                    f"{dtype}, skeleton {name} {expect_shape} {expect_dtype}. Was the state fitted with another "
-                    "solver configuration, parameter layout or data shape?"
-                )
-            if ref_is_key:
-                leaves.append(jax.random.wrap_key_data(jnp.asarray(value), impl=entry.get("key_impl")))
-            else:
-                leaves.append(jnp.asarray(value) if mesh is None else value)
-    state = jax.tree.unflatten(treedef, leaves)
+        like = state_skeleton(solver, operator, key=key) if like is None else like
+        diffs, unchecked = _differences(header.get("fit") or {}, state_fingerprint(solver, operator))
+        if diffs and on_mismatch == "raise":
+            raise ValueError(
+                f"{path} was fitted for another problem or solver: {'; '.join(diffs)}. Fit again and save, or load "
+                "with on_mismatch='refit' (and an operator holding the training data) to refit here."
+            )
+        if unchecked and not diffs:
+            warnings.warn(
+                f"{path} does not record the {', '.join(unchecked)} it was fitted with, so they are not checked: "
+                "save it with save_state(..., solver=..., operator=...) to have them checked.",
+                UserWarning,
+                stacklevel=2,
+            )
+        leaves = None if diffs else _read_leaves(archive, header, like, path)
+    if diffs:
+        warnings.warn(f"{path} was fitted for another problem ({'; '.join(diffs)}): refitting.", stacklevel=2)
+        state = solver.init(operator, key=key)
+        if solver.validate is not None:
+            solver.validate(state)
+    else:
+        state = jax.tree.unflatten(jax.tree.structure(like), [jnp.asarray(x) if mesh is None else x for x in leaves])
     if mesh is not None:
         state = replicate(state, mesh)
     return state

@@ -1,49 +1,146 @@
-"""The on-disk influence store: a zarr v3 group with the scores, a done-mask and the run's fingerprint.
+"""The on-disk influence store: a zarr v3 group, one done-mark per finished cell, the run's fingerprint, a lock.
 
-Layout of the group at ``path``:
+Layout of the directory at ``path``:
 
+* ``zarr.json``: the group; its attributes hold ``{FORMAT: fingerprint +
+  version, "complete": bool}``. A run resumes only when the stored
+  fingerprint equals the new one (:func:`open_store` names what differs);
 * ``influences``: ``(n_test, n_train)`` (``(n_test, n_train, *x_shape)`` in
   perturbation mode), chunked as ``[test block, train batch]``; NaN where not
-  computed yet;
-* ``done``: ``uint8`` of shape ``(test blocks, train steps, processes)``; a
-  cell is set only after its chunk is written, so a resumed run skips exactly
-  what was finished;
-* attributes: ``{FORMAT: fingerprint + version, "complete": bool}``. A run
-  resumes only when the stored fingerprint equals the new one.
+  computed yet (NaN is never written as a result);
+* ``marks/``: one small JSON file ``i.j.p`` per finished cell (test block
+  ``i``, training step ``j``, process ``p``), written atomically (temp file +
+  ``os.replace``) only after the cell's chunk is written. It records the
+  digests of the test block and of the training batch the cell was computed
+  from, so that a resumed run can check that it reads the same data. The
+  marks are the only record of what is done: a cell without a readable mark
+  is computed again, and ``complete`` is set only once every cell has one;
+* ``jaxinf-lock.json``: while a job writes, the lock of its first process (pid,
+  host, time), created with ``O_CREAT | O_EXCL``. A second job on the same
+  path is refused; a lock whose process has died on this host is taken over
+  with a warning.
+
+Only a directory that holds such a store (or nothing) is ever written to or
+deleted from; anything else at ``path`` is refused.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import socket
+import time
+import uuid
+import warnings
 
 import numpy as np
 
-from jaxinf.core.fingerprint import hash_tree
 from jaxinf.scale.plan import format_bytes
 
 FORMAT = "jaxinf-influences"
-VERSION = 1
+VERSION = 2
+LOCK = "jaxinf-lock.json"
+MARKS = "marks"
+_OURS = ("zarr.json", "influences", MARKS, "done")  # what overwrite=True may delete ("done": format 1)
+_STALE_UNREADABLE_S = 30.0  # a lock file still unreadable after this long was torn by a kill
 
-__all__ = ["FORMAT", "VERSION", "hash_tree", "open_influences", "open_store"]
+__all__ = [
+    "FORMAT",
+    "VERSION",
+    "StoreLock",
+    "check_fingerprint",
+    "check_store",
+    "done_cells",
+    "mark_done",
+    "open_influences",
+    "open_store",
+    "read_marks",
+    "recorded_digests",
+    "set_complete",
+]
 
 
-def open_store(path: str, fingerprint: dict, shape, chunks, dtype, done_shape, disk_bytes: int, *, resume, overwrite):
-    """The store at ``path``: created, or reopened to resume a run with the same ``fingerprint``.
+# --------------------------------------------------------------------- opening
+def open_store(path: str, fingerprint: dict, shape, chunks, dtype, disk_bytes: int, *, resume, overwrite):
+    """The store at ``path``, created or reopened to resume a run with the same ``fingerprint``, and its lock.
+
+    The caller holds the returned :class:`StoreLock` until the run ends and
+    then calls ``release()``. On reopening, the leftovers of a killed run
+    (zarr's ``.partial`` chunk files, unfinished marks) are removed.
 
     Raises:
-      ValueError: ``path`` holds something else, a run with other arguments
-        (naming them), a run while ``resume=False``, or the result would not
-        fit on the disk.
+      ValueError: ``path`` is a file or a directory that is not a jaxinf
+        store (whatever ``resume``/``overwrite`` say; nothing there is
+        touched), another job holds the store's lock, the store holds a run
+        with other arguments (naming them), a run while ``resume=False``, or
+        the result would not fit on the disk.
     """
     import zarr
 
-    exists = os.path.exists(os.path.join(path, "zarr.json"))
-    if exists and overwrite:
-        shutil.rmtree(path)
-        exists = False
-    if exists:
-        return _reopen(zarr.open_group(path, mode="r+"), path, fingerprint, resume)
+    if _inspect(path) == "new":
+        _check_disk(path, disk_bytes)
+    os.makedirs(path, exist_ok=True)
+    lock = StoreLock(path)
+    lock.acquire()
+    try:
+        kind = _inspect(path)  # again, under the lock (a lock left alone by a killed job counts as empty)
+        if kind == "ours" and overwrite:
+            _delete_ours(path)
+            _check_disk(path, disk_bytes)
+            kind = "new"
+        if kind == "ours":
+            root = zarr.open_group(path, mode="r+")
+            _reopen(root, path, fingerprint, resume)
+            _clean_leftovers(path)
+        else:
+            root = zarr.create_group(path, attributes={FORMAT: {**fingerprint, "version": VERSION}, "complete": False})
+        if "influences" not in root:  # new, or a run killed while creating the store
+            fill = np.nan if dtype.kind == "f" else 0
+            root.create_array("influences", shape=shape, chunks=chunks, dtype=dtype, fill_value=fill)
+        os.makedirs(os.path.join(path, MARKS), exist_ok=True)
+    except BaseException:
+        lock.release()
+        raise
+    return root, lock
+
+
+def _inspect(path: str) -> str:
+    """``"new"`` (absent or empty), ``"ours"`` (a jaxinf store) or ``"locked"`` (only a lock); refuses the rest."""
+    if not os.path.exists(path):
+        return "new"
+    if not os.path.isdir(path):
+        raise ValueError(f"{path} is an existing file, not a directory; give compute_influences a directory path.")
+    everything = set(os.listdir(path))
+    entries = {e for e in everything if not (e == LOCK or e.startswith(LOCK + "."))}
+    if _format_of(path) is not None:
+        return "ours"
+    if not entries:
+        return "locked" if LOCK in everything else "new"
+    raise ValueError(
+        f"{path} is a directory that is not a jaxinf influence store (it holds {_some(entries)}); nothing was "
+        "written or deleted. Choose a new or empty directory."
+    )
+
+
+def _format_of(path: str) -> dict | None:
+    """The store metadata in ``path/zarr.json``, or ``None`` when it is absent or not a jaxinf store."""
+    try:
+        with open(os.path.join(path, "zarr.json")) as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return None
+    attrs = meta.get("attributes") if isinstance(meta, dict) else None
+    value = attrs.get(FORMAT) if isinstance(attrs, dict) else None
+    return value if isinstance(value, dict) else None
+
+
+def _some(entries) -> str:
+    names = sorted(entries)
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
+def _check_disk(path: str, disk_bytes: int) -> None:
     parent = os.path.dirname(os.path.abspath(path)) or "."
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
@@ -53,37 +150,296 @@ def open_store(path: str, fingerprint: dict, shape, chunks, dtype, done_shape, d
             f"The result needs {format_bytes(disk_bytes)} on disk, but {parent} has {format_bytes(free)} free. Choose "
             "another path, or fewer test points per run."
         )
-    root = zarr.open_group(path, mode="w")
-    fill = np.nan if dtype.kind == "f" else 0
-    root.create_array("influences", shape=shape, chunks=chunks, dtype=dtype, fill_value=fill)
-    root.create_array("done", shape=done_shape, chunks=(1, 1, 1), dtype="uint8", fill_value=0)
-    root.attrs.update({FORMAT: {**fingerprint, "version": VERSION}, "complete": False})
-    return root
 
 
-def _reopen(root, path: str, fingerprint: dict, resume: bool):
-    meta = dict(root.attrs).get(FORMAT)
-    if meta is None:
-        raise ValueError(f"{path} holds a zarr group that is not a jaxinf influence store; choose another path.")
+def _delete_ours(path: str) -> None:
+    """Delete what a jaxinf store consists of (never other files a user put in the directory)."""
+    for name in _OURS:
+        full = os.path.join(path, name)
+        if os.path.isdir(full):
+            shutil.rmtree(full)
+        elif os.path.exists(full):
+            os.remove(full)
+
+
+def _reopen(root, path: str, fingerprint: dict, resume: bool) -> None:
+    error = _refusal(dict(root.attrs).get(FORMAT), fingerprint, path, resume)
+    if error:
+        raise ValueError(error)
+
+
+def check_store(path: str, fingerprint: dict, *, resume: bool, overwrite: bool) -> str | None:
+    """Why :func:`open_store` would refuse ``path`` (read-only, no lock taken), or ``None``; checked before the
+    calculator compiles anything."""
+    try:
+        kind = _inspect(path)
+    except ValueError as err:
+        return str(err)
+    return _refusal(_format_of(path), fingerprint, path, resume) if kind == "ours" and not overwrite else None
+
+
+def _refusal(meta: dict, fingerprint: dict, path: str, resume: bool) -> str | None:
     if not resume:
-        raise ValueError(
+        return (
             f"{path} already holds an influence run. Pass resume=True to continue it or overwrite=True to start again."
         )
-    differ = sorted(k for k in fingerprint if meta.get(k) != fingerprint[k])
-    if differ:
-        detail = ", ".join(f"{k}: stored {meta.get(k)!r} vs now {fingerprint[k]!r}" for k in differ)
-        raise ValueError(
-            f"{path} holds a run with other arguments ({detail}); a resumed run must use the same model, "
-            "state, data sizes and block sizes. Pass overwrite=True or choose another path."
+    if meta.get("version") != VERSION:
+        return (
+            f"{path} holds an influence store of format {meta.get('version')!r}, written by another version of "
+            f"jaxinf (this one writes format {VERSION}); pass overwrite=True to start again or choose another path."
         )
-    return root
+    return check_fingerprint(meta, fingerprint, path)
 
 
-def open_influences(path: str | os.PathLike):
-    """Open the influence array of a store lazily (read-only zarr array)."""
+def check_fingerprint(stored: dict, fingerprint: dict, path: str) -> str | None:
+    """The message naming every entry of ``fingerprint`` that differs from the ``stored`` one (``None``: same)."""
+    differ = sorted(k for k in fingerprint if stored.get(k) != fingerprint[k])
+    if not differ:
+        return None
+    detail = "; ".join(_difference(k, stored.get(k), fingerprint[k]) for k in differ)
+    return (
+        f"{path} holds a run with other arguments ({detail}). A resumed run must use the same params, fitted "
+        "state, damping, curvature, blocks, solver configuration, loss, mode, block sizes and data. Pass "
+        "overwrite=True to start again or choose another path."
+    )
+
+
+def _difference(key: str, stored, now) -> str:
+    if isinstance(stored, dict) and isinstance(now, dict):
+        keys = sorted(k for k in {*stored, *now} if stored.get(k) != now.get(k))
+        inner = ", ".join(f"{k}: {_short(stored.get(k))} vs {_short(now.get(k))}" for k in keys)
+        return f"{key}: stored vs now differ in {inner}"
+    return f"{key}: stored {_short(stored)} vs now {_short(now)}"
+
+
+def _short(value) -> str:
+    text = repr(value)
+    if isinstance(value, str) and len(value) == 64:  # a SHA-256 digest
+        return value[:12] + "…"
+    return text if len(text) <= 80 else text[:77] + "…"
+
+
+def _clean_leftovers(path: str) -> None:
+    """Remove what a killed run leaves: zarr's ``*.partial`` chunk files and unfinished or unreadable marks."""
+    for folder, _, files in os.walk(path):
+        for name in files:
+            if name.endswith(".partial"):
+                os.remove(os.path.join(folder, name))
+    marks = os.path.join(path, MARKS)
+    if os.path.isdir(marks):
+        for name in os.listdir(marks):
+            if name.startswith(".") or _read_mark(os.path.join(marks, name)) is None:
+                os.remove(os.path.join(marks, name))
+
+
+# ----------------------------------------------------------------------- marks
+def mark_done(path: str, cell: tuple[int, int, int], record: dict) -> None:
+    """Mark ``cell = (test block, step, process)`` done, atomically, with its ``record`` (data digests)."""
+    folder = os.path.join(path, MARKS)
+    name = ".".join(str(int(c)) for c in cell)
+    tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(record, f)
+    os.replace(tmp, os.path.join(folder, name))
+
+
+def _read_mark(file: str) -> dict | None:
+    try:
+        with open(file) as f:
+            record = json.load(f)
+    except (OSError, ValueError):  # torn or empty: not done
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _cell(name: str) -> tuple[int, int, int] | None:
+    parts = name.split(".")
+    if len(parts) != 3 or not all(p.isdigit() for p in parts):
+        return None
+    return int(parts[0]), int(parts[1]), int(parts[2])
+
+
+def read_marks(path: str) -> dict:
+    """``{(i, j, p): record}`` for every readable done-mark of the store (an unreadable one is not done)."""
+    folder = os.path.join(path, MARKS)
+    out = {}
+    for name in os.listdir(folder) if os.path.isdir(folder) else ():
+        cell = _cell(name)
+        record = None if cell is None else _read_mark(os.path.join(folder, name))
+        if record is not None:
+            out[cell] = record
+    return out
+
+
+def done_cells(path: str, grid, marks: dict | None = None) -> np.ndarray:
+    """The done-mask, a ``bool`` array of shape ``grid = (test blocks, steps, processes)``: the cells of ``marks``
+    (from :func:`read_marks`), or of the marks' file names when ``marks`` is ``None``."""
+    folder = os.path.join(path, MARKS)
+    if marks is None:
+        marks = [_cell(name) for name in (os.listdir(folder) if os.path.isdir(folder) else ())]
+    mask = np.zeros(tuple(grid), bool)
+    for cell in marks:
+        if cell is not None and all(c < g for c, g in zip(cell, grid)):
+            mask[cell] = True
+    return mask
+
+
+def recorded_digests(marks: dict, process: int) -> tuple[dict, dict]:
+    """``({test block: digest}, {training step: digest of this process's batch})`` from the done-marks."""
+    tests = {i: r.get("test") for (i, _, _), r in marks.items()}
+    train = {j: r.get("train") for (_, j, p), r in marks.items() if p == process}
+    return tests, train
+
+
+def set_complete(root, path: str, grid) -> str | None:
+    """Set ``complete`` when every cell has its mark; else the message saying how many are missing."""
+    done = done_cells(path, grid)
+    if not done.all():
+        root.attrs.update({"complete": False})
+        return f"{path}: {int((~done).sum())} of {done.size} cells have no done-mark after the run; run it again."
+    root.attrs.update({"complete": True})
+    return None
+
+
+def open_influences(path: str | os.PathLike, *, partial: bool = False):
+    """Open the influence array of a store lazily (read-only zarr array).
+
+    Args:
+      path: the store's directory.
+      partial: also open a store whose run is not finished (cells not
+        computed yet read as NaN); by default that is refused.
+
+    Raises:
+      ValueError: ``path`` is not a jaxinf influence store, or its run is not
+        complete (every cell done-marked) and ``partial`` is ``False``.
+    """
     import zarr
 
-    root = zarr.open_group(os.fspath(path), mode="r")
-    if FORMAT not in dict(root.attrs):
+    path = os.fspath(path)
+    meta = _format_of(path) if os.path.isdir(path) else None
+    if meta is None:
         raise ValueError(f"{path} is not a jaxinf influence store.")
+    root = zarr.open_group(path, mode="r")
+    if not partial:
+        grid = meta.get("grid")  # None in a store of format 1: its attribute only
+        done = done_cells(path, grid) if grid is not None else np.array([root.attrs.get("complete") is True])
+        if not (root.attrs.get("complete") is True and done.all()):
+            raise ValueError(
+                f"{path} holds an unfinished influence run ({int(done.sum())} of {done.size} cells done); resume it "
+                "with compute_influences, or pass partial=True to read it with NaN where not computed."
+            )
     return root["influences"]
+
+
+# ------------------------------------------------------------------------ lock
+class StoreLock:
+    """An exclusive lock on a store: the file ``path/jaxinf-lock.json`` holding the owner's pid, host and time.
+
+    Created atomically (``O_CREAT | O_EXCL``). A lock left by a process that
+    has died on this host is stale and taken over with a warning; a live one
+    (or one from another host) is refused, naming its owner.
+    """
+
+    def __init__(self, path: str):
+        self.file = os.path.join(path, LOCK)
+        self.owner = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "time": time.time(),
+            "start": _start_time(os.getpid()),
+            "token": uuid.uuid4().hex,
+        }
+        self.held = False
+
+    def acquire(self) -> None:
+        """Take the lock, or raise ``ValueError`` naming the job that holds it."""
+        for _ in range(8):
+            try:
+                fd = os.open(self.file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                found = _read_mark(self.file)
+                stale = self._stale(found)
+                if stale is None:
+                    raise ValueError(_held_message(self.file, found)) from None
+                self._take_over(found, stale)
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.owner, f)
+            self.held = True
+            return
+        raise ValueError(f"Could not take the lock {self.file}: other jobs keep taking it over; start one job at once.")
+
+    def release(self) -> None:
+        """Delete the lock file if it is still this lock's."""
+        if self.held and (_read_mark(self.file) or {}).get("token") == self.owner["token"]:
+            os.remove(self.file)
+        self.held = False
+
+    def _stale(self, found: dict | None) -> str | None:
+        """Why the lock ``found`` is stale, or ``None`` when its owner may be alive."""
+        if found is None:  # being written right now, or torn by a kill
+            try:
+                age = time.time() - os.path.getmtime(self.file)
+            except FileNotFoundError:
+                return "released"
+            return f"unreadable for {age:.0f} s" if age > _STALE_UNREADABLE_S else None
+        if found.get("host") != self.owner["host"] or not isinstance(found.get("pid"), int):
+            return None  # another host: cannot tell
+        pid = found["pid"]
+        if not _alive(pid):
+            return f"process {pid} on this host has ended"
+        start = _start_time(pid)
+        if found.get("start") is not None and start is not None and start != found.get("start"):
+            return f"process {pid} has ended (its pid is in use by another process)"
+        return None
+
+    def _take_over(self, found: dict | None, why: str) -> None:
+        """Remove the stale lock ``found``; if it changed meanwhile (another job took it), put it back."""
+        aside = f"{self.file}.{uuid.uuid4().hex}.stale"
+        try:
+            os.rename(self.file, aside)
+        except FileNotFoundError:
+            return
+        now = _read_mark(aside)
+        if now != found and now is not None:  # not the lock judged stale: a live job's, restore it
+            try:
+                fd = os.open(self.file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                with os.fdopen(fd, "w") as f:
+                    json.dump(now, f)
+            except FileExistsError:
+                pass
+        elif why != "released":
+            warnings.warn(
+                f"Taking over the stale lock {self.file} ({why}; it was {found}).", RuntimeWarning, stacklevel=4
+            )
+        os.remove(aside)
+
+
+def _held_message(file: str, found: dict | None) -> str:
+    if found is None:
+        return f"Another job is creating the lock {file} right now; only one job may write a store at a time."
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(found.get("time", 0)))
+    return (
+        f"The store is in use by another job: process {found.get('pid')} on host {found.get('host')!r} has held "
+        f"{file} since {when}. Wait for it to finish, or choose another path; if that job no longer runs "
+        "(e.g. on another host), delete the lock file."
+    )
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+def _start_time(pid: int) -> int | None:
+    """The start time of process ``pid`` in clock ticks after boot (Linux), to tell a reused pid; else ``None``."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 from jaxinf.core.curvature import curvature_operator
 from jaxinf.core.tree import check_finite, ravel_batched, unravel
 from jaxinf.model import InfluenceModel
+from jaxinf.scale.distributed import agreed
 from jaxinf.scale.sharding import host_view, replicate
 from jaxinf.scale.sources import as_source
 from jaxinf.scale.streaming import StreamingCurvature
@@ -82,7 +83,8 @@ class BatchStream:
         mesh=None,
         progress: bool = False,
     ):
-        source = _checked_source(data, loss_fn, model_fn, params)
+        # every process checks its own data; all stop together if one finds a problem (none waits in a collective)
+        source = agreed("fit_from_stream: the first batch", _checked_source, data, loss_fn, model_fn, params)
         first = source.first()
         self.first = first
         self.operator = curvature_operator(
@@ -104,9 +106,15 @@ class BatchStream:
     def num_examples(self) -> int:
         return self.curvature.num_examples
 
-    def batches(self, desc: str = "pass"):
-        """One pass: ``(index, batch, weight)``, batches placed on the mesh, ``weight = n_b / n``."""
-        return self.curvature.batches(desc)
+    def batches(self, desc: str = "pass", *, with_indices: bool = False):
+        """One pass: ``(index, batch, weight)``, batches placed on the mesh, ``weight = n_b / n``.
+
+        With ``with_indices``, ``(index, batch, weight, example_indices)``, the
+        examples' indices in the whole dataset (across processes): per-example
+        random draws keyed by them do not depend on the batching or the
+        number of processes (:meth:`StreamingCurvature.batches`).
+        """
+        return self.curvature.batches(desc, with_indices=with_indices)
 
     def replicate(self, tree: PyTree) -> PyTree:
         """``tree`` on every device of the mesh (unchanged without one)."""

@@ -34,8 +34,12 @@ process streams **only its own** source (e.g. ``ArraySource(...).shard()``);
 step ``j`` of a pass is the global batch made of every process's batch ``j``,
 so the products and factor sums are all-reduced by XLA and every process ends
 with the state of the whole dataset. Every process must stream the same
-number of examples in batches of the same size (checked up front), and a
-NaN on one process stops all of them.
+number of examples in batches of the same size, from disjoint parts of the
+dataset (checked up front, from the sources' ``offset``); every batch is
+checked on its process and all processes agree on the verdict
+(:func:`jaxinf.scale.distributed.agree`) before the step's collective, so a
+NaN, a short stream or a bad batch on one process stops all of them with the
+same error, never a hang.
 
 Scoring never needs the training data in memory: see
 :class:`jaxinf.scale.InfluenceCalculator`.
@@ -53,6 +57,7 @@ import numpy as np
 from jaxinf.core.curvature import CURVATURES, curvature_operator, fisher_vp, gauss_newton_vp, hessian_vp
 from jaxinf.core.data import batch_size as leading_size
 from jaxinf.core.tree import check_finite, check_matches, ravel, tree_spec, unravel
+from jaxinf.scale.distributed import agreed, exchange
 from jaxinf.scale.progress import progress_bar
 from jaxinf.scale.sharding import global_batch, mesh_size, replicate, shard_batch
 from jaxinf.scale.sources import as_source
@@ -112,13 +117,14 @@ class StreamingCurvature:
             raise ValueError(f"curvature={kind!r} needs loss_fn(params, batch) -> mean loss.")
         self.source = as_source(data)
         self.processes = jax.process_count()
+        self.start = 0  # global index of this process's first example
         if self.processes > 1:
             if mesh is None:
                 raise ValueError(
                     "In a multi-process run, stream with mesh=scale.data_mesh() (the devices of every process): each "
                     "process reads its own examples and the products are all-reduced."
                 )
-            _check_same_stream_layout(self.source)
+            self.start = _stream_start(self.source)
         self.kind = kind
         self.mesh = mesh
         self.progress = progress
@@ -165,45 +171,66 @@ class StreamingCurvature:
             return shard_batch(batch, self.mesh)
         return replicate(batch, self.mesh)
 
-    def batches(self, desc: str = "pass"):
+    def batches(self, desc: str = "pass", *, with_indices: bool = False):
         """One pass: ``(index, batch, weight)`` per batch, placed on the mesh, ``weight = n_b / n``.
 
+        With ``with_indices``, ``(index, batch, weight, example_indices)``:
+        the global index of every example of the batch (``uint32``, placed
+        like the batch; in a multi-process run, its index in the whole dataset
+        across processes).
+
+        In a multi-process run every process reads and checks its batch, then
+        all agree on the verdict (:func:`jaxinf.scale.distributed.agree`)
+        before any goes on: a bad batch, a short or long stream on one process
+        stops every process with the same error naming the process and the
+        batch, never a hang.
+
         Raises:
-          ValueError: a batch holds NaN or inf (naming the batch), or the
-            source yields no batches.
+          ValueError: a batch holds NaN or inf (naming the batch), the source
+            yields fewer or more batches than it declares, or none.
         """
         n = self.num_examples
-        bar = progress_bar(self.progress, n, desc=desc, unit="ex", leave=False)
-        count = 0
-        try:
-            for index, batch in enumerate(self.source):
-                self._check_finite(batch, index)
-                size = leading_size(batch, f"data[batch {index}]") * self.processes
-                yield index, self.place(batch), size / n
-                count += 1
-                bar.update(size)
-        finally:
-            bar.close()
+        count = self.source.num_batches
         if count == 0:
             raise ValueError("The data stream yielded no batches.")
-
-    def _check_finite(self, batch, index: int) -> None:
-        name = f"data[batch {index}]"
-        if self.processes == 1:
-            check_finite(batch, name)
-            return
-        # every process must stop together, or the others would wait in the next all-reduce for ever
+        bar = progress_bar(self.progress, n, desc=desc, unit="ex", leave=False)
+        iterator = iter(self.source)
+        local_start = self.start
         try:
-            check_finite(batch, name)
-            problem = ""
-        except ValueError as err:
-            problem = str(err)
-        from jax.experimental import multihost_utils
+            for index in range(count):
+                batch = agreed(f"{desc}: data[batch {index}]", self._read, iterator, index, count)
+                local = leading_size(batch)
+                weight = local * self.processes / n
+                if with_indices:
+                    indices = np.arange(local_start, local_start + local, dtype=np.uint32)
+                    yield index, self.place(batch), weight, self.place(indices)
+                else:
+                    yield index, self.place(batch), weight
+                local_start += local
+                bar.update(local * self.processes)
+            agreed(f"{desc}: end of the data", self._read_end, iterator, count)
+        finally:
+            bar.close()
 
-        flags = np.asarray(multihost_utils.process_allgather(np.array([bool(problem)])))
-        if flags.any():
-            where = np.flatnonzero(flags.ravel()).tolist()
-            raise ValueError(problem or f"{name} holds NaN or inf on process(es) {where}; check those shards.")
+    def _read(self, iterator, index: int, count: int):
+        """Batch ``index`` of the source, checked (a ``ValueError`` names the batch)."""
+        name = f"data[batch {index}]"
+        batch = next(iterator, None)
+        if batch is None:
+            raise ValueError(
+                f"The data stream ended after {index} batches, but its source declares {count} "
+                f"({self.source.num_examples} examples in batches of {self.source.batch_size}); fix num_examples."
+            )
+        leading_size(batch, name)
+        check_finite(batch, name)
+        return batch
+
+    def _read_end(self, iterator, count: int) -> None:
+        if next(iterator, None) is not None:
+            raise ValueError(
+                f"The data stream yields more than the {count} batches its source declares "
+                f"({self.source.num_examples} examples in batches of {self.source.batch_size}); fix num_examples."
+            )
 
     def matmat(self, vectors: PyTree, *, desc: str = "curvature products") -> PyTree:
         """``C v_k`` for every ``v_k`` along the leading axis of ``vectors``: one pass over the data."""
@@ -286,15 +313,38 @@ def direct_from_stream(
     return fit_dense(layout, curvature.dense, max_memory=max_memory, column_batch=column_batch)
 
 
-def _check_same_stream_layout(source) -> None:
-    """Every process must read the same number and sizes of batches (each pass is a sequence of collectives)."""
-    from jax.experimental import multihost_utils
+def _stream_start(source) -> int:
+    """The global index of this process's first example, after checking that the processes' streams fit together.
 
-    layout = np.array([source.num_examples, source.batch_size], np.int64)
-    everyone = np.asarray(multihost_utils.process_allgather(layout)).reshape(-1, 2)
-    if not np.all(everyone == everyone[0]):
+    Every process must read the same number of examples in batches of the
+    same size (each pass is a sequence of collectives) and, where the sources
+    say where their examples sit (``offset``), disjoint ranges. Sources that
+    do not (every offset 0: lists, iterables) are taken to hold consecutive
+    parts in process order. The layouts are exchanged through
+    :func:`jaxinf.scale.distributed.exchange`, so every process raises the
+    same error.
+    """
+    mine = f"{source.num_examples},{source.batch_size},{getattr(source, 'offset', 0)}"
+    layouts = [tuple(int(v) for v in text.split(",")) for text in exchange(mine, step="stream layout")]
+    sizes = [(n, b) for n, b, _ in layouts]
+    if any(size != sizes[0] for size in sizes):
         raise ValueError(
-            "Every process must stream the same number of examples in batches of the same size; got (examples, "
-            f"batch size) per process {everyone.tolist()}. Give each process an equal shard (e.g. trim the data to a "
-            "multiple of processes × batch size before ArraySource(...).shard())."
+            "Stream layout check: every process must stream the same number of examples in batches of the same size; "
+            "got (examples, "
+            f"batch size) per process {[list(size) for size in sizes]}. Give each process an equal shard (e.g. trim "
+            "the data to a multiple of processes × batch size before ArraySource(...).shard())."
         )
+    n = sizes[0][0]
+    offsets = [offset for _, _, offset in layouts]
+    if not any(offsets):
+        return jax.process_index() * n
+    ranges = sorted((offset, pid) for pid, offset in enumerate(offsets))
+    for (lo, p), (hi, q) in zip(ranges, ranges[1:]):
+        if hi < lo + n:
+            raise ValueError(
+                f"Stream layout check: the processes' training sources overlap: process {p} streams examples "
+                f"[{lo}, {lo + n}) and process {q} examples [{hi}, {hi + n}) (their sources' offsets). Give each "
+                "process its own part, e.g. "
+                "ArraySource(data, batch_size).shard() on every process."
+            )
+    return offsets[jax.process_index()]

@@ -27,6 +27,7 @@ training input ``x_j`` of the up-weighting influence, of shape
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -68,11 +69,31 @@ def choose_method(num_factors: int, batch_examples: int, num_params: int, profil
 
 
 def layer_profile(loss_fn: Callable, params: PyTree, batch: PyTree) -> LayerProfile | None:
-    """The layer sizes of ``loss_fn`` for :func:`choose_method`, or ``None`` if its layers can't be traced."""
+    """The layer sizes of ``loss_fn`` for :func:`choose_method`, or ``None`` if its layers can't be read.
+
+    The layer analysis of :mod:`jaxinf.layers` raises ``ValueError`` when the
+    loss's layers cannot be read as layers (e.g. ``tag_dense`` given a weight
+    that is not a parameter leaf); ``"layerwise"`` then leaves the choice,
+    with one ``UserWarning`` per reason naming it. Every other error (a loss
+    that fails on a batch of one example, a bug) propagates.
+    """
     try:
         return profile_of(loss_tracer(loss_fn, params, batch))
-    except Exception:  # noqa: BLE001 - an untraceable model just leaves "layerwise" out of the choice
+    except ValueError as error:
+        reason = str(error)
+        if reason not in _DROPPED:
+            _DROPPED.add(reason)
+            warnings.warn(
+                f"Layer-wise scoring is left out of scoring='auto' because the loss's layers cannot be read: "
+                f"{reason} The influences are computed with scoring 'gradients' or 'jvp' instead (same numbers); "
+                "fix the tagging to get the layer-wise contraction back.",
+                UserWarning,
+                stacklevel=3,
+            )
         return None
+
+
+_DROPPED: set[str] = set()  # reasons already warned about (warn once each)
 
 
 def contract(loss_fn: Callable, params: PyTree, factors: PyTree, batch: PyTree, method: str = "gradients"):

@@ -15,9 +15,12 @@ damping). The whole iteration runs inside ``lax.while_loop``.
   right-hand sides are related (e.g. gradients of similar test points).
 
 Convergence of right-hand side ``v`` means ``‖v − (C + Λ) x‖ ≤ max(rtol‖v‖,
-atol)``. The recursively updated residual decides when to stop; the reported
-``residual_norm`` is the true residual, from one more product at the end, and
-``converged`` is decided on it. ``diverged`` flags non-finite values or a
+atol)``, with ``rtol`` by default set by the parameters' dtype
+(:func:`default_rtol`: ``1e-6`` in float64, ``1e-4`` in float32), since the
+reachable relative residual is about ``eps`` times the condition number.
+The recursively updated residual decides when to stop; the reported
+``residual_norm`` is the true residual, from one more product at the end,
+and ``converged`` is decided on it. ``diverged`` flags non-finite values or a
 direction of non-positive curvature (``C + Λ`` not positive definite), where
 CG stops.
 """
@@ -29,6 +32,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxinf.core.curvature import CurvatureOperator
 from jaxinf.core.tree import (
@@ -70,7 +74,7 @@ class CGState(NamedTuple):
 @records_config
 def cg(
     *,
-    rtol: float = 1e-6,
+    rtol: float | None = None,
     atol: float = 0.0,
     maxiter: int | None = None,
     block: bool = False,
@@ -93,7 +97,11 @@ def cg(
     converged are frozen and leave the search space.
 
     Args:
-      rtol: relative tolerance on the residual, ``‖r‖ ≤ rtol·‖v‖``.
+      rtol: relative tolerance on the residual, ``‖r‖ ≤ rtol·‖v‖``; ``None``
+        (default): :func:`default_rtol` of the parameters' dtype, ``1e-6``
+        in float64 and ``1e-4`` in float32 (float32 rounding alone leaves a
+        relative residual of about ``1e-7`` times the condition number, so
+        ``1e-6`` would be out of reach at ordinary condition numbers).
       atol: absolute tolerance; the criterion is ``‖r‖ ≤ max(rtol‖v‖, atol)``.
       maxiter: iterations per solve (one product each); default
         ``min(10·p, 1000)`` for ``p`` parameters (in exact arithmetic CG
@@ -134,11 +142,7 @@ def cg(
       Ji & Li, "A breakdown-free block conjugate gradient method", BIT
       Numerical Mathematics 57, 2017.
     """
-    for name, value in (("rtol", rtol), ("atol", atol)):
-        if not is_tracer(value) and not (math.isfinite(float(value)) and float(value) >= 0):
-            raise ValueError(f"{name} must be finite and >= 0, got {value!r}.")
-    if not is_tracer(rtol) and not is_tracer(atol) and float(rtol) == 0 and float(atol) == 0:
-        raise ValueError("rtol and atol are both 0, so CG could never stop early; set rtol > 0 (e.g. 1e-6).")
+    _check_tolerances(rtol, atol)
     if maxiter is not None and (isinstance(maxiter, bool) or int(maxiter) != maxiter or maxiter < 1):
         raise ValueError(f"maxiter must be a positive integer or None, got {maxiter!r}.")
     if isinstance(block_size, bool) or int(block_size) != block_size or block_size < 1:
@@ -164,10 +168,13 @@ def cg(
             return lambda r: r
         return lambda r: preconditioner.apply(state.preconditioner, r)
 
+    def rtol_for(dtype) -> Any:
+        return default_rtol(dtype) if rtol is None else rtol
+
     def solve(state: CGState, v: PyTree) -> tuple[PyTree, SolveInfo]:
         op = state.operator
         check_matches(v, op.spec, "v")
-        return _pcg(op.matvec, precond_fn(state), v, rtol, atol, iterations_for(op.size))
+        return _pcg(op.matvec, precond_fn(state), v, rtol_for(op.dtype), atol, iterations_for(op.size))
 
     def solve_many(state: CGState, vs: PyTree) -> tuple[PyTree, SolveInfo]:
         op = state.operator
@@ -188,9 +195,7 @@ def cg(
         def precond(r):
             return jax.vmap(lambda ri: _ravel(pre(unravel(spec, ri)), dtype))(r)
 
-        x, info = jax.lax.map(
-            lambda bb: _block_pcg(matvec, precond, bb, rtol, atol, iterations_for(p)), b
-        )
+        x, info = jax.lax.map(lambda bb: _block_pcg(matvec, precond, bb, rtol_for(dtype), atol, iterations_for(p)), b)
         x = x.reshape(chunks * k, p)[:n]
         info = jax.tree.map(lambda a: a.reshape(chunks * k)[:n], info)
         return unravel_batched(spec, x), info
@@ -205,6 +210,38 @@ def cg(
         advice=ADVICE,
         solve_many=solve_many if block else None,
     )
+
+
+def _check_tolerances(rtol, atol) -> None:
+    for name, value in (("rtol", rtol), ("atol", atol)):
+        if value is None and name == "rtol":
+            continue
+        array = isinstance(value, (np.ndarray, jax.Array)) and not value.shape
+        number = isinstance(value, (int, float, np.number)) or array
+        if isinstance(value, bool) or not (is_tracer(value) or number):
+            raise ValueError(f"{name} must be a real number >= 0, got {value!r} ({type(value).__name__}).")
+        if not is_tracer(value) and not (math.isfinite(float(value)) and float(value) >= 0):
+            raise ValueError(f"{name} must be finite and >= 0, got {value!r}.")
+    if rtol is not None and not is_tracer(rtol) and not is_tracer(atol) and float(rtol) == 0 and float(atol) == 0:
+        raise ValueError("rtol and atol are both 0, so CG could never stop early; set rtol > 0 (e.g. 1e-6).")
+
+
+def default_rtol(dtype) -> float:
+    """The default relative tolerance of :func:`cg` for parameters of ``dtype``.
+
+    ``1e-6`` for 64-bit floats, ``1e-4`` for 32-bit and ``1e-2`` for 16-bit
+    ones: the relative residual CG can reach is about ``eps`` times the
+    condition number of ``C + λI``, so a fixed ``1e-6`` is out of reach in
+    float32 from condition numbers of about 10 on.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from jaxinf.solvers.cg import default_rtol
+      >>> default_rtol(jnp.float64), default_rtol(jnp.float32)
+      (1e-06, 0.0001)
+    """
+    eps = float(jnp.finfo(dtype).eps)
+    return 1e-6 if eps < 1e-10 else 1e-4 if eps < 1e-5 else 1e-2
 
 
 def _ravel(tree, dtype):

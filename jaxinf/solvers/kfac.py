@@ -68,6 +68,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinf.core.curvature import CurvatureOperator, per_example_grads
+from jaxinf.core.data import as_batches, is_single_batch
 from jaxinf.core.tree import check_matches
 from jaxinf.layers.statistics import example_statistics
 from jaxinf.scoring.layerwise import contract_by_layer
@@ -298,9 +299,23 @@ def _validate(state: KFACState) -> None:
 # ----------------------------------------------------------------------------
 
 
+def _one_batch(batch, name: str) -> None:
+    if not is_single_batch(batch):
+        raise ValueError(
+            f"{name} must be one batch, got a {type(batch).__name__} of batches: use influences_by_layer or score "
+            "(module functions, which iterate over batches) or InfluenceModel.influences."
+        )
+
+
+def _batch_list(data, name: str) -> list:
+    """One batch or a collection of batches as a list of batches (checked: shapes, structure, finite values)."""
+    return list(as_batches(data, name=name).batches())
+
+
 @jax.jit
 def prepare_scores(state: KFACState, operator: CurvatureOperator, test_batch):
     """The test side of :func:`score`: factors ``(K + λ)⁻¹ ∇ℓ(test_i)`` (leading ``n_test``), once per test batch."""
+    _one_batch(test_batch, "test_batch")
     test_grads = per_example_grads(state.plan.loss_fn, operator.params, test_batch)
     return jax.vmap(_solve, in_axes=(None, 0))(state, test_grads)[0]
 
@@ -313,11 +328,14 @@ def _by_layer(state: KFACState, operator: CurvatureOperator, factors, train_batc
 @jax.jit
 def finish_scores(state: KFACState, operator: CurvatureOperator, factors, train_batch):
     """``(n_test, n_train)`` scores of a training batch against factors from :func:`prepare_scores`."""
+    _one_batch(train_batch, "train_batch")
     return sum(_by_layer(state, operator, factors, train_batch).values()).astype(state.plan.spec.dtype)
 
 
-@jax.jit
-def influences_by_layer(state: KFACState, operator: CurvatureOperator, test_batch, train_batch) -> dict:
+_by_layer_jit = jax.jit(_by_layer)
+
+
+def influences_by_layer(state: KFACState, operator: CurvatureOperator, test_data, train_data) -> dict:
     """Influence scores split by layer: ``{name: (n_test, n_train)}``, summing to :func:`score`.
 
     Keys are the layer names of ``state.tags`` and the paths of fallback
@@ -325,14 +343,38 @@ def influences_by_layer(state: KFACState, operator: CurvatureOperator, test_batc
     to that layer's parameters, contracted by :func:`jaxinf.scoring.layerwise.contract_by_layer`
     (per-example training gradients are formed only for layers where that is
     cheaper than contracting layer inputs and output gradients directly).
+
+    Args:
+      state, operator: the fitted state and the operator it was fitted on.
+      test_data, train_data: one batch or a list (iterable) of batches each;
+        every batch is scored (one jitted call per test and training batch
+        pair), rows in test order, columns in training order.
+
+    Raises:
+      ValueError: empty data, batches of different structure or per-example
+        shapes, NaN or inf (the message names the batch).
     """
-    return _by_layer(state, operator, prepare_scores(state, operator, test_batch), train_batch)
+    trains = _batch_list(train_data, "train_data")
+    rows = []
+    for test_batch in _batch_list(test_data, "test_data"):
+        factors = prepare_scores(state, operator, test_batch)
+        columns = [_by_layer_jit(state, operator, factors, batch) for batch in trains]
+        rows.append({name: jnp.concatenate([c[name] for c in columns], axis=1) for name in columns[0]})
+    return {name: jnp.concatenate([r[name] for r in rows], axis=0) for name in rows[0]}
 
 
-@jax.jit
-def score(state: KFACState, operator: CurvatureOperator, test_batch, train_batch):
-    """``I[i, j] = ∇ℓ(test_i)ᵀ (K + λ)⁻¹ ∇ℓ(train_j)``, shape ``(n_test, n_train)``, contracted layer by layer."""
-    return finish_scores(state, operator, prepare_scores(state, operator, test_batch), train_batch)
+def score(state: KFACState, operator: CurvatureOperator, test_data, train_data):
+    """``I[i, j] = ∇ℓ(test_i)ᵀ (K + λ)⁻¹ ∇ℓ(train_j)``, shape ``(n_test, n_train)``, contracted layer by layer.
+
+    ``test_data`` and ``train_data`` are one batch or a list (iterable) of
+    batches each; every pair is scored as in :func:`influences_by_layer`.
+    """
+    trains = _batch_list(train_data, "train_data")
+    rows = []
+    for test_batch in _batch_list(test_data, "test_data"):
+        factors = prepare_scores(state, operator, test_batch)
+        rows.append(jnp.concatenate([finish_scores(state, operator, factors, b) for b in trains], axis=1))
+    return jnp.concatenate(rows, axis=0)
 
 
 __all__ = [

@@ -79,7 +79,9 @@ def _output_cotangents(plan: KFACPlan, output_loss, outs, batch1, key):
             return output_loss(jax.tree.unflatten(tracer.out_tree, split(vec)), batch1)
 
     hess = jax.hessian(nll)(flat)
-    hess = 0.5 * (hess + hess.T)
+    # the Hessian may not depend on the data (a squared error): tie it to this example's outputs, so that its
+    # eigh runs in this batch's turn and never beside another one's (see _in_sequence)
+    hess, _ = jax.lax.optimization_barrier((0.5 * (hess + hess.T), flat))
     w, u = jnp.linalg.eigh(hess)
     root = u * jnp.sqrt(jnp.clip(w, 0.0))[None, :]  # H = root rootᵀ
     if plan.fisher == "exact":
@@ -89,26 +91,68 @@ def _output_cotangents(plan: KFACPlan, output_loss, outs, batch1, key):
 
 
 def _weighted_sum(fn: Callable, data: Batches):
-    """``Σ_b (n_b / n) fn(batch_b, b)`` (the pattern of :func:`jaxinf.core.data.weighted_mean`, plus a batch index)."""
+    """``Σ_b (n_b / n) fn(batch_b, indices_b)``, ``indices_b`` the examples' indices in the whole dataset.
+
+    The pattern of :func:`jaxinf.core.data.weighted_mean`, plus the global
+    index of every example (its position in the concatenated batches), so
+    that per-example draws do not depend on how the data is batched. The
+    batches after the stacked ones are chained one after another (each waits
+    for the running sum): no two batches' work, and no two of their
+    eigendecompositions, run at once (see :func:`_in_sequence`).
+    """
     n = data.num_examples
     total, offset = None, 0
     if data.stacked is not None:
         k = np.shape(jax.tree.leaves(data.stacked)[0])[0]
         first = jax.tree.map(lambda a: a[0], data.stacked)
-        weight = batch_size(first) / n
-        zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fn, first, 0))
+        size = batch_size(first)
+        weight = size / n
+        zero = jax.tree.map(
+            lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fn, first, jnp.arange(size, dtype=jnp.uint32))
+        )
 
         def body(acc, xs):
-            batch, i = xs
-            return jax.tree.map(lambda s, t: s + weight * t, acc, fn(batch, i)), None
+            batch, indices = xs
+            return jax.tree.map(lambda s, t: s + weight * t, acc, fn(batch, indices)), None
 
-        total, _ = jax.lax.scan(body, zero, (data.stacked, jnp.arange(k)))
-        offset = k
-    for j, b in enumerate(data.rest):
-        weight = batch_size(b) / n
-        term = jax.tree.map(lambda t, w=weight: w * t, fn(b, offset + j))
+        indices = jnp.arange(k * size, dtype=jnp.uint32).reshape(k, size)
+        total, _ = jax.lax.scan(body, zero, (data.stacked, indices))
+        offset = k * size
+    for b in data.rest:
+        size = batch_size(b)
+        if total is not None:
+            total, b = _in_sequence(total, b)
+        term = jax.tree.map(lambda t, w=size / n: w * t, fn(b, offset + jnp.arange(size, dtype=jnp.uint32)))
         total = term if total is None else jax.tree.map(jnp.add, total, term)
+        offset += size
     return total
+
+
+def _in_sequence(before, after):
+    """``(before, after)`` unchanged, but the work on ``after`` cannot start before ``before`` is computed.
+
+    XLA's CPU runtime runs independent operations of one program at once, and
+    jaxlib's LAPACK kernels (``eigh``: ``dsyevd``) spread a batch over the
+    same thread pool and wait for it: two of them at once on a pool of two
+    threads deadlocked (issue 16). Every eigendecomposition of a fit is
+    therefore made to depend on the one before it.
+    """
+    return jax.lax.optimization_barrier((before, after))
+
+
+def _eigh_in_sequence(matrices, after=None) -> list:
+    """``[(w, q)]`` of the symmetrised ``matrices``, one after another, all after ``after`` (:func:`_in_sequence`)."""
+    out, previous = [], after
+    for m in matrices:
+        if previous is not None:
+            previous, m = _in_sequence(previous, m)
+        if m.size == 0:  # a zero-size leaf or layer side: nothing to decompose
+            out.append((jnp.zeros(m.shape[:1], m.dtype), jnp.zeros(m.shape, m.dtype)))
+            continue
+        w, q = jnp.linalg.eigh(0.5 * (m + m.T))
+        out.append((w, q))
+        previous = w
+    return out
 
 
 # ----------------------------------------------------------------------------
@@ -116,17 +160,15 @@ def _weighted_sum(fn: Callable, data: Batches):
 # ----------------------------------------------------------------------------
 
 
-def _batch_key(key, index):
-    return jax.random.fold_in(key, index)
-
-
-def _batch_statistics(plan: KFACPlan, output_loss, params_leaves, batch, key, indices=None):
+def _batch_statistics(plan: KFACPlan, output_loss, params_leaves, batch, key, indices):
     """Per example of ``batch`` (vmapped): records, output gradients, rest gradients.
 
-    Example ``i`` draws with ``fold_in(key, indices[i])`` (default: its position ``i``).
+    Example ``i`` draws with ``fold_in(key, indices[i])``, ``indices`` the
+    examples' indices in the whole dataset (in a multi-process stream, across
+    every process): the draws follow the example, not its batch, position,
+    device or process, so a fit is the same however the data is split.
     """
     tracer = plan.fit
-    indices = jnp.arange(batch_size(batch)) if indices is None else indices
     keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(indices)
 
     def one(example, k):
@@ -138,11 +180,11 @@ def _batch_statistics(plan: KFACPlan, output_loss, params_leaves, batch, key, in
     return jax.vmap(one)(batch, keys)
 
 
-def _pass1(plan: KFACPlan, output_loss, params_leaves, batch, key) -> dict:
-    """Pass 1 on one batch (``key`` already folded with its index): mean ``A``, ``G`` and fallback statistics."""
+def _pass1(plan: KFACPlan, output_loss, params_leaves, batch, key, indices) -> dict:
+    """Pass 1 on one batch (``indices``: its examples' global indices): mean ``A``, ``G`` and fallback statistics."""
     tags = plan.tags
     dtype = plan.factor_dtype
-    records, pert, diff = _batch_statistics(plan, output_loss, params_leaves, batch, key)
+    records, pert, diff = _batch_statistics(plan, output_loss, params_leaves, batch, key, indices)
     n = batch_size(batch)
     out = {"A": [], "G": [], "F": []}
     for layer in tags.layers:
@@ -151,7 +193,11 @@ def _pass1(plan: KFACPlan, output_loss, params_leaves, batch, key) -> dict:
         out["A"].append(jnp.einsum("nti,ntj->ij", a, a) / n)
         out["G"].append(jnp.einsum("nkto,nktp->op", g, g) / (n * t))
     for fb in tags.fallbacks:
-        gl = jnp.reshape(diff[fb.leaf], (n, -1, math.prod(tags.shapes[fb.leaf]))).astype(dtype)
+        size = math.prod(tags.shapes[fb.leaf])
+        if size == 0:  # a zero-size leaf: no parameters, no curvature
+            out["F"].append(jnp.zeros((0, 0) if fb.method == "block" else (0,), dtype))
+            continue
+        gl = jnp.reshape(diff[fb.leaf], (n, -1, size)).astype(dtype)
         if fb.method == "block":
             out["F"].append(jnp.einsum("nki,nkj->ij", gl, gl) / n)
         else:
@@ -160,53 +206,54 @@ def _pass1(plan: KFACPlan, output_loss, params_leaves, batch, key) -> dict:
 
 
 def _eigenbases(stats: dict) -> tuple:
-    """Eigendecompositions of the summed ``A`` and ``G``: ``(λ_A, Q_A, λ_G, Q_G)``, lists per layer."""
-    eig_a, vec_a, eig_g, vec_g = [], [], [], []
-    for a, g in zip(stats["A"], stats["G"]):
-        wa, qa = jnp.linalg.eigh(0.5 * (a + a.T))
-        wg, qg = jnp.linalg.eigh(0.5 * (g + g.T))
-        eig_a.append(jnp.clip(wa, 0.0))
-        vec_a.append(qa)
-        eig_g.append(jnp.clip(wg, 0.0))
-        vec_g.append(qg)
+    """Eigendecompositions of the summed ``A`` and ``G``: ``(λ_A, Q_A, λ_G, Q_G)``, lists per layer.
+
+    One decomposition after another (:func:`_eigh_in_sequence`), never all
+    layers' at once.
+    """
+    pairs = [m for a, g in zip(stats["A"], stats["G"]) for m in (a, g)]
+    decomposed = _eigh_in_sequence(pairs, after=stats)  # after every statistic (and the eigh that some need)
+    eig_a = [jnp.clip(w, 0.0) for w, _ in decomposed[0::2]]
+    vec_a = [q for _, q in decomposed[0::2]]
+    eig_g = [jnp.clip(w, 0.0) for w, _ in decomposed[1::2]]
+    vec_g = [q for _, q in decomposed[1::2]]
     return eig_a, vec_a, eig_g, vec_g
 
 
-def _sum_in_chunks(fn: Callable, batch, chunk: int):
-    """``Σ fn(part, indices)`` over parts of ``batch`` of ``chunk`` examples, in a ``lax.map``.
+def _sum_in_chunks(fn: Callable, tree, chunk: int):
+    """``Σ fn(part)`` over parts of ``tree`` (leading axis: examples) of ``chunk`` examples, in a ``lax.map``.
 
     Bounds the per-example temporaries to ``chunk`` examples. Part ``j`` holds
     the examples ``j, j + s, j + 2s, ...`` (``s`` parts), so a batch sharded
-    along its examples stays sharded in every part; ``indices`` are the
-    examples' positions in ``batch``. Examples past the last full part are
-    summed after the map.
+    along its examples stays sharded in every part. Examples past the last
+    full part are summed after the map (and only after it: :func:`_in_sequence`).
     """
-    n = batch_size(batch)
+    n = batch_size(tree)
     steps = n // chunk
     if steps < 2:
-        return fn(batch, jnp.arange(n))
+        return fn(tree)
     m = steps * chunk
-    parts = jax.tree.map(lambda a: jnp.swapaxes(a[:m].reshape(chunk, steps, *a.shape[1:]), 0, 1), batch)
-    indices = jnp.arange(m).reshape(chunk, steps).T
-    total = jax.tree.map(lambda t: jnp.sum(t, axis=0), jax.lax.map(lambda xs: fn(*xs), (parts, indices)))
+    parts = jax.tree.map(lambda a: jnp.swapaxes(a[:m].reshape(chunk, steps, *a.shape[1:]), 0, 1), tree)
+    total = jax.tree.map(lambda t: jnp.sum(t, axis=0), jax.lax.map(fn, parts))
     if m < n:
-        rest = fn(jax.tree.map(lambda a: a[m:], batch), jnp.arange(m, n))
-        total = jax.tree.map(jnp.add, total, rest)
+        total, tail = _in_sequence(total, jax.tree.map(lambda a: a[m:], tree))
+        total = jax.tree.map(jnp.add, total, fn(tail))
     return total
 
 
-def _pass2(plan: KFACPlan, output_loss, params_leaves, vec_a, vec_g, batch, key, chunk: int) -> list:
+def _pass2(plan: KFACPlan, output_loss, params_leaves, vec_a, vec_g, batch, key, indices, chunk: int) -> list:
     """EK-FAC pass 2 on one batch: mean ``(Q_Aᵀ ∇_W ℓ_i Q_G)²`` per layer.
 
-    Called with the same ``key`` as :func:`_pass1` for this batch: ``Λ`` is then
+    Called with the same ``key`` and ``indices`` as :func:`_pass1`: ``Λ`` is then
     exactly the diagonal of the same estimate in the eigenbasis. The rotated
     per-example gradients (``d_in+1 × d_out`` per example and layer) are formed
     ``chunk`` examples at a time (:data:`jaxinf.solvers.kfac.EXAMPLE_CHUNK`).
     """
     dtype = plan.factor_dtype
 
-    def sums(part, indices):
-        records, pert, diff = _batch_statistics(plan, output_loss, params_leaves, part, key, indices)
+    def sums(part_and_indices):
+        part, part_indices = part_and_indices
+        records, pert, diff = _batch_statistics(plan, output_loss, params_leaves, part, key, part_indices)
         out = []
         for layer, qa, qg in zip(plan.tags.layers, vec_a, vec_g):
 
@@ -222,7 +269,7 @@ def _pass2(plan: KFACPlan, output_loss, params_leaves, vec_a, vec_g, batch, key,
         return out
 
     n = batch_size(batch)
-    return [t / n for t in _sum_in_chunks(sums, batch, chunk)]
+    return [t / n for t in _sum_in_chunks(sums, (batch, indices), chunk)]
 
 
 def _finish(plan: KFACPlan, stats: dict, bases: tuple, corrected, operator_damping, heuristic) -> KFACState:
@@ -237,15 +284,18 @@ def _finish(plan: KFACPlan, stats: dict, bases: tuple, corrected, operator_dampi
 
     def effective(leaf, values):
         lam = operator_damping[leaf].astype(dtype)
-        if heuristic is None:
+        if heuristic is None or values.size == 0:  # zero-size: nothing to damp (and no mean to take)
             return lam
         return jnp.where(lam > 0, lam, heuristic * jnp.mean(values))
 
     damping = tuple(effective(layer.weight, ev) for layer, ev in zip(tags.layers, eigvals))
     fb_vecs, fb_vals, fb_damp = [], [], []
+    blocks = [f for fb, f in zip(tags.fallbacks, stats["F"]) if fb.method == "block"]
+    # after the layers' decompositions and the EK-FAC pass, never beside them
+    decomposed = iter(_eigh_in_sequence(blocks, after=(stats, vec_g, corrected)))
     for fb, f in zip(tags.fallbacks, stats["F"]):
         if fb.method == "block":
-            w, q = jnp.linalg.eigh(0.5 * (f + f.T))
+            w, q = next(decomposed)
             fb_vecs.append(q)
             fb_vals.append(jnp.clip(w, 0.0))
         else:
@@ -267,20 +317,24 @@ def _finish(plan: KFACPlan, stats: dict, bases: tuple, corrected, operator_dampi
 
 
 def fit(plan: KFACPlan, output_loss, operator: CurvatureOperator, key, heuristic, chunk: int) -> KFACState:
-    """The in-memory fit: both passes as :func:`_weighted_sum` sweeps of ``operator.data`` (inside one jit)."""
+    """The in-memory fit: both passes as :func:`_weighted_sum` sweeps of ``operator.data``.
+
+    Runs inside one jit (or eagerly); its eigendecompositions run one after
+    another (:func:`_in_sequence`). Example ``i`` of the concatenated batches
+    draws with ``fold_in(key, i)``.
+    """
     params_leaves = jax.tree.leaves(operator.params)
     stats = _weighted_sum(
-        lambda batch, index: _pass1(plan, output_loss, params_leaves, batch, _batch_key(key, index)), operator.data
+        lambda batch, indices: _pass1(plan, output_loss, params_leaves, batch, key, indices), operator.data
     )
     bases = _eigenbases(stats)
     corrected = None
     if plan.update_diagonal and plan.tags.layers:
+        bases, data = _in_sequence(bases, operator.data)  # pass 2 (its eigh too) after the decompositions
         _, vec_a, _, vec_g = bases
         corrected = _weighted_sum(
-            lambda batch, index: _pass2(
-                plan, output_loss, params_leaves, vec_a, vec_g, batch, _batch_key(key, index), chunk
-            ),
-            operator.data,
+            lambda batch, indices: _pass2(plan, output_loss, params_leaves, vec_a, vec_g, batch, key, indices, chunk),
+            data,
         )
     return _finish(plan, stats, bases, corrected, operator.damping, heuristic)
 
@@ -289,28 +343,33 @@ def fit_stream(plan: KFACPlan, output_loss, stream, key, heuristic, chunk: int) 
     """The streamed fit: the passes of :func:`fit` as host loops, one jitted call per batch.
 
     Each batch's statistics are added to a device-resident sum with weight
-    ``n_b / n`` (as :func:`_weighted_sum` does), with the key of its batch
-    index, so the state equals the in-memory fit on the same batches.
-    Compiled once per batch shape (a ragged last batch compiles once more).
+    ``n_b / n`` (as :func:`_weighted_sum` does); every example draws with
+    ``fold_in(key, i)``, ``i`` its index in the whole dataset (the stream
+    gives it, across processes too), so the state equals the in-memory fit on
+    the same examples, however they are batched, sharded or split over
+    processes. Compiled once per batch shape (a ragged last batch compiles
+    once more). Each call waits for the previous one's sum, so no two
+    batches' eigendecompositions run at once.
     """
     operator = stream.operator
     params_leaves = stream.replicate(jax.tree.leaves(operator.params))
 
-    def first_pass(leaves, batch, k):
-        return _pass1(plan, output_loss, leaves, batch, k)
+    def first_pass(leaves, batch, k, indices):
+        return _pass1(plan, output_loss, leaves, batch, k, indices)
 
-    def second_pass(leaves, batch, k, vec_a, vec_g):
-        return _pass2(plan, output_loss, leaves, vec_a, vec_g, batch, k, chunk)
+    def second_pass(leaves, batch, k, indices, vec_a, vec_g):
+        return _pass2(plan, output_loss, leaves, vec_a, vec_g, batch, k, indices, chunk)
 
     def run(fn, desc, *args):
-        def step(total, leaves, batch, key, index, weight, *args):
-            term = fn(leaves, batch, _batch_key(key, index), *args)
+        def step(total, leaves, batch, key, indices, weight, *args):
+            term = fn(leaves, batch, key, indices, *args)
             return jax.tree.map(lambda s, t: s + weight * t, total, term)
 
         step = jax.jit(step, donate_argnums=0)
-        total = stream.zeros(jax.eval_shape(fn, params_leaves, stream.first, key, *args))
-        for index, batch, weight in stream.batches(desc):
-            total = step(total, params_leaves, batch, key, index, weight, *args)
+        first_indices = jnp.arange(batch_size(stream.first), dtype=jnp.uint32)
+        total = stream.zeros(jax.eval_shape(fn, params_leaves, stream.first, key, first_indices, *args))
+        for _, batch, weight, indices in stream.batches(desc, with_indices=True):
+            total = step(total, params_leaves, batch, key, indices, weight, *args)
         return total
 
     passes = 2 if plan.update_diagonal and plan.tags.layers else 1

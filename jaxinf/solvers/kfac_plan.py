@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -142,6 +144,71 @@ def check_options(
         raise ValueError("Give both model_fn and output_loss (or model_fn with a likelihood), not one of them.")
 
 
+_HOW_TO_SAMPLE = (
+    "build the operator with curvature='gauss_newton' (model_fn, output_loss), or pass "
+    "ekfac(model_fn=..., output_loss=...) or ekfac(model_fn=..., likelihood='categorical'|'gaussian')"
+)
+_WARNED_EMPIRICAL = weakref.WeakSet()  # the loss functions warned about (once each)
+
+
+def _resolve_fisher(operator: CurvatureOperator, fisher: str, likelihood, num_samples: int, m_fn, o_loss) -> str:
+    """The Fisher mode ``fisher`` stands for with this operator; raise on an option that cannot take effect.
+
+    ``"auto"`` falls back to the empirical Fisher when the model outputs are
+    unknown (a loss-only operator of kind ``"hessian"``): that warns once per
+    loss function, naming the fix. A ``likelihood`` without the model outputs,
+    or ``num_samples`` without sampling, raises.
+    """
+    knows_output = m_fn is not None and (o_loss is not None or likelihood is not None)
+    if likelihood is not None and m_fn is None:
+        raise ValueError(
+            f"ekfac(likelihood={likelihood!r}) draws labels from the model outputs, which a loss-only operator does "
+            "not give: pass ekfac(model_fn=..., likelihood=...) (model_fn(params, batch) -> outputs) or build the "
+            "operator with curvature='gauss_newton' (model_fn, output_loss); or drop likelihood to use the empirical "
+            "Fisher."
+        )
+    mode = fisher
+    if mode == "auto":
+        mode = "empirical" if operator.kind == "fisher" or not knows_output else "sampled"
+        if mode == "empirical" and operator.kind != "fisher" and operator.loss_fn not in _WARNED_EMPIRICAL:
+            _WARNED_EMPIRICAL.add(operator.loss_fn)
+            warnings.warn(
+                "ekfac()/kfac() with only a loss_fn fits its factors to the empirical Fisher (gradients at the "
+                "data's own labels), a cruder curvature than the true Fisher / Gauss-Newton. For the true one, "
+                f"{_HOW_TO_SAMPLE}. Pass fisher='empirical' to choose the empirical Fisher without this warning.",
+                UserWarning,
+                stacklevel=4,
+            )
+    if mode in ("sampled", "exact") and not knows_output:
+        raise ValueError(
+            f"ekfac(fisher={mode!r}) needs the model outputs and the output loss: {_HOW_TO_SAMPLE}; "
+            "or use fisher='empirical'."
+        )
+    if likelihood is not None and mode == "empirical":
+        raise ValueError(
+            f"ekfac(likelihood={likelihood!r}) has no effect with the empirical Fisher (fisher={fisher!r} with a "
+            f"{operator.kind!r} operator): use fisher='sampled' or 'exact', or drop likelihood."
+        )
+    if num_samples != 1 and mode != "sampled":
+        raise ValueError(
+            f"ekfac(num_samples={num_samples}) sets the draws of fisher='sampled', but this fit uses fisher={mode!r} "
+            "(no draws): drop num_samples, or pass fisher='sampled'."
+        )
+    return mode
+
+
+def _check_no_empty_layer(tags: LayerTags) -> None:
+    """Zero-size fallback leaves are skipped by the fit (no curvature); a zero-size *layer* cannot be factored."""
+    for layer in tags.layers:
+        for leaf in (layer.weight, layer.bias):
+            if leaf is not None and math.prod(tags.shapes[leaf]) == 0:
+                raise ValueError(
+                    f"The parameter leaf {tags.paths[leaf]} has shape {tuple(tags.shapes[leaf])} (zero size) but is "
+                    f"traced as part of the layer {layer.name}, whose Kronecker factors would be empty. Remove the "
+                    "zero-size parameter from params (it has no curvature and no influence), or give it a nonzero size."
+                )
+
+
 def make_plan(
     operator: CurvatureOperator,
     *,
@@ -168,16 +235,7 @@ def make_plan(
     """
     m_fn = model_fn or operator.model_fn
     o_loss = output_loss or operator.output_loss
-    mode = fisher
-    knows_output = m_fn is not None and (o_loss is not None or likelihood is not None)
-    if mode == "auto":
-        mode = "empirical" if operator.kind == "fisher" or not knows_output else "sampled"
-    if mode in ("sampled", "exact") and not knows_output:
-        raise ValueError(
-            f"ekfac(fisher={mode!r}) needs the model outputs and the output loss: build the operator with "
-            "curvature='gauss_newton' (model_fn, output_loss), or pass ekfac(model_fn=..., output_loss=...) "
-            "or ekfac(model_fn=..., likelihood='categorical'|'gaussian'); or use fisher='empirical'."
-        )
+    mode = _resolve_fisher(operator, fisher, likelihood, num_samples, m_fn, o_loss)
     loss_fn = operator.loss_fn
     if loss_fn is None:
         mf, ol = operator.model_fn, operator.output_loss
@@ -192,6 +250,7 @@ def make_plan(
     shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.result_type(a)), operator.params)
     fit_fn = loss_fn if mode == "empirical" else m_fn
     fit = trace_layers(fit_fn, shapes, example, block_max_size=block_max_size)
+    _check_no_empty_layer(fit.tags)
     if mode == "empirical":
         score = fit
     else:
