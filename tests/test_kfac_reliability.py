@@ -262,3 +262,47 @@ def test_zero_size_leaf_is_skipped_and_a_zero_size_layer_refused():
     )
     with pytest.raises(ValueError, match=r"\['w0'\].*zero size"):
         ekfac(fisher="exact").init(op)
+
+
+@pytest.mark.parametrize("likelihood", [None, "categorical"])
+def test_cpu_fit_holds_no_batched_lapack_eigh(likelihood):
+    """The compiled fit decomposes one matrix per LAPACK call (jaxinf.core.linalg.eigh).
+
+    A batched ``dsyevd`` spreads its batch over XLA's intra-op pool and waits for it; two of them at once
+    hung notebook 03 on two cores (issue 16). The exact Fisher of a generic output loss needs one eigh per
+    example (vmapped); a categorical likelihood needs none (closed-form root of diag(p) - p pᵀ).
+    """
+    p = models.logistic_problem(n_train=12)
+    op = jaxinf.curvature_operator(
+        None, p.params, split(p.train, [4, 4, 4]), kind="gauss_newton", model_fn=p.model_fn, output_loss=p.output_loss
+    )
+    options = dict(likelihood=likelihood, num_samples=1, model_fn=None, output_loss=None, factor_dtype=None)
+    plan, o_loss = make_plan(op, update_diagonal=True, fisher="exact", block_max_size=256, **options)
+    hlo = jax.jit(lambda o, k: fit(plan, o_loss, o, k, 0.1, 128)).lower(op, jax.random.key(0)).compile().as_text()
+    calls = [line for line in hlo.splitlines() if "custom_call_target=\"lapack_dsyevd_ffi\"" in line]
+    assert calls, "the factors' eigendecompositions are missing from the compiled fit"
+    assert all('num_batch_dims="0"' in line for line in calls), [c[:200] for c in calls if "num_batch_dims" in c]
+
+
+def test_categorical_root_squares_to_the_softmax_hessian():
+    """R Rᵀ = ∂²(-log softmax(z)_y)/∂z² for logits with a position axis (block diagonal over positions)."""
+    from jaxinf.solvers.kfac_fit import _categorical_root
+
+    logits = jax.random.normal(jax.random.key(3), (3, 5), jnp.float64)
+
+    def nll(flat):
+        return -jnp.sum(jax.nn.log_softmax(flat.reshape(3, 5), axis=-1)[:, 2])
+
+    root = _categorical_root(logits)
+    np.testing.assert_allclose(root @ root.T, jax.hessian(nll)(logits.ravel()), atol=1e-14)
+
+
+def test_sequential_eigh_equals_the_batched_one_under_vmap_and_jit():
+    from jaxinf.core.linalg import eigh
+
+    a = jax.random.normal(jax.random.key(0), (2, 3, 6, 6), jnp.float64)
+    a = a + jnp.swapaxes(a, -1, -2)
+    w_ref, q_ref = jnp.linalg.eigh(a)
+    for w, q in (eigh(a), jax.jit(eigh)(a), jax.vmap(jax.vmap(eigh))(a), jax.jit(jax.vmap(eigh))(a)):
+        np.testing.assert_allclose(w, w_ref, atol=1e-12)
+        np.testing.assert_allclose(jnp.abs(q), jnp.abs(q_ref), atol=1e-10)  # eigenvectors up to sign

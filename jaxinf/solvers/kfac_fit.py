@@ -29,6 +29,7 @@ import numpy as np
 
 from jaxinf.core.curvature import CurvatureOperator
 from jaxinf.core.data import Batches, add_example_axis, batch_size
+from jaxinf.core.linalg import eigh
 from jaxinf.layers.statistics import example_statistics, layer_matrices, rest_matrix
 from jaxinf.solvers.kfac_plan import KFACPlan, KFACState
 
@@ -67,6 +68,8 @@ def _output_cotangents(plan: KFACPlan, output_loss, outs, batch1, key):
     if plan.likelihood == "gaussian":  # exact, H_out = I
         return split(jnp.eye(m, dtype=flat.dtype)), m
 
+    if plan.likelihood == "categorical" and len(outs) == 1:  # exact: H = diag(p) - p pᵀ per position
+        return split(_categorical_root(outs[0]).T), m
     if plan.likelihood == "categorical":
 
         def nll(vec):
@@ -82,12 +85,28 @@ def _output_cotangents(plan: KFACPlan, output_loss, outs, batch1, key):
     # the Hessian may not depend on the data (a squared error): tie it to this example's outputs, so that its
     # eigh runs in this batch's turn and never beside another one's (see _in_sequence)
     hess, _ = jax.lax.optimization_barrier((0.5 * (hess + hess.T), flat))
-    w, u = jnp.linalg.eigh(hess)
+    w, u = eigh(hess)  # one example at a time under vmap on the CPU (jaxinf.core.linalg)
     root = u * jnp.sqrt(jnp.clip(w, 0.0))[None, :]  # H = root rootᵀ
     if plan.fisher == "exact":
         return split(root.T), m
     eps = jax.random.normal(key, (s_count, m), flat.dtype) / math.sqrt(s_count)
     return split(eps @ root.T), s_count
+
+
+def _categorical_root(logits):
+    """``R`` with ``R Rᵀ = H``, the Hessian of ``-log softmax(z)_y`` in the logits (any ``y``), without ``eigh``.
+
+    Per position ``H = diag(p) - p pᵀ`` with ``p = softmax(z)``, and
+    ``R = diag(√p) - p √pᵀ`` gives ``R Rᵀ = diag(p) - 2 p pᵀ + p pᵀ (Σ p) = H``;
+    positions (leading axes of ``logits``) are independent: ``R`` is block diagonal.
+    """
+    classes = logits.shape[-1]
+    p = jax.nn.softmax(logits.reshape(-1, classes), axis=-1)
+    root_p = jnp.sqrt(p)
+    blocks = jax.vmap(jnp.diag)(root_p) - p[:, :, None] * root_p[:, None, :]
+    positions = p.shape[0]
+    full = jnp.einsum("ts,tij->tisj", jnp.eye(positions, dtype=p.dtype), blocks)
+    return full.reshape(positions * classes, positions * classes)
 
 
 def _weighted_sum(fn: Callable, data: Batches):
@@ -149,7 +168,7 @@ def _eigh_in_sequence(matrices, after=None) -> list:
         if m.size == 0:  # a zero-size leaf or layer side: nothing to decompose
             out.append((jnp.zeros(m.shape[:1], m.dtype), jnp.zeros(m.shape, m.dtype)))
             continue
-        w, q = jnp.linalg.eigh(0.5 * (m + m.T))
+        w, q = eigh(0.5 * (m + m.T))
         out.append((w, q))
         previous = w
     return out
