@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     parser.add_argument("names", nargs="*", help="run only notebooks whose file name contains one of these")
     parser.add_argument("--inplace", action="store_true", help="write the executed notebooks back")
     parser.add_argument("--full", action="store_true", help="full sizes (JAXINF_NOTEBOOK_SMALL unset)")
-    parser.add_argument("--cell-timeout", type=int, default=2400, help="seconds per cell")
+    parser.add_argument("--cell-timeout", type=int, default=900, help="seconds per cell (a hang fails CI in 15 min)")
     args = parser.parse_args(argv)
     if args.full:
         os.environ.pop("JAXINF_NOTEBOOK_SMALL", None)

@@ -13,6 +13,20 @@ every eigenvalue of ``A_t / s`` lies in ``(−d, 2 − d)``: ``s`` must exceed
 about half the largest eigenvalue of the damped minibatch curvature, and
 ``C + Λ`` must be positive definite.
 
+Minibatches make every ``h_t`` noisy around the fixed point, so the plain
+stopping rule below has a noise floor it may never cross. With minibatches
+(``averaging=None``, the default, or ``True``) the answer is instead the
+**tail average** (Polyak–Ruppert) of the iterates over doubling windows
+``[w·2^(k−1), w·2^k)`` (each the second half of the steps so far, ``w =``
+:data:`FIRST_WINDOW`): its noise shrinks like one over the square root of
+the window while the transient of the first half is left out. The solve
+stops at the end of a window whose average moved by at most ``rtol``
+(relative) from the previous window's, a statistical test that a
+stochastic method can pass; the result is the last complete window's
+average. Since the recursion is linear in the freshly drawn ``C_t``, the
+expected iterate follows the full-data recursion and the average is
+unbiased for its fixed point.
+
 The steps run as one ``lax.scan`` of ``maxiter`` steps. Early stopping
 (``‖h_{t+1} − h_t‖ ≤ rtol·‖h_{t+1}‖``) and divergence freeze the iterate
 without leaving the scan (a ``lax.cond`` skips the product when running
@@ -22,6 +36,7 @@ alone; under ``vmap`` the lanes are masked).
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, NamedTuple
 
 import jax
@@ -38,6 +53,9 @@ PyTree = Any
 #: ``h_t`` is flagged as diverging once ``‖h_t‖ > GROWTH · (‖h₀‖ + t‖v‖)``; a
 #: contracting recursion keeps ``‖h_t‖ ≤ ‖h₀‖ + t‖v‖``.
 GROWTH = 10.0
+
+#: Steps in the first averaging window (see the module docstring); later windows double.
+FIRST_WINDOW = 8
 
 ADVICE = (
     "LiSSA needs scale above the largest eigenvalue of the damped curvature of a minibatch "
@@ -63,6 +81,7 @@ def lissa(
     h0: PyTree | None = None,
     rtol: float = 1e-4,
     batch_size: int | None = 64,
+    averaging: bool | None = None,
 ) -> Solver:
     """LiSSA: ``x ≈ (C + Λ + d·s·I)⁻¹ v`` by a stochastic Neumann series.
 
@@ -79,14 +98,20 @@ def lissa(
         detected and reported). Larger is safer but needs more steps.
       h0: starting value of ``h`` (a pytree with the parameters' structure);
         default ``v``. It is ``s`` times an initial guess of ``x``.
-      rtol: stop a right-hand side once ``‖h_{t+1} − h_t‖ ≤ rtol·‖h_{t+1}‖``.
-        With small minibatches the steps keep a noise floor, so this may
-        never trigger: the solve then runs ``maxiter`` steps and reports
+      rtol: without averaging, stop a right-hand side once
+        ``‖h_{t+1} − h_t‖ ≤ rtol·‖h_{t+1}‖`` (with minibatches the steps keep
+        a noise floor, so this may never trigger); with averaging, once two
+        consecutive window averages differ by at most ``rtol`` relative.
+        Either way a solve that runs out of ``maxiter`` reports
         ``converged=False``.
       batch_size: examples per minibatch, drawn uniformly with replacement
         from the whole dataset with the ``key`` given to ``init``; ``None``,
         or a size of at least the dataset, uses every example at every step
         (deterministic).
+      averaging: return the tail average over doubling windows (module
+        docstring). ``None``: on exactly when minibatches are drawn
+        (``batch_size`` below the number of examples), off for the
+        deterministic full-data recursion, whose last iterate is its best.
 
     Returns:
       A :class:`jaxinf.Solver`. ``info.iterations`` counts steps taken;
@@ -132,6 +157,8 @@ def lissa(
         raise ValueError(f"dampen must be in [0, 1), got {dampen!r}.")
     if not is_tracer(rtol) and not (math.isfinite(float(rtol)) and float(rtol) >= 0):
         raise ValueError(f"rtol must be finite and >= 0, got {rtol!r}.")
+    if averaging not in (None, True, False):
+        raise ValueError(f"averaging must be None (automatic), True or False, got {averaging!r}.")
 
     def init(operator: CurvatureOperator, *, key: jax.Array | None = None) -> LissaState:
         return LissaState(operator, jax.random.key(0) if key is None else key)
@@ -142,8 +169,8 @@ def lissa(
         if h0 is not None:
             check_matches(h0, op.spec, "h0")
         dtype = op.dtype
-        n = op.num_examples
-        if batch_size is None or batch_size >= n:
+        stochastic = batch_size is not None and batch_size < op.num_examples
+        if not stochastic:
             product = lambda t, h: op.matvec(h)  # noqa: E731
         else:
             pool = _example_pool(op.data)
@@ -153,36 +180,112 @@ def lissa(
                 return op.batch_matvec(batch, h)
 
         s = jnp.asarray(scale, dtype)
-        d = jnp.asarray(dampen, dtype)
-        tol = jnp.asarray(rtol, dtype)
         start = jax.tree.map(lambda a, b: jnp.asarray(a, b.dtype), h0, v) if h0 is not None else v
-        vnorm = tree_norm(v)
-        start_norm = tree_norm(start)
-
-        def step(t, carry):
-            h, _, _, _ = carry
-            ah = product(t, h)
-            h_new = jax.tree.map(lambda vi, hi, ai: vi + (1 - d) * hi - ai / s, v, h, ah)
-            new_norm = tree_norm(h_new)
-            change = tree_norm(tree_sub(h_new, h))
-            bound = GROWTH * (start_norm + (t + 1).astype(dtype) * vnorm)
-            diverged = ~jnp.isfinite(new_norm) | ~jnp.isfinite(change) | (new_norm > bound)
-            converged = ~diverged & (change <= tol * new_norm)
-            return tree_where(diverged, h, h_new), converged, diverged, t + 1
-
-        def body(carry, t):
-            _, converged, diverged, _ = carry
-            carry = jax.lax.cond(converged | diverged, lambda c: c, lambda c: step(t, c), carry)
-            return carry, None
-
-        init_carry = (start, jnp.zeros((), bool), jnp.zeros((), bool), jnp.zeros((), jnp.int32))
-        (h, converged, diverged, steps), _ = jax.lax.scan(body, init_carry, jnp.arange(maxiter, dtype=jnp.int32))
+        step = _step_fn(product, v, start, s, jnp.asarray(dampen, dtype), jnp.asarray(rtol, dtype))
+        steps = jnp.arange(maxiter, dtype=jnp.int32)
+        if stochastic and averaging is False:
+            _warn_noise_floor_once()
+        if stochastic if averaging is None else averaging:
+            h, converged, diverged, taken = _averaged(step, start, jnp.asarray(rtol, dtype), steps)
+        else:
+            h, converged, diverged, taken = _last_iterate(step, start, steps)
         x = tree_scale(1 / s, h)
         residual = tree_norm(tree_sub(op.matvec(x), v))
         diverged = diverged | ~jnp.isfinite(residual)
-        return x, make_info(steps, residual, converged & ~diverged, diverged)
+        return x, make_info(taken, residual, converged & ~diverged, diverged)
 
     return Solver(init=init, solve=solve, name="lissa", advice=ADVICE)
+
+
+# ----------------------------------------------------------------------------
+# The recursion, plain and tail-averaged
+# ----------------------------------------------------------------------------
+
+
+def _step_fn(product, v, start, s, d, tol):
+    """One step ``h → v + (1 − d) h − A_t h / s`` with its divergence and (plain) convergence flags."""
+    vnorm = tree_norm(v)
+    start_norm = tree_norm(start)
+    dtype = vnorm.dtype
+
+    def step(t, h):
+        ah = product(t, h)
+        h_new = jax.tree.map(lambda vi, hi, ai: vi + (1 - d) * hi - ai / s, v, h, ah)
+        new_norm = tree_norm(h_new)
+        change = tree_norm(tree_sub(h_new, h))
+        bound = GROWTH * (start_norm + (t + 1).astype(dtype) * vnorm)
+        diverged = ~jnp.isfinite(new_norm) | ~jnp.isfinite(change) | (new_norm > bound)
+        converged = ~diverged & (change <= tol * new_norm)
+        return tree_where(diverged, h, h_new), converged, diverged
+
+    return step
+
+
+def _last_iterate(step, start, steps):
+    """Run until the step change is below ``rtol`` (or divergence): the last iterate."""
+
+    def body(carry, t):
+        def advance(c):
+            h, _, _, taken = c
+            h, converged, diverged = step(t, h)
+            return h, converged, diverged, taken + 1
+
+        carry = jax.lax.cond(carry[1] | carry[2], lambda c: c, advance, carry)
+        return carry, None
+
+    init = (start, jnp.zeros((), bool), jnp.zeros((), bool), jnp.zeros((), jnp.int32))
+    return jax.lax.scan(body, init, steps)[0]
+
+
+def _averaged(step, start, tol, steps):
+    """Tail averages over the windows ``[w·2^(k−1), w·2^k)``; stop when two consecutive ones agree to ``tol``.
+
+    Returns the last complete window's average (the last iterate while no
+    window is complete), the flags and the steps taken.
+    """
+    zeros = jax.tree.map(jnp.zeros_like, start)
+
+    def body(carry, t):
+        def advance(c):
+            h, total, count, previous, have, result, _, _, taken = c
+            h, _, diverged = step(t, h)
+            total, count = jax.tree.map(jnp.add, total, h), count + 1
+            end = t + 1
+            boundary = (end % FIRST_WINDOW == 0) & _power_of_two(end // FIRST_WINDOW)
+            average = tree_scale(1 / jnp.maximum(count, 1).astype(tree_norm(h).dtype), total)
+            moved = tree_norm(tree_sub(average, previous))
+            agreed = boundary & have & (moved <= tol * tree_norm(average)) & ~diverged
+            result = tree_where(boundary, average, tree_where(have, result, h))
+            previous = tree_where(boundary, average, previous)
+            total = tree_where(boundary, zeros, total)
+            count = jnp.where(boundary, 0, count)
+            return h, total, count, previous, have | boundary, result, agreed, diverged, taken + 1
+
+        carry = jax.lax.cond(carry[6] | carry[7], lambda c: c, advance, carry)
+        return carry, None
+
+    false, zero = jnp.zeros((), bool), jnp.zeros((), jnp.int32)
+    init = (start, zeros, zero, zeros, false, start, false, false, zero)
+    h, _, _, _, have, result, converged, diverged, taken = jax.lax.scan(body, init, steps)[0]
+    return tree_where(have & ~diverged, result, h), converged, diverged, taken
+
+
+_WARNED = []
+
+
+def _warn_noise_floor_once() -> None:
+    if not _WARNED:
+        _WARNED.append(True)
+        warnings.warn(
+            "lissa(averaging=False) with minibatches returns the last iterate, which keeps the minibatch noise: "
+            "its accuracy stalls at a noise floor that rtol may never pass. Drop averaging=False (tail averaging "
+            "is the default with minibatches) or use batch_size=None.",
+            stacklevel=4,
+        )
+
+
+def _power_of_two(k):
+    return (k > 0) & ((k & (k - 1)) == 0)
 
 
 # ----------------------------------------------------------------------------
