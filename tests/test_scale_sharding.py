@@ -128,3 +128,15 @@ def test_sharded_scoring_methods_equal_single_device(problem, tmp_path, scoring)
         single, problem.test, batches(problem), tmp_path / "s", mesh=mesh, scoring=scoring, progress=False
     )
     np.testing.assert_allclose(out[:], reference, rtol=1e-9, atol=1e-9 * np.abs(reference).max())
+
+
+def test_fit_helper_runs_the_fit_time_checks(problem):
+    """scale.fit refuses what model.fit refuses (core/checks.py): here a loss that sums over the examples."""
+
+    def summed(p, batch):
+        return problem.loss_fn(p, batch) * jax.tree.leaves(batch)[0].shape[0]
+
+    model = jaxinf.InfluenceModel(summed, problem.params, jaxinf.direct(), damping=0.1)
+    with pytest.raises(ValueError, match="sums over the examples"):
+        scale.fit(model, batches(problem), scale.data_mesh())
+    assert not model.is_fitted

@@ -266,15 +266,24 @@ def fit(model, train_data: Any, mesh: Mesh, *, key: jax.Array | None = None):
 
     Returns:
       ``model``, fitted; its operator and state live on ``mesh``.
+
+    Raises:
+      ValueError: what :meth:`jaxinf.InfluenceModel.fit` refuses (a loss
+        that is not a finite mean over the examples, a zero or non-finite
+        curvature: :mod:`jaxinf.core.checks`), on every process at once.
     """
     if jax.process_count() > 1:
         # each process checks its own part; all stop together, with one error, before the first collective
         local = agreed("scale.fit: train_data", lambda: _checked_local(train_data, mesh))
         _check_same_layout(local)
+        # the fit-time checks of the loss and curvature (jaxinf.core.checks), each process on its own examples
+        agreed("scale.fit: loss and curvature", lambda: model._check_loss(model.operator_for(local)))
         data = _global_batches(local, mesh)
+        operator = model.operator_for(data)
     else:
         data = as_batches(train_data, name="train_data")  # checks shapes and finiteness on the host
-    operator = model.operator_for(data)
+        operator = model.operator_for(data)
+        model._check_loss(operator)  # before sharding: on this process's host arrays
     operator = shard_operator(operator, mesh) if jax.process_count() == 1 else _replicate_rest(operator, mesh)
     state = model.solver.init(operator, key=key)  # eager: every op follows the data's sharding
     if model.solver.validate is not None:
