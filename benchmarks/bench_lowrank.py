@@ -34,7 +34,7 @@ import common  # noqa: E402
 import jaxinf  # noqa: E402
 
 METHODS = {
-    "arnoldi": lambda r: jaxinf.arnoldi(r),
+    "arnoldi": lambda r: jaxinf.arnoldi(r, completion=False),
     "arnoldi+completion": lambda r: jaxinf.arnoldi(r, completion=True),
     "nystrom": lambda r: jaxinf.nystrom(r),
     "nystrom-projection": lambda r: jaxinf.nystrom(r, completion=False),

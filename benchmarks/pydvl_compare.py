@@ -172,7 +172,7 @@ def configurations(ctx: dict):
         ),
         (
             f"arnoldi r={r}",
-            lambda: jaxinf.arnoldi(r, krylov_dim=kd),
+            lambda: jaxinf.arnoldi(r, krylov_dim=kd, completion=False),
             lambda m: ArnoldiInfluence(m, loss, regularization=lam, rank=r, krylov_dimension=kd),
             None,
         ),

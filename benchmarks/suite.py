@@ -68,6 +68,9 @@ class Config(NamedTuple):
     label: str  # a row in the table
     make: Callable[[dict], jaxinf.Solver]  # ctx -> solver
     fit_products: Callable[[dict], float] = lambda ctx: 0.0  # curvature-vector products spent by init
+    curvature: str | None = None  # the curvature this method needs (None: the suite's --curvature)
+    damping: float | None = None  # the damping this method needs (None: the suite's --damping)
+    scores_only: bool = False  # a baseline that scores through a Scorer and gives no influence factors
 
 
 def _rank(r: int, ctx: dict) -> int:
@@ -135,6 +138,25 @@ CONFIGS: dict[str, Callable[[dict], list[Config]]] = {
     "ekfac": lambda ctx: [
         Config("ekfac", "ekfac", lambda c: jaxinf.ekfac()),
         Config("ekfac", "ekfac fisher=exact", lambda c: jaxinf.ekfac(fisher="exact")),
+    ],
+    # DataInf inverts the empirical Fisher (its closed form needs per-example gradients): compared with the
+    # exact influence of the suite's curvature, as a user choosing between them would
+    "datainf": lambda ctx: [Config("datainf", "datainf (fisher)", lambda c: jaxinf.datainf(), curvature="fisher")],
+    # the cheap attributions, no curvature at all (damping 0), on the same axes
+    "gradient_dot": lambda ctx: [
+        Config("baseline", "gradient_dot", lambda c: jaxinf.gradient_dot(), damping=0.0, scores_only=True)
+    ],
+    "gradient_cosine": lambda ctx: [
+        Config("baseline", "gradient_cosine", lambda c: jaxinf.gradient_cosine(), damping=0.0, scores_only=True)
+    ],
+    "tracin": lambda ctx: [
+        Config(
+            "baseline",
+            "tracin (final checkpoint)",
+            lambda c: jaxinf.tracin([c["params"]]),
+            damping=0.0,
+            scores_only=True,
+        )
     ],
 }
 
@@ -240,10 +262,10 @@ def run(args) -> tuple[list[dict], dict]:
     key = jax.random.key(args.seed)
     floor = common.gradient_floor(problem, args.repeats)
 
-    def build(solver, params=problem.params):
-        return common.influence_model(
-            problem, solver, damping=args.damping, curvature=args.curvature, params=params
-        )
+    def build(solver, params=problem.params, cfg=None):
+        curvature = cfg.curvature if cfg is not None and cfg.curvature is not None else args.curvature
+        damping = cfg.damping if cfg is not None and cfg.damping is not None else args.damping
+        return common.influence_model(problem, solver, damping=damping, curvature=curvature, params=params)
 
     # ---- the exact reference, float64
     start = time.perf_counter()
@@ -259,6 +281,7 @@ def run(args) -> tuple[list[dict], dict]:
         "damping": args.damping,
         "lam_max": float(eig.max()),
         "dtype": args.dtype,
+        "params": problem.params,
     }
     meta = {
         "P": problem.num_params,
@@ -298,40 +321,51 @@ def run(args) -> tuple[list[dict], dict]:
         row = {"family": cfg.family, "method": cfg.label}
         try:
             solver = cfg.make(ctx)
-            model = build(solver)
-            solve_jit = jax.jit(lambda s, g, solver=solver: solve_many(solver, s, g))
+            model = build(solver, cfg=cfg)
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 fit_t, state = common.time_call(lambda m=model: m.fit(batches, key=key).state, args.repeats)
-                solve_t, (factors, info) = common.time_call(lambda s=state, f=solve_jit: f(s, grads), args.repeats)
+                if cfg.scores_only:  # no factors: scored through the solver's Scorer
+                    solve_t, factors, info = None, None, None
+                else:
+                    solve_jit = jax.jit(lambda s, g, solver=solver: solve_many(solver, s, g))
+                    solve_t, (factors, info) = common.time_call(lambda s=state, f=solve_jit: f(s, grads), args.repeats)
                 score_t, scores = common.time_call(lambda m=model: m.influences(problem.test, batches), args.repeats)
-            got_factors = _ravel_rows(factors)
-            converged = np.asarray(info.converged)
             row.update(
                 {
                     "fit_s": fit_t.median,
                     "fit_compile_s": fit_t.compile,
-                    "solve_s": solve_t.median,
-                    "solve_compile_s": solve_t.compile,
                     "influences_s": score_t.median,
                     "influences_compile_s": score_t.compile,
                     "total_s": fit_t.median + score_t.median,
                     "total_x_floor": (fit_t.median + score_t.median) / floor.median,
                     "influences_x_floor": score_t.median / floor.median,
                     "fit_products": float(cfg.fit_products(ctx)),
-                    "solve_products": solve_products(cfg, solver, info, ctx),
-                    "iterations_max": int(np.max(np.asarray(info.iterations))),
-                    "converged": f"{int(converged.sum())}/{converged.size}",
-                    "ihvp_rel_err": float(np.linalg.norm(got_factors - exact_factors) / np.linalg.norm(exact_factors)),
                     **compare(scores, exact),
                     "warnings": sorted({str(w.message).split(".")[0] for w in caught}),
                 }
             )
+            if info is not None:
+                row.update(_solve_row(cfg, solver, solve_t, factors, info, exact_factors, ctx))
         except (ConvergenceError, ValueError) as e:  # a method that cannot run here is reported, not fatal
             row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
         rows.append(row)
         print(_line(row), flush=True)
     return rows, meta
+
+
+def _solve_row(cfg: Config, solver, solve_t, factors, info, exact_factors, ctx: dict) -> dict:
+    """The columns of a method that gives influence factors: solve time, products, convergence, factor error."""
+    got_factors = _ravel_rows(factors)
+    converged = np.asarray(info.converged)
+    return {
+        "solve_s": solve_t.median,
+        "solve_compile_s": solve_t.compile,
+        "solve_products": solve_products(cfg, solver, info, ctx),
+        "iterations_max": int(np.max(np.asarray(info.iterations))),
+        "converged": f"{int(converged.sum())}/{converged.size}",
+        "ihvp_rel_err": float(np.linalg.norm(got_factors - exact_factors) / np.linalg.norm(exact_factors)),
+    }
 
 
 def _line(row: dict) -> str:
@@ -340,8 +374,8 @@ def _line(row: dict) -> str:
     return (
         f"{row['method']}: fit {row['fit_s']:.3g}s (+{row['fit_compile_s']:.2g}s compile), "
         f"influences {row['influences_s']:.3g}s, {row['total_x_floor']:.3g}x floor, "
-        f"ihvp err {row['ihvp_rel_err']:.2e}, pearson {row['pearson']:.4f}, spearman {row['spearman']:.4f}, "
-        f"converged {row['converged']}"
+        + (f"ihvp err {row['ihvp_rel_err']:.2e}, " if "ihvp_rel_err" in row else "no factors, ")
+        + f"pearson {row['pearson']:.4f}, spearman {row['spearman']:.4f}, converged {row.get('converged', '-')}"
     )
 
 
@@ -378,7 +412,7 @@ def plot(rows: list[dict], meta: dict, path: str) -> None:
         pts = sorted((r for r in ok if r["family"] == fam), key=lambda r: r["total_x_floor"])
         x = [r["total_x_floor"] for r in pts]
         style = dict(marker="o", color=cmap(k % 10), label=fam)
-        axes[0].plot(x, [max(r["ihvp_rel_err"], 1e-12) for r in pts], **style)
+        axes[0].plot(x, [max(r.get("ihvp_rel_err", np.nan), 1e-12) for r in pts], **style)  # baselines: none
         axes[1].plot(x, [max(1 - r["pearson"], 1e-12) for r in pts], **style)
     for ax, ylabel in zip(axes, ["inverse-HVP relative error", "1 − Pearson(influences, exact)"]):
         ax.set_xscale("log")

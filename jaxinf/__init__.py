@@ -14,7 +14,9 @@ from jaxinf.solvers.base import Scorer, SolveInfo, Solver
 from jaxinf.solvers.cg import cg
 from jaxinf.solvers.datainf import DataInfState, datainf
 from jaxinf.solvers.direct import DirectState, direct
+from jaxinf.solvers.implicit import implicit_solve, implicit_solve_many
 from jaxinf.solvers.kfac import KFACState, ekfac, kfac
+from jaxinf.solvers.kfac_preconditioner import ekfac_preconditioner, kfac_preconditioner
 from jaxinf.solvers.lissa import lissa
 from jaxinf.solvers.lowrank import LowRankState
 from jaxinf.solvers.nystrom import nystrom
@@ -50,9 +52,13 @@ __all__ = [
     "lissa",
     "jacobi_preconditioner",
     "nystrom_preconditioner",
+    "kfac_preconditioner",
+    "ekfac_preconditioner",
     "DataInfState",
     "datainf",
     "gradient_cosine",
     "gradient_dot",
     "tracin",
+    "implicit_solve",
+    "implicit_solve_many",
 ]

@@ -14,11 +14,16 @@ Rows are test points, columns training points, ``C`` the curvature of the
 **mean** training loss. Positive means helpful: up-weighting training point
 ``j`` by ``ε`` changes the loss on test point ``i`` by about ``−ε·I[i, j]``;
 removing it (``ε = −1/n``) raises that loss by about ``+I[i, j]/n``.
+
+A *measurement* ``f`` (e.g. a negative log-probability) replaces the loss on the
+test side: ``I[i, j] = ∇θf(test_i)ᵀ (C + λI)⁻¹ ∇θℓ(train_j)``, in the units of
+``f`` (sign and units: :mod:`jaxinf.scoring.measurement`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -34,6 +39,7 @@ from jaxinf.core.errors import ConvergenceError, NotFittedError
 from jaxinf.core.tree import check_finite, check_matches, check_params, tree_spec
 from jaxinf.scoring import (
     SCORING_METHODS,
+    check_measurement,
     choose_method,
     contract,
     layer_profile,
@@ -133,17 +139,9 @@ class InfluenceModel:
         check_finite(params, "params")
         self._block_names = resolve_blocks(params, blocks)[1]  # bad blocks raise here, not at fit
         check_damping(damping, self._block_names)
-        self.loss_fn = loss_fn
-        self._params = params
-        self.solver = solver
-        self.curvature = curvature
-        self.model_fn = model_fn
-        self.output_loss = output_loss
-        self.blocks = blocks
-        self.input_leaf = input_leaf
-        self.scoring = scoring
-        self.strict = strict
-        self._damping = damping
+        self.loss_fn, self._params, self.solver, self.curvature = loss_fn, params, solver, curvature
+        self.model_fn, self.output_loss, self.blocks = model_fn, output_loss, blocks
+        self.input_leaf, self.scoring, self.strict, self._damping = input_leaf, scoring, strict, damping
         self._spec = tree_spec(params)
         self.state = None
         self.operator: CurvatureOperator | None = None
@@ -153,8 +151,9 @@ class InfluenceModel:
         # data of the same shapes (new damping, new data) free of retracing.
         self._init = jax.jit(lambda operator, key: solver.init(operator, key=key))
         self._grads = jax.jit(lambda p, b: per_example_grads(loss_fn, p, b))
+        self._fn_grads = jax.jit(per_example_grads, static_argnums=0)  # (fn, params, batch): loss or measurement
+        self._contract = jax.jit(contract, static_argnums=(0, 4))  # (fn, params, factors, batch, method)
         self._solve_many = jax.jit(lambda state, rhs: solve_many(solver, state, rhs))
-        self._contract = jax.jit(lambda p, f, b, method: contract(loss_fn, p, f, b, method), static_argnums=3)
         self._perturb = jax.jit(lambda p, f, b, leaf: perturbation(loss_fn, p, f, b, leaf), static_argnums=3)
         self._score_prepare = jax.jit(solver.scorer.prepare) if solver.scorer is not None else None
         self._score_finish = jax.jit(solver.scorer.finish) if solver.scorer is not None else None
@@ -250,16 +249,9 @@ class InfluenceModel:
 
     def operator_for(self, train_data: Any) -> CurvatureOperator:
         """The damped curvature operator of this model's loss over ``train_data`` (no fitting)."""
-        return curvature_operator(
-            self.loss_fn,
-            self.params,
-            train_data,
-            kind=self.curvature,
-            damping=self._damping,
-            blocks=self.blocks,
-            model_fn=self.model_fn,
-            output_loss=self.output_loss,
-        )
+        split = {"model_fn": self.model_fn, "output_loss": self.output_loss}
+        kw = {"kind": self.curvature, "damping": self._damping, "blocks": self.blocks, **split}
+        return curvature_operator(self.loss_fn, self.params, train_data, **kw)
 
     def _fit_operator(self, operator: CurvatureOperator, key) -> None:
         self._fit_key = key
@@ -283,10 +275,8 @@ class InfluenceModel:
         return out
 
     def _check_info(self, info, what: str) -> None:
-        converged = np.asarray(info.converged)
-        diverged = np.asarray(info.diverged)
-        iterations = np.asarray(info.iterations)
-        residual = np.asarray(info.residual_norm)
+        fields = (info.converged, info.diverged, info.iterations, info.residual_norm)
+        converged, diverged, iterations, residual = (np.asarray(x) for x in fields)
         total = converged.size
         advice = f" {self.solver.advice}" if self.solver.advice else ""
         if diverged.any():
@@ -304,29 +294,40 @@ class InfluenceModel:
             warnings.warn(message, RuntimeWarning, stacklevel=3)
 
     def _check_factors_finite(self, factors) -> None:
-        for leaf in jax.tree.leaves(factors):
-            if not bool(jnp.all(jnp.isfinite(leaf))):
-                raise ConvergenceError(
-                    f"{self.solver.name} returned NaN or inf influence factors.{' ' + self.solver.advice}"
-                )
+        if not all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(factors)):
+            raise ConvergenceError(
+                f"{self.solver.name} returned NaN or inf influence factors.{' ' + self.solver.advice}"
+            )
 
     # ------------------------------------------------------------- factors
-    def influence_factors(self, test_data: Any) -> PyTree:
-        """``(C + λI)⁻¹ ∇θℓ(test_i)`` for every test point.
+    def influence_factors(self, test_data: Any, *, measurement: Callable | None = None) -> PyTree:
+        """``(C + λI)⁻¹ ∇θf(test_i)`` for every test point; ``f``: ``measurement``, else the training loss.
+
+        ``measurement``: as for :meth:`influences`.
 
         Returns:
           A params-shaped pytree whose leaves carry a leading ``n_test`` axis.
         """
         self._require_fit()
-        parts = []
-        for i, batch in enumerate(self._batches(test_data, "test_data")):
-            grads = self._grads(self.params, batch)
-            check_finite(grads, f"the loss gradient on test_data[batch {i}]", per_example=True, advice=_NON_FINITE_LOSS)
+        fn = self._test_fn(measurement, test_data)
+        parts = [factors for _, factors in self._solved(test_data, "test_data", fn)]
+        return jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts) if len(parts) > 1 else parts[0]
+
+    def _test_fn(self, measurement: Callable | None, test_data: Any) -> Callable:
+        """The test side's function: the loss, or the checked measurement."""
+        batches = [] if measurement is None else self._batches(test_data, "test_data")
+        return self.loss_fn if measurement is None else check_measurement(measurement, self._params, batches)
+
+    def _solved(self, data: Any, name: str, fn: Callable):
+        """Per batch of ``data``: the per-example gradients of ``fn`` and their checked factors."""
+        for i, batch in enumerate(self._batches(data, name)):
+            grads = self._fn_grads(fn, self.params, batch)
+            what = "loss" if fn is self.loss_fn else "measurement"
+            check_finite(grads, f"the {what} gradient on {name}[batch {i}]", per_example=True, advice=_NON_FINITE_LOSS)
             factors, info = self._solve_many(self.state, grads)
             self._check_info(info, "right-hand sides")
             self._check_factors_finite(factors)
-            parts.append(factors)
-        return jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts) if len(parts) > 1 else parts[0]
+            yield grads, factors
 
     def scoring_method(self, num_factors: int, batch: PyTree) -> str:
         """The contraction used for ``num_factors`` factors against ``batch``: ``scoring``, or the cost model's pick.
@@ -353,30 +354,42 @@ class InfluenceModel:
             ``(n_test, n_train, *x_shape)``.
         """
         self._check_mode(mode)
+        return self._columns(factors, train_data, mode, self.loss_fn)
+
+    def _columns(self, factors: PyTree, data: Any, mode: str, fn: Callable):
+        """``factorsᵀ ∇θfn(z_j)`` (or its perturbation) for each ``z_j`` of ``data``; ``fn``: loss or measurement."""
         check_matches(factors, self._spec, "factors", leading=1)
         n_factors = jax.tree.leaves(factors)[0].shape[0]
         columns = []
-        batches = self._batches(train_data, "train_data")
-        for batch in batches:
-            if mode == "up":
-                method = self.scoring_method(n_factors, batch)
-                columns.append(self._contract(self.params, factors, batch, method))
-            else:
-                leaf = resolve_input_leaf(batch, self.input_leaf)
-                columns.append(self._perturb(self.params, factors, batch, leaf))
+        for batch in self._batches(data, "train_data" if fn is self.loss_fn else "test_data"):
+            if mode == "perturbation":
+                columns.append(self._perturb(self.params, factors, batch, resolve_input_leaf(batch, self.input_leaf)))
+            elif fn is self.loss_fn:
+                columns.append(self._contract(fn, self.params, factors, batch, self.scoring_method(n_factors, batch)))
+            else:  # a measurement: its layers are not traced, so "auto" weighs gradients and JVPs only
+                method = self.scoring if self.scoring != "auto" else choose_method(n_factors, 0, self._spec.size)
+                columns.append(self._contract(fn, self.params, factors, batch, method))
         return jnp.concatenate(columns, axis=1)
 
-    def influences(self, test_data: Any, train_data: Any = None, mode: str = "up"):
-        """``I[i, j] = ∇θℓ(test_i)ᵀ (C + λI)⁻¹ ∇θℓ(train_j)`` (mode ``"up"``).
+    def influences(self, test_data: Any, train_data: Any = None, mode: str = "up", *, measurement=None):
+        """``I[i, j] = ∇θf(test_i)ᵀ (C + λI)⁻¹ ∇θℓ(train_j)`` (mode ``"up"``), ``f = ℓ`` by default.
 
         Args:
           test_data: the test batch (rows).
           train_data: the training batch or batches (columns); ``None`` reuses
             ``test_data`` (the symmetric case).
           mode: ``"up"`` or ``"perturbation"``.
+          measurement: ``f(params, batch) -> scalar``, the mean over the batch
+            of what is attributed on the test side (default ``None``: the
+            loss); see :mod:`jaxinf.scoring.measurement`. The solver's scorer
+            is then not used: the factors come from ``solve`` (same numbers).
 
         In mode ``"up"`` the inverse is applied to whichever side has fewer
         points (the operator is symmetric).
+
+        Raises:
+          ValueError: a ``measurement`` that is not a finite float scalar mean
+            over the batch (a sum, a per-example vector).
         """
         self._require_fit()
         self._check_mode(mode)
@@ -385,34 +398,28 @@ class InfluenceModel:
         # Read one-shot iterables (generators) once: both sides are iterated several times below.
         test_data = as_batches(test_data, name="test_data")
         train_data = as_batches(train_data, name="train_data")
-        if mode == "up" and self._score_prepare is not None:
+        if mode == "up" and self._score_prepare is not None and measurement is None:
             rows = []
             for tb in self._batches(test_data, "test_data"):
                 prepared = self._score_prepare(self.state, self.operator, tb)  # the test side, once per test batch
-                columns = [
-                    self._score_finish(self.state, self.operator, prepared, rb)
-                    for rb in self._batches(train_data, "train_data")
-                ]
-                rows.append(jnp.concatenate(columns, axis=1))
+                finish = functools.partial(self._score_finish, self.state, self.operator, prepared)
+                rows.append(jnp.concatenate([finish(rb) for rb in self._batches(train_data, "train_data")], axis=1))
             return jnp.concatenate(rows, axis=0)
-        if mode == "up":
-            n_test = as_batches(test_data, name="test_data").num_examples
-            n_train = as_batches(train_data, name="train_data").num_examples
-            if n_train < n_test:
-                return self.influences_from_factors(self.influence_factors(train_data), test_data).T
-        return self.influences_from_factors(self.influence_factors(test_data), train_data, mode)
+        if mode == "up" and train_data.num_examples < test_data.num_examples:
+            fn = self._test_fn(measurement, test_data)  # checked before the training side is solved
+            return self._columns(self.influence_factors(train_data), test_data, mode, fn).T
+        factors = self.influence_factors(test_data, measurement=measurement)
+        return self.influences_from_factors(factors, train_data, mode)
 
     def self_influence(self, data: Any):
-        """``∇θℓ(z_j)ᵀ (C + λI)⁻¹ ∇θℓ(z_j)`` for each point; shape ``(n,)``."""
+        """``∇θℓ(z_j)ᵀ (C + λI)⁻¹ ∇θℓ(z_j)`` for each point; shape ``(n,)``.
+
+        The loss is on both sides, so there is no ``measurement`` here: for
+        ``∇θf(z)ᵀ (C + λI)⁻¹ ∇θℓ(z)`` take the diagonal of
+        ``influences(data, data, measurement=f)``.
+        """
         self._require_fit()
-        out = []
-        for i, batch in enumerate(self._batches(data, "data")):
-            grads = self._grads(self.params, batch)
-            check_finite(grads, f"the loss gradient on data[batch {i}]", per_example=True, advice=_NON_FINITE_LOSS)
-            factors, info = self._solve_many(self.state, grads)
-            self._check_info(info, "right-hand sides")
-            self._check_factors_finite(factors)
-            out.append(_rowwise_dot(factors, grads))
+        out = [_rowwise_dot(factors, grads) for grads, factors in self._solved(data, "data", self.loss_fn)]
         return jnp.concatenate(out)
 
     @staticmethod

@@ -155,7 +155,7 @@ def test_float32_full_rank():
 )
 def test_negative_eigenvalue_treatments(negative, expected):
     op = _quadratic([3.0, -2.0, 1.0, 0.5, 0.1], damping=0.5)
-    solver = jaxinf.arnoldi(3, krylov_dim=5, negative=negative)
+    solver = jaxinf.arnoldi(3, krylov_dim=5, negative=negative, completion=False)  # span only: 0 off the basis
     state = solver.init(op, key=jax.random.key(0))
     np.testing.assert_allclose(state.eigvals, expected, atol=1e-12)
     if negative == "clip":
@@ -182,7 +182,7 @@ def test_singular_shifted_eigenvalue_is_not_inverted():
     assert not bool(info.converged)
     np.testing.assert_allclose(x, [0.2, 0.0, 1 / 3], atol=1e-12)  # the singular direction gets 0, not 1/0
     # negative="clip" keeps the PSD part: nothing singular, no warning.
-    clipped = jaxinf.arnoldi(2, krylov_dim=3, negative="clip")
+    clipped = jaxinf.arnoldi(2, krylov_dim=3, negative="clip", completion=False)
     state = clipped.init(op)
     clipped.validate(state)
     np.testing.assert_allclose(clipped.solve(state, jnp.ones(3))[0], [0.2, 0.0, 1 / 3], atol=1e-12)
@@ -191,7 +191,9 @@ def test_singular_shifted_eigenvalue_is_not_inverted():
 def test_zero_damping_with_completion_raises_and_flags():
     op = _quadratic([3.0, 1.0, 0.5, 0.1], damping=0.0)
     solver = jaxinf.arnoldi(2, krylov_dim=4, completion=True)
-    state = solver.init(op)
+    with pytest.raises(ValueError, match=r"completion=True.*damping > 0.*completion='auto'"):
+        solver.init(op)  # a concrete damping: at once
+    state = jax.jit(solver.init)(op)  # traced: validate raises, the solve flags
     with pytest.raises(ValueError, match="completion.*damping > 0"):
         solver.validate(state)
     x, info = solver.solve(state, jnp.ones(4))
@@ -201,6 +203,47 @@ def test_zero_damping_with_completion_raises_and_flags():
     x, info = solver.solve(state, jnp.ones(4))
     np.testing.assert_allclose(x, [1 / 3.5, 1 / 1.5, 2.0, 2.0], rtol=1e-12)
     assert bool(info.converged)
+
+
+def test_completion_auto_is_the_default_and_on_exactly_when_damping_is_positive():
+    """``completion="auto"``: the Woodbury term for λ > 0; at λ = 0 (concrete or traced) the span-only solve."""
+    rhs = jnp.ones(4)
+    auto = jaxinf.arnoldi(2, krylov_dim=4)
+    assert auto.config["completion"] == "auto"
+    span = jaxinf.arnoldi(2, krylov_dim=4, completion=False)
+    op = _quadratic([3.0, 1.0, 0.5, 0.1], damping=0.5)
+    for init in (auto.init, jax.jit(auto.init)):
+        state = init(op)
+        assert state.completion
+        auto.validate(state)
+        x, info = jax.jit(auto.solve)(state, rhs)
+        np.testing.assert_allclose(x, [1 / 3.5, 1 / 1.5, 2.0, 2.0], rtol=1e-12)  # (V D Vᵀ + λI)⁻¹ 1
+        assert bool(info.converged)
+    zero = _quadratic([3.0, 1.0, 0.5, 0.1], damping=0.0)
+    assert not auto.init(zero).completion  # concrete λ = 0: decided in init, recorded in the state
+    traced = jax.jit(auto.init)(zero)
+    assert traced.completion  # traced λ: gated in the solve, the scores and validate
+    for state in (auto.init(zero), traced):
+        auto.validate(state)  # no error: the completion is off at λ = 0
+        x, info = jax.jit(auto.solve)(state, rhs)
+        np.testing.assert_allclose(x, span.solve(span.init(zero), rhs)[0], rtol=1e-12)
+        np.testing.assert_allclose(x, [1 / 3, 1.0, 0.0, 0.0], rtol=1e-12, atol=1e-12)
+        assert bool(info.converged)
+    with pytest.raises(ValueError, match="completion must be 'auto', True or False"):
+        jaxinf.arnoldi(2, completion="yes")
+
+
+@pytest.mark.parametrize("damping", [0.0, 0.05])
+def test_influence_model_default_completion_scores(damping):
+    """Through InfluenceModel (a jitted init: traced damping) the default gives the completed scores for λ > 0
+    and the span-only scores at λ = 0, never NaN or an error."""
+    p = _mlp()
+    kw = dict(curvature="gauss_newton", model_fn=p.model_fn, output_loss=p.output_loss, damping=damping)
+    got = jaxinf.InfluenceModel(None, p.params, jaxinf.arnoldi(6), **kw).fit(p.train).influences(p.test, p.train)
+    ref = jaxinf.InfluenceModel(None, p.params, jaxinf.arnoldi(6, completion=damping > 0), **kw)
+    ref = ref.fit(p.train).influences(p.test, p.train)
+    assert np.all(np.isfinite(np.asarray(got)))
+    np.testing.assert_allclose(got, ref, rtol=1e-9, atol=1e-12 * float(np.max(np.abs(ref))))
 
 
 def test_configuration_errors():

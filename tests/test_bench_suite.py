@@ -87,3 +87,20 @@ def test_pydvl_compare_same_weights_same_answers(tmp_path, monkeypatch):
     assert arn["method"] == "arnoldi r=5" and "jaxinf_error" not in arn and "pydvl_error" not in arn
     assert abs(arn["jaxinf_pearson"] - arn["pydvl_pearson"]) < 1e-3
     assert abs(arn["jaxinf_ihvp_err"] - arn["pydvl_ihvp_err"]) < 1e-3
+
+
+def test_suite_shows_datainf_and_the_baselines_on_the_same_axes(tmp_path, monkeypatch):
+    """DataInf on its empirical Fisher and the gradient-similarity baselines (no curvature) are scored against exact."""
+    suite = _load("suite")
+    monkeypatch.setattr(suite.common, "RESULTS", str(tmp_path))
+    labels = ["datainf (fisher)", "gradient_dot", "gradient_cosine", "tracin (final checkpoint)"]
+    args = ["--n-train", "40", "--n-test", "3", "--d-in", "4", "--widths", "3", "--batch-size", "25"]
+    rows, _ = suite.main([*args, "--repeats", "1", "--methods", *labels, "--name", "baselines"])
+    by = {r["method"]: r for r in rows}
+    assert sorted(by) == sorted(labels)
+    for row in rows:
+        assert "error" not in row, row
+        assert -1 <= row["pearson"] <= 1 and -1 <= row["spearman"] <= 1
+    assert "ihvp_rel_err" in by["datainf (fisher)"] and "ihvp_rel_err" not in by["gradient_dot"]  # factors or none
+    # TracIn at the final checkpoint with η = 1 is the dot product
+    assert by["gradient_dot"]["pearson"] == by["tracin (final checkpoint)"]["pearson"]

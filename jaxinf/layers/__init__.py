@@ -6,7 +6,7 @@ what this package finds: :func:`find_layers` (the printable report),
 layer inputs and perturbing layer outputs) and :func:`tag_dense` (an
 explicit tag for a dense layer the automatic matcher cannot see).
 
-Automatic layer tagging: find the dense and convolution layers of any JAX function.
+Automatic layer tagging: find the dense, convolution and embedding layers of any JAX function.
 
 K-FAC needs, for every layer ``s = W a (+ b)``, the layer inputs ``a`` and the
 gradients ``g = ∂f/∂s`` with respect to its outputs. :func:`find_layers`
@@ -19,10 +19,18 @@ gets them **without changing the user's model**:
    reshape, dtype conversion, broadcast) to the operations that use it. A
    ``dot_general`` with one parameter operand is a dense layer, whatever the
    weight layout (``x @ W``, ``x @ W.T``, ``einsum``-style contractions over
-   several axes); a ``conv_general_dilated`` with a parameter kernel is a
-   convolution. An ``add`` of a parameter to such an output is the layer's
-   bias (also Flax's reshaped bias), checked by pushing index probes through
-   the broadcast. Layers inside ``lax.scan`` and weights used several times
+   several axes); with batch dimensions (per-head weights, ``einsum``
+   ``'...hd,hdk->...hk'``) each head is a location of one layer whose input
+   ``e_h ⊗ x_h`` is zero outside its head's rows (a block-diagonal input
+   factor). A ``conv_general_dilated`` with a parameter kernel is a
+   convolution; a ``gather`` of whole rows of a 2-D parameter table by
+   integer ids (``jnp.take(table, ids, axis=0)``, Flax's ``Embed``) is an
+   embedding, a dense layer on one-hot inputs (its input factor is
+   diagonal: the id counts). An ``add`` of a parameter to such an output,
+   possibly after a transpose or reshape of it (Equinox's ``W @ x + b``
+   under ``vmap``), is the layer's bias (also Flax's reshaped bias), checked
+   by pushing index probes through the broadcast. A zero-size weight is a
+   fallback (nothing to fit). Layers inside ``lax.scan`` and weights used several times
    (shared layers) are *repeated layers*: their uses add locations, as the
    spatial positions of a convolution do (Grosse & Martens 2016).
 3. Re-evaluate the traced graph with a zero perturbation ``δ`` added at each

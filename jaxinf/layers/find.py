@@ -32,7 +32,7 @@ def find_layers(
     block_max_size: int = 256,
     restrict_to: LayerTags | None = None,
 ) -> LayerTags:
-    """Find the dense and convolution layers of ``fn(params, batch)``.
+    """Find the dense (per-head ones included), convolution and embedding layers of ``fn(params, batch)``.
 
     Args:
       fn: a function of ``(params, batch)`` (a loss or a model); traced once,
@@ -114,9 +114,15 @@ def _analyse(fn, params, batch, *, block_max_size=256, restrict_to=None):
     return tags, graph, closed
 
 
+_KIND_USE = {"dense": "a dense weight", "conv": "a convolution kernel", "embedding": "an embedding table"}
+
+
 def _claim_explicit(gr: _Grouping, explicit: list[dict]) -> None:
-    """Explicit tags claim their leaves: each tagged weight is a dense layer."""
+    """Explicit tags claim their leaves: each tagged weight is a dense layer (a zero-size one falls back)."""
     for e in explicit:
+        if math.prod(e["canon"].shape) == 0:
+            gr.reasons[e["weight"]] = "zero size: no entries, so no curvature and no influence"
+            continue
         gr.claimed.setdefault(e["weight"], []).append(e)
     gr.claimed_bias = {e["bias"][0] for e in explicit if e["bias"] is not None}
     for w, group in gr.claimed.items():
@@ -138,6 +144,9 @@ def _group_sites(gr: _Grouping, candidates: list[dict]) -> None:
     for w, group in site_by_leaf.items():
         if w in gr.claimed or w in gr.claimed_bias:
             continue
+        if math.prod(group[0]["canon"].shape) == 0:
+            gr.reasons[w] = "zero size: no entries, so no curvature and no influence"
+            continue
         if allowed is not None:
             if w not in allowed:
                 continue
@@ -148,7 +157,8 @@ def _group_sites(gr: _Grouping, candidates: list[dict]) -> None:
             continue
         kinds = {g["kind"] for g in group}
         if len(kinds) > 1:
-            gr.reasons[w] = "used both as a dense weight and as a convolution kernel"
+            uses = " and as ".join(_KIND_USE[k] for k in sorted(kinds))
+            gr.reasons[w] = f"used both as {uses}" + (" (tied weights)" if "embedding" in kinds else "")
             continue
         if any(not g["canon"].same_as(group[0]["canon"]) for g in group):
             gr.reasons[w] = "shared by dense uses with different layouts (e.g. x @ W and h @ W.T)"
@@ -279,6 +289,8 @@ def _make_sites(w, group, b, sid, site_uses: set) -> list[Site]:
                 out_perm=g.get("out_perm", ()),
                 conv=g.get("conv"),
                 bias=bias,
+                heads=g.get("heads", 0),
+                embed=g.get("embed"),
             )
         )
         site_uses.add((g["node"].uid, g["w_pos"]))

@@ -18,6 +18,9 @@ from jaxinf.layers.graph import LAYOUT_PRIMITIVES, _Builder, _Graph, _Lit, apply
 from jaxinf.layers.primitive import dense_tag_p
 from jaxinf.layers.structures import Site, _canon_from_index
 
+# Layout operations that move the entries of a layer's output one to one (a bias may be added after them).
+_BIJECTIVE_LAYOUT = frozenset({"transpose", "reshape", "squeeze", "expand_dims", "convert_element_type", "copy"})
+
 
 class _Use:
     __slots__ = ("leaf", "chain", "node", "pos", "what", "in_scan")
@@ -48,28 +51,61 @@ class _Matcher:
             return np.asarray(apply_chain(jnp.asarray(base, dtype), chain, probe=True))
 
     def _dense(self, node, w_pos, org, stack):
+        """A ``dot_general`` with a weight operand; batch dimensions (per-head weights) make heads locations.
+
+        With batch (head) axes ``h`` in ``s[h, k] = Σ_c x[h, c] W[h, c, k]``, the weight is one layer with
+        ``d_in = H·C`` rows and each head a location whose input ``e_h ⊗ x[h]`` is zero outside head ``h``'s
+        rows: the per-example gradient ``Σ_h (e_h ⊗ x_h) g_hᵀ`` is exact, the factor ``A`` block-diagonal.
+        """
         (lc, rc), (lb, rb) = node.params["dimension_numbers"]
-        if lb or rb:
-            self._reject(org, node, "a dot_general with batch dimensions (e.g. per-head weights)", stack)
-            return None
         x_pos = 1 - w_pos
         x_shape, w_shape = self.shape(node.inputs[x_pos]), self.shape(node.inputs[w_pos])
         x_con, w_con = (tuple(lc), tuple(rc)) if x_pos == 0 else (tuple(rc), tuple(lc))
-        x_free = tuple(i for i in range(len(x_shape)) if i not in x_con)
-        w_free = tuple(i for i in range(len(w_shape)) if i not in w_con)
+        x_bat, w_bat = (tuple(lb), tuple(rb)) if x_pos == 0 else (tuple(rb), tuple(lb))
+        x_free = tuple(i for i in range(len(x_shape)) if i not in x_con + x_bat)
+        w_free = tuple(i for i in range(len(w_shape)) if i not in w_con + w_bat)
         if not w_free or not x_con:
             self._reject(org, node, "a dot_general without output features or contraction", stack)
             return None
-        d_in = math.prod(w_shape[i] for i in w_con)
+        heads = math.prod(w_shape[i] for i in w_bat)
+        d_in = heads * math.prod(w_shape[i] for i in w_con)
         d_out = math.prod(w_shape[i] for i in w_free)
-        probe = np.transpose(self._probe(*org), w_con + w_free).reshape(d_in, d_out)
+        probe = np.transpose(self._probe(*org), w_bat + w_con + w_free).reshape(d_in, d_out)
         canon = _canon_from_index(np.shape(self.params[org[0]]), probe)
         if canon is None:
             self._reject(org, node, "a dot_general after a broadcast of the weight", stack)
             return None
-        nx, nw = len(x_free), len(w_free)
-        out_perm = tuple(range(nx + nw)) if x_pos == 0 else tuple(range(nw, nw + nx)) + tuple(range(nw))
-        return self._site(node, "dense", org, x_pos, w_pos, canon, stack, x_perm=x_free + x_con, out_perm=out_perm)
+        nb, nx, nw = len(x_bat), len(x_free), len(w_free)
+        free = tuple(range(nb, nb + nx + nw)) if x_pos == 0 else tuple(range(nb + nw, nb + nw + nx))
+        out_perm = tuple(range(nb)) + (free if x_pos == 0 else free + tuple(range(nb, nb + nw)))
+        kw = {"x_perm": x_bat + x_free + x_con, "out_perm": out_perm, "heads": heads if w_bat else 0}
+        return self._site(node, "dense", org, x_pos, w_pos, canon, stack, **kw)
+
+    def _embed(self, node, org, stack):
+        """A ``gather`` of whole rows of a parameter table by integer ids (``jnp.take(table, ids, axis=0)``).
+
+        The layer ``s = Wᵀ onehot(id)``: ``d_in`` = the rows (vocabulary), ``d_out`` = the row size; its input
+        factor ``A = E[Σ_t onehot onehotᵀ]`` is diagonal (the id counts).
+        """
+        dn, table = node.params["dimension_numbers"], self.shape(node.inputs[0])
+        ids, out = self.shape(node.inputs[1]), tuple(self.b.avals[node.outputs[0]].shape)
+        whole_rows = len(table) == 2 and tuple(node.params["slice_sizes"]) == (1, table[1])
+        if not (
+            whole_rows
+            and tuple(dn.collapsed_slice_dims) == (0,)
+            and tuple(dn.start_index_map) == (0,)
+            and tuple(dn.offset_dims) == (len(out) - 1,)
+            and not tuple(dn.operand_batching_dims)
+            and ids[-1:] == (1,)
+        ):
+            self._reject(org, node, "a gather that does not take whole rows of a 2-D table by integer ids", stack)
+            return None
+        canon = _canon_from_index(np.shape(self.params[org[0]]), self._probe(*org))
+        if canon is None:
+            self._reject(org, node, "a gather from a broadcast of the table", stack)
+            return None
+        mode = "clip" if "CLIP" in str(node.params["mode"]) or "PROMISE" in str(node.params["mode"]) else "fill"
+        return self._site(node, "embedding", org, 1, 0, canon, stack, out_perm=tuple(range(len(out))), embed=mode)
 
     def _conv(self, node, org, stack):
         p = node.params
@@ -165,16 +201,30 @@ class _Matcher:
         )
 
     def bias_row(self, cand) -> np.ndarray | None:
-        """Flat bias index at each output feature if ``cand`` is a valid bias add, else ``None``."""
-        site = cand["site"]
+        """Flat bias index at each output feature if ``cand`` is a valid bias add, else ``None``.
+
+        The add may come after layout operations on the layer's output (``cand["out_chain"]``: Equinox's
+        ``W @ x + b`` under ``vmap`` transposes first); their index map takes the bias back to the output.
+        """
+        site, out_chain = cand["site"], cand.get("out_chain", ())
         shape = np.shape(self.params[cand["leaf"]])
         probe = self._probe(cand["leaf"], cand["chain"])
-        if math.prod(shape) != site["canon"].d_out:
+        if math.prod(shape) != site["canon"].d_out or site.get("heads"):
             return None
+        added = self.shape(cand["node"].inputs[1 - cand["pos"]])
         try:  # `add` broadcasts size-1 axes (Flax's reshaped bias)
-            probe = np.broadcast_to(probe, site["out_shape"])
+            probe = np.broadcast_to(probe, added)
         except ValueError:
             return None
+        if out_chain:
+            size = math.prod(site["out_shape"])
+            with jax.ensure_compile_time_eval():
+                where = np.asarray(apply_chain(jnp.arange(size).reshape(site["out_shape"]), out_chain, probe=True))
+            if not np.array_equal(np.sort(where.ravel()), np.arange(size)):
+                return None
+            back = np.empty(size, probe.dtype)
+            back[where.ravel()] = probe.ravel()
+            probe = back.reshape(site["out_shape"])
         tmp = Site(
             0,
             0,
@@ -191,6 +241,7 @@ class _Matcher:
             x_perm=site.get("x_perm", ()),
             out_perm=site.get("out_perm", ()),
             conv=site.get("conv"),
+            heads=site.get("heads", 0),
         )
         with jax.ensure_compile_time_eval():
             rows = np.asarray(tmp._canon_out(jnp.asarray(probe)))
@@ -215,6 +266,9 @@ class _Analysis(_Matcher):
             org = [origin.get(r) if isinstance(r, int) else None for r in node.inputs]
             if self._follow_layout(node, org, origin):
                 continue
+            if node.name in _BIJECTIVE_LAYOUT and node.inputs and node.inputs[0] in site_out:
+                cand, chain = site_out[node.inputs[0]]  # a layout operation on a layer output (a bias may follow)
+                site_out[node.outputs[0]] = (cand, chain + (node,))
             handled = self._match(node, org, stack, site_out)
             for i, o in enumerate(org):
                 if o is not None and i not in handled:
@@ -242,6 +296,8 @@ class _Analysis(_Matcher):
             return self._match_dot(node, org, stack, site_out)
         if name == "conv_general_dilated" and org[1] is not None and org[0] is None:
             return self._match_conv(node, org, stack, site_out)
+        if name == "gather" and org[0] is not None and org[1] is None:
+            return self._match_site(node, 0, self._embed(node, org[0], stack), site_out, stack)
         if name == "add" and len(node.inputs) == 2:
             return self._match_add(node, org, stack, site_out)
         if name == "scan" and node.body is not None:
@@ -258,27 +314,28 @@ class _Analysis(_Matcher):
 
     def _match_dot(self, node, org, stack, site_out) -> set[int]:
         w_pos = 0 if org[0] is not None else 1
-        cand = self._dense(node, w_pos, org[w_pos], stack)
-        if cand is None:
-            return set()
-        site_out[node.outputs[0]] = cand
-        self.uses.append(_Use(org[w_pos][0], org[w_pos][1], node, w_pos, "site", bool(stack)))
-        return {w_pos}
+        return self._match_site(node, w_pos, self._dense(node, w_pos, org[w_pos], stack), site_out, stack)
 
     def _match_conv(self, node, org, stack, site_out) -> set[int]:
-        cand = self._conv(node, org[1], stack)
+        return self._match_site(node, 1, self._conv(node, org[1], stack), site_out, stack)
+
+    def _match_site(self, node, w_pos, cand, site_out, stack) -> set[int]:
+        """Record a matched site (``cand``, or ``None``: no match) whose weight is operand ``w_pos``."""
         if cand is None:
             return set()
-        site_out[node.outputs[0]] = cand
-        self.uses.append(_Use(org[1][0], org[1][1], node, 1, "site", bool(stack)))
-        return {1}
+        site_out[node.outputs[0]] = (cand, ())
+        self.uses.append(_Use(cand["weight"], cand["chain"], node, w_pos, "site", bool(stack)))
+        return {w_pos}
 
     def _match_add(self, node, org, stack, site_out) -> set[int]:
         handled: set[int] = set()
         for pos in (0, 1):
             other = node.inputs[1 - pos]
             if org[pos] is not None and isinstance(other, int) and other in site_out and org[1 - pos] is None:
-                self.biases.append(dict(site=site_out[other], leaf=org[pos][0], chain=org[pos][1], node=node, pos=pos))
+                site, out_chain = site_out[other]
+                self.biases.append(
+                    dict(site=site, leaf=org[pos][0], chain=org[pos][1], node=node, pos=pos, out_chain=out_chain)
+                )
                 self.uses.append(_Use(org[pos][0], org[pos][1], node, pos, "bias", bool(stack)))
                 handled = {pos}
         return handled

@@ -29,11 +29,17 @@ class LayerTags:
             where = f"{nsites} use{'s' if nsites > 1 else ''}"
             if in_scan:
                 where += f", {in_scan} inside lax.scan"
+            heads = max(s.heads for s in layer.sites)
+            if heads:
+                where += f", {heads} heads as locations (per-head weights; block-diagonal input factor)"
+            if layer.kind == "embedding":
+                where += ", one-hot inputs (diagonal input factor)"
             detail = f"{layer.name}: d_in={layer.d_in}{'+1' if layer.bias is not None else ''}, d_out={layer.d_out}, "
             detail += f"{layer.locations} location(s), {where}"
             if layer.other_uses:
                 detail += "; also used by " + ", ".join(layer.other_uses) + " (exact gradient kept, not in factors)"
-            out[layer.weight] = (f"{layer.kind} weight ({layer.source})", detail)
+            what = "table" if layer.kind == "embedding" else "weight"
+            out[layer.weight] = (f"{layer.kind} {what} ({layer.source})", detail)
             if layer.bias is not None:
                 out[layer.bias] = (f"{layer.kind} bias ({layer.source})", f"{layer.name}")
         for fb in self.fallbacks:

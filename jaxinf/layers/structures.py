@@ -76,7 +76,7 @@ class Site:
 
     sid: int
     node_uid: int
-    kind: str  # "dense" | "conv" | "tag"
+    kind: str  # "dense" | "conv" | "embedding" | "tag"
     weight: int
     x_pos: int
     w_pos: int | None
@@ -90,6 +90,8 @@ class Site:
     out_perm: tuple = ()  # dense: output axes -> (x free..., w free...)
     conv: dict | None = None
     bias: tuple | None = None  # (leaf, chain, add node uid, operand position, row permutation)
+    heads: int = 0  # dense: entries of the dot_general batch (head) axes, each head a location; 0: none
+    embed: str | None = None  # embedding: "clip" or "fill", how the gather treats an id out of range
 
     @property
     def locations(self) -> int:
@@ -113,6 +115,14 @@ class Site:
         return jnp.reshape(fn(g), (-1, self.canon.d_out))
 
     def _canon_x(self, x):
+        if self.kind == "embedding":  # one-hot ids; out of range: clamped ("clip") or a zero row ("fill")
+            ids = jnp.reshape(x, (-1,))
+            ids = jnp.clip(ids, 0, self.canon.d_in - 1) if self.embed == "clip" else ids
+            return jax.nn.one_hot(ids, self.canon.d_in, dtype=jnp.float32 if self.out_dtype is None else self.out_dtype)
+        if self.heads:  # (heads, locations, C) -> per (location, head): e_head ⊗ x, zero outside the head's rows
+            xh = jnp.reshape(jnp.transpose(x, self.x_perm), (self.heads, -1, self.canon.d_in // self.heads))
+            spread = jnp.einsum("hfc,hk->fhkc", xh, jnp.eye(self.heads, dtype=xh.dtype))
+            return jnp.reshape(spread, (-1, self.canon.d_in))
         if self.kind != "conv":
             return jnp.reshape(jnp.transpose(x, self.x_perm), (-1, self.canon.d_in))
         c = self.conv
@@ -129,6 +139,9 @@ class Site:
         return jnp.reshape(jnp.moveaxis(patches, 1, -1), (-1, self.canon.d_in))
 
     def _canon_out(self, g):
+        if self.heads:  # (heads, locations, d_out) -> rows ordered (location, head) as in _canon_x
+            gh = jnp.reshape(jnp.transpose(g, self.out_perm), (self.heads, -1, self.canon.d_out))
+            return jnp.reshape(jnp.swapaxes(gh, 0, 1), (-1, self.canon.d_out))
         if self.kind != "conv":
             return jnp.reshape(jnp.transpose(g, self.out_perm), (-1, self.canon.d_out))
         gn = jnp.transpose(g, self.conv["out_spec"])
@@ -140,7 +153,7 @@ class Layer:
     """A tagged layer: one weight leaf (and optionally a bias leaf) and its sites."""
 
     name: str
-    kind: str  # "dense" | "conv"
+    kind: str  # "dense" | "conv" | "embedding"
     weight: int
     bias: int | None
     sites: tuple

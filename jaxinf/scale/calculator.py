@@ -87,7 +87,7 @@ from jaxinf.scale.tiles import (
     solve_factors,
     train_steps,
 )
-from jaxinf.scoring import SCORING_METHODS, resolve_input_leaf
+from jaxinf.scoring import SCORING_METHODS, check_measurement, resolve_input_leaf
 
 PyTree = Any
 
@@ -114,6 +114,8 @@ class InfluenceCalculator:
       max_memory: bytes available per device (host RAM for CPU devices);
         default: the free memory now.
       progress: show a tqdm progress bar (throughput and ETA) on process 0.
+      measurement: ``f(params, batch) -> scalar mean`` replacing the loss on
+        the test side (default: the loss), as in :meth:`jaxinf.InfluenceModel.influences`.
 
     Examples:
       >>> import jax.numpy as jnp, numpy as np, jaxinf, tempfile
@@ -140,6 +142,7 @@ class InfluenceCalculator:
         scoring: str | None = None,
         max_memory: int | None = None,
         progress: bool = True,
+        measurement: Callable | None = None,
     ):
         if mode not in MODES:
             raise ValueError(f"Unknown mode {mode!r}; choose 'up' (up-weighting) or 'perturbation'.")
@@ -160,6 +163,7 @@ class InfluenceCalculator:
         self.scoring = scoring
         self.max_memory = max_memory
         self.progress = progress
+        self.measurement = measurement
         self.spec = model._spec
         self.params = replicate(model.params, self.mesh)
         self.state = on_mesh(state, self.mesh)
@@ -179,9 +183,10 @@ class InfluenceCalculator:
         if cache_key in self._compiled:
             return self._compiled[cache_key]
         loss_fn, solver = self.model.loss_fn, self.model.solver
-        f_compiled = factors_kernel.lower(self.params, self.state, test_like, loss_fn=loss_fn, solver=solver).compile()
+        test_fn = loss_fn if self.measurement is None else self.measurement
+        f_compiled = factors_kernel.lower(self.params, self.state, test_like, loss_fn=test_fn, solver=solver).compile()
         factors_like = jax.eval_shape(
-            lambda p, s, b: factors_kernel(p, s, b, loss_fn=loss_fn, solver=solver),
+            lambda p, s, b: factors_kernel(p, s, b, loss_fn=test_fn, solver=solver),
             self.params,
             self.state,
             test_like,
@@ -358,6 +363,8 @@ class InfluenceCalculator:
         train_source = as_source(train_data, batch_size)
         if test_source.num_examples != test_source.total_examples:
             raise ValueError("Every process must pass all the test points (the rows); shard only the training data.")
+        if self.measurement is not None:
+            check_measurement(self.measurement, self.model.params, [test_source.first()])
         processes = self.devices // self.local_devices
         per = process_split(train_source, processes)
         layout = self._layout(test_source, train_source)
@@ -432,8 +439,8 @@ def _is_one_batch(data) -> bool:
 def compute_influences(model, test_data, train_data, path, **kwargs):
     """One call: ``InfluenceCalculator(model, ...).run(test_data, train_data, path, ...)``.
 
-    Keyword arguments go to the constructor (``state``, ``mesh``,
-    ``test_block``, ``mode``, ``scoring``, ``max_memory``, ``progress``) or to
+    Keyword arguments go to the constructor (``state``, ``mesh``, ``test_block``,
+    ``mode``, ``scoring``, ``max_memory``, ``progress``, ``measurement``) or to
     :meth:`InfluenceCalculator.run` (``batch_size``, ``resume``,
     ``overwrite``, ``callback``).
     """

@@ -319,12 +319,12 @@ def run_fingerprint(calc, job: Tiling, dtype) -> dict:
 
     ``calc`` is the :class:`~jaxinf.scale.InfluenceCalculator`: its model
     (params, loss, damping, curvature, blocks, solver configuration), fitted
-    state, mode and block sizes; ``job`` gives the data's sizes, shapes and
+    state, measurement (``None`` for the loss), mode and block sizes; ``job`` gives the data's sizes, shapes and
     dtypes. The contents of every test block and training batch are recorded
     per cell in the store's done-marks.
     """
     model = calc.model
-    first = job.train_source.first()
+    first, test_first = job.train_source.first(), job.test_source.first()
     ids, names = resolve_blocks(model.params, model.blocks)
     solver = model.solver
     if not isinstance(solver.config, dict):
@@ -353,7 +353,8 @@ def run_fingerprint(calc, job: Tiling, dtype) -> dict:
         "blocks": {"ids": list(ids), "names": list(names)},
         "solver": solver.config if isinstance(solver.config, dict) else {"name": solver.name},
         "loss": loss_digest(model.loss_fn, model.params, first),
-        "test_data": _data_spec(job.test_source.first(), job.n_test),
+        "measurement": None if calc.measurement is None else loss_digest(calc.measurement, model.params, test_first),
+        "test_data": _data_spec(test_first, job.n_test),
         "train_data": _data_spec(first, job.n_train),
     }
     return json.loads(json.dumps(fingerprint, default=str))  # as the store will read it back (tuples -> lists)

@@ -41,6 +41,7 @@ from jaxinf.layers.statistics import loss_tracer
 from jaxinf.scoring.cost_model import LayerProfile, cheapest
 from jaxinf.scoring.layerwise import contract_by_layer
 from jaxinf.scoring.layerwise import layer_profile as profile_of
+from jaxinf.scoring.measurement import check_measurement as check_measurement
 
 PyTree = Any
 SCORING_METHODS = ("auto", "gradients", "jvp", "layerwise")

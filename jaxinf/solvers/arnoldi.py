@@ -10,8 +10,13 @@ symmetrised and diagonalised, ``T = S diag(θ) Sᵀ``; the Ritz pairs
 
     ``x = V (D + λ)⁻¹ Vᵀ v  [+ (1/λ)(I − V Vᵀ) v]``,
 
-with the optional Woodbury completion for ``λ > 0`` (it treats the
-curvature outside the basis as zero). When the Krylov space becomes invariant
+with the Woodbury completion (it treats the curvature outside the basis as
+zero, and needs ``λ > 0``). ``completion="auto"`` (default) turns it on
+exactly when ``λ > 0``: measured against the exact Gauss-Newton influence it
+raised Pearson / Spearman in every case (0.72–1.00 / 0.51–0.96 without,
+0.76–1.00 / 0.60–0.999 with, on Flax, NNX and Equinox MLPs, CNNs and a small
+transformer; issue 15), and at ``λ = 0`` it is undefined, so the solve stays
+on the span of the basis, as before. When the Krylov space becomes invariant
 (breakdown, e.g. a low-rank curvature) the iteration restarts from a fresh
 random vector orthogonal to the basis, so the basis stays orthonormal.
 
@@ -30,8 +35,9 @@ inverted: ``validate`` raises, the solve flags ``converged = False``.
 
 Cost: ``krylov_dim`` curvature-vector products and ``O(m² p)`` dense work to
 fit; memory ``(m + 1) p``; per solve ``O(r p)``. Scores come by projection
-(:func:`jaxinf.solvers.lowrank.scorer`): ``r`` JVPs per batch, no per-example
-gradients unless ``completion=True``.
+(:func:`jaxinf.solvers.lowrank.scorer`): ``r`` JVPs per batch, plus, with the
+completion on, per-example gradients of the smaller batch and one JVP per
+such gradient (``completion=False`` avoids them).
 """
 
 from __future__ import annotations
@@ -44,10 +50,12 @@ import jax.numpy as jnp
 
 from jaxinf.core.curvature import CurvatureOperator
 from jaxinf.core.sketch import curvature_matvec
-from jaxinf.solvers.base import Solver, records_config
+from jaxinf.core.tree import is_tracer
+from jaxinf.solvers.base import Scorer, Solver, records_config
 from jaxinf.solvers.lowrank import LowRankState, check_operator, lowrank_solve, lowrank_validate, positive_int, scorer
 
 NEGATIVE = ("keep", "clip", "abs")
+COMPLETION = ("auto", True, False)
 
 ADVICE = (
     "Increase damping, or lower rank if D + λ is singular; raise krylov_dim for more accurate eigenpairs; "
@@ -168,7 +176,7 @@ def arnoldi(
     rank: int,
     *,
     krylov_dim: int | None = None,
-    completion: bool = False,
+    completion: bool | str = "auto",
     negative: str = "keep",
     projection_batch: int | None = None,
 ) -> Solver:
@@ -179,10 +187,17 @@ def arnoldi(
         ``negative="clip"``).
       krylov_dim: Arnoldi steps ``m`` (curvature-vector products), ``rank <=
         m <= p``; default ``min(p, 2·rank + 10)``.
-      completion: add the Woodbury completion ``(1/λ)(I − VVᵀ) v`` (needs
-        ``λ > 0``; then the result is the exact inverse of
-        ``V D Vᵀ + λI``). Scoring with it needs per-example gradients of
-        the smaller batch.
+      completion: add the Woodbury completion ``(1/λ)(I − VVᵀ) v``, which
+        makes the solve the exact inverse of ``V D Vᵀ + λI``. ``"auto"``
+        (default): on when the damping ``λ > 0``, off at ``λ = 0``, where it
+        is undefined (a concrete damping is decided in ``init`` and recorded
+        in ``state.completion``; a damping traced by ``jit``, as inside
+        :class:`jaxinf.InfluenceModel`, gives ``state.completion=True`` and the
+        solve, scores and ``validate`` drop the term when ``λ = 0``).
+        ``True``: always, and ``λ = 0`` raises (in ``init`` when the damping
+        is concrete, else in ``validate``; the solve flags
+        ``converged=False``). ``False``: never (the pre-issue-15 default).
+        Scoring with it needs per-example gradients of the smaller batch.
       negative: ``"keep"``, ``"clip"`` or ``"abs"``; see the module docstring.
       projection_batch: basis vectors pushed forward at once when scoring
         (``None``: all).
@@ -192,9 +207,10 @@ def arnoldi(
       ``score`` (projected scoring, :func:`jaxinf.solvers.lowrank.scorer`).
 
     Raises:
-      ValueError: bad ``rank``/``krylov_dim``/``negative``; from ``init``,
-        ``krylov_dim > p`` or a block-diagonal operator (not supported);
-        from ``validate``, ``D + λ`` singular or ``completion`` with
+      ValueError: bad ``rank``/``krylov_dim``/``negative``/``completion``;
+        from ``init``, ``krylov_dim > p``, a block-diagonal operator (not
+        supported) or ``completion=True`` with a concrete ``λ <= 0``; from
+        ``validate``, ``D + λ`` singular or ``completion=True`` with
         ``λ <= 0`` (negative eigenvalues only warn).
 
     Examples:
@@ -206,7 +222,11 @@ def arnoldi(
       >>> state = solver.init(op, key=jax.random.key(0))
       >>> [round(float(d), 4) for d in state.eigvals]  # H = diag(4, 1, 0.01)
       [4.0, 1.0]
-      >>> sol, info = solver.solve(state, jnp.ones(3))
+      >>> sol, info = solver.solve(state, jnp.ones(3))  # λ > 0: completion on, 1/λ off the basis
+      >>> bool(state.completion), bool(jnp.allclose(sol, jnp.array([1 / 4.01, 1 / 1.01, 1 / 0.01]), rtol=1e-4))
+      (True, True)
+      >>> span = jaxinf.arnoldi(2, krylov_dim=3, completion=False)
+      >>> sol, info = span.solve(span.init(op, key=jax.random.key(0)), jnp.ones(3))
       >>> bool(jnp.allclose(sol, jnp.array([1 / 4.01, 1 / 1.01, 0.0]), atol=1e-6))
       True
 
@@ -225,6 +245,9 @@ def arnoldi(
         raise ValueError(f"negative must be one of {NEGATIVE}, got {negative!r}.")
     if projection_batch is not None:
         projection_batch = positive_int(projection_batch, "projection_batch")
+    if not any(completion is c or (isinstance(completion, str) and completion == c) for c in COMPLETION):
+        raise ValueError(f"completion must be 'auto', True or False, got {completion!r}.")
+    rule = _CompletionRule(completion)
 
     def steps(operator) -> int:
         p = check_operator(operator, "arnoldi", rank)
@@ -237,7 +260,7 @@ def arnoldi(
         m = steps(operator)
         key = jax.random.key(0) if key is None else key
         state = _fit(operator, key, rank=rank, krylov_dim=m, negative=negative)
-        return dataclasses.replace(state, completion=completion)
+        return rule.resolve(state)
 
     def stream_init(stream, *, key=None) -> LowRankState:
         """The same state from a stream: ``krylov_dim`` passes over the data, one product ``C q_j`` each.
@@ -258,24 +281,64 @@ def arnoldi(
         state = jax.jit(ritz_state, static_argnames=("spec", "rank", "negative"))(
             q, h, breakdowns, operator.damping[0], operator.spec, rank=rank, negative=negative
         )
-        return dataclasses.replace(state, completion=completion)
+        return rule.resolve(state)
 
     def validate(state: LowRankState) -> None:
         lowrank_validate(
-            state,
+            rule.off(state) if rule.auto and not float(state.damping) > 0 else state,
             indefinite_note=" Influence under an indefinite curvature can flip signs; consider "
             "curvature='gauss_newton'.",
         )
 
     return Solver(
         init=init,
-        solve=lowrank_solve,
+        solve=rule.solve,
         validate=validate,
         name="arnoldi",
         advice=ADVICE,
-        scorer=scorer(projection_batch),
+        scorer=rule.scorer(scorer(projection_batch)),
         stream_init=stream_init,
     )
 
 
-__all__ = ["arnoldi", "arnoldi_iteration", "arnoldi_start", "arnoldi_step", "ritz_state", "NEGATIVE"]
+class _CompletionRule:
+    """The ``completion`` option: resolved in ``init``; gated on ``λ > 0`` when ``"auto"`` meets a traced damping."""
+
+    def __init__(self, completion):
+        self.completion = completion
+        self.auto = isinstance(completion, str)
+
+    def resolve(self, state: LowRankState) -> LowRankState:
+        """``state`` with its static ``completion`` decided (see :func:`arnoldi`)."""
+        lam = state.damping
+        if not self.auto:
+            if self.completion and not is_tracer(lam) and not float(lam) > 0:
+                raise ValueError(
+                    f"arnoldi(completion=True): the Woodbury completion (1/λ)(I − VVᵀ)v needs damping > 0, got "
+                    f"damping={float(lam):.3g}. Set damping > 0 (e.g. 1e-3), or pass completion='auto' (on only "
+                    "when λ > 0) or completion=False."
+                )
+            return dataclasses.replace(state, completion=bool(self.completion))
+        return dataclasses.replace(state, completion=True if is_tracer(lam) else bool(float(lam) > 0))
+
+    @staticmethod
+    def off(state: LowRankState) -> LowRankState:
+        return dataclasses.replace(state, completion=False)
+
+    def _gated(self, state: LowRankState, fn):
+        """``fn(state)``, or, for ``"auto"`` with the completion on, ``fn`` without it wherever ``λ <= 0``."""
+        if not (self.auto and state.completion):
+            return fn(state)
+        return jax.lax.cond(state.damping > 0, lambda: fn(state), lambda: fn(self.off(state)))
+
+    def solve(self, state: LowRankState, v):
+        return self._gated(state, lambda s: lowrank_solve(s, v))
+
+    def scorer(self, inner: Scorer) -> Scorer:
+        def finish(state, operator, prepared, train_batch):
+            return self._gated(state, lambda s: inner.finish(s, operator, prepared, train_batch))
+
+        return Scorer(prepare=inner.prepare, finish=finish)
+
+
+__all__ = ["arnoldi", "arnoldi_iteration", "arnoldi_start", "arnoldi_step", "ritz_state", "COMPLETION", "NEGATIVE"]

@@ -9,6 +9,17 @@ tested against). Forming ``C`` costs ``p`` curvature-vector products and
 
 The undamped eigenpairs are stored, so damping can be changed after fitting
 without refactorising (:func:`with_damping`).
+
+Derivatives. ``solve`` is linear in ``v`` and in ``(w_b + λ_b)⁻¹``, so
+``jax.grad`` with respect to ``v`` and to the state's damping is exact
+(``v̄ = (C + Λ)⁻¹ x̄``, ``λ̄_b = −x̄_bᵀ (C_bb + λ_b)⁻¹ x_b``). The eigenpairs
+are never differentiated: the derivative of ``eigh`` is wrong or infinite where
+eigenvalues repeat (the zero eigenvalues of any rank-deficient curvature), so
+``solve`` raises ``TypeError`` when they depend on a differentiated variable.
+For gradients with respect to the parameters ``θ`` and the training data use
+:func:`jaxinf.implicit_solve`, which differentiates ``x = A(θ)⁻¹ v``
+implicitly through the operator's products: ``θ̄ = −∂_θ⟨A⁻¹x̄, A(θ) x⟩``,
+exact for this solver (it holds ``A⁻¹`` exactly).
 """
 
 from __future__ import annotations
@@ -25,6 +36,7 @@ import numpy as np
 from jaxinf.core.curvature import CurvatureOperator
 from jaxinf.core.memory import available_bytes
 from jaxinf.core.tree import TreeSpec, check_matches, ravel, unravel
+from jaxinf.solvers.autodiff import factorisation_message, frozen
 from jaxinf.solvers.base import Solver, make_info, records_config
 
 
@@ -126,6 +138,8 @@ def direct(*, max_memory: int | None = None, column_batch: int = 128) -> Solver:
 
     def solve(state: DirectState, v):
         check_matches(v, state.spec, "v")
+        factors = frozen((state.eigvecs, state.eigvals), factorisation_message("direct()"))
+        state = dataclasses.replace(state, eigvecs=factors[0], eigvals=factors[1])
         dtype = state.spec.dtype
         b = ravel(v, dtype)
         x = apply(state, b, -1)
@@ -211,6 +225,18 @@ def _singular(state: DirectState):
         top = jnp.max(jnp.abs(shifted))
         flags.append(jnp.min(jnp.abs(shifted)) <= w.size * jnp.finfo(w.dtype).eps * top)
     return jnp.any(jnp.stack(flags))
+
+
+def bind(state: DirectState, operator: CurvatureOperator) -> DirectState:
+    """``state`` with the damping of ``operator`` (per block), after checking it was fitted for that layout."""
+    if state.spec != operator.spec or tuple(state.block_names) != tuple(operator.block_names):
+        raise ValueError(
+            "The direct() state was fitted for another parameter layout or block structure than the operator "
+            f"(blocks {list(state.block_names)} against {list(operator.block_names)}); fit it with "
+            "solver.init(operator), or pass state=None."
+        )
+    damping = tuple(operator.damping[operator.block_leaf_indices(b)[0]] for b in range(operator.num_blocks))
+    return dataclasses.replace(state, damping=damping)
 
 
 def with_damping(state: DirectState, damping: Any) -> DirectState:

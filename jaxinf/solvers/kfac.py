@@ -59,6 +59,7 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -72,6 +73,7 @@ from jaxinf.core.data import as_batches, is_single_batch
 from jaxinf.core.tree import check_matches
 from jaxinf.layers.statistics import example_statistics
 from jaxinf.scoring.layerwise import contract_by_layer
+from jaxinf.solvers.autodiff import frozen
 from jaxinf.solvers.base import Scorer, Solver, make_info, records_config
 from jaxinf.solvers.kfac_fit import fit, fit_stream
 from jaxinf.solvers.kfac_plan import FISHER_MODES, KFACPlan, KFACState, check_options, make_plan
@@ -173,6 +175,7 @@ def ekfac(
         plan, o_loss = make(operator)
         key = jax.random.key(0) if key is None else key
         chunk = EXAMPLE_CHUNK
+        operator = dataclasses.replace(operator, params=frozen(operator.params, _not_differentiable(name)))
         return jax.jit(lambda op, k: fit(plan, o_loss, op, k, damping_heuristic, chunk))(operator, key)
 
     def stream_init(stream, *, key=None) -> KFACState:
@@ -183,7 +186,7 @@ def ekfac(
 
     def solve(state: KFACState, v):
         check_matches(v, state.plan.spec, "v")
-        return _solve(state, v)
+        return _solve(_frozen_factors(state, name), v)
 
     def validate(state: KFACState) -> None:
         _validate(state)
@@ -253,6 +256,22 @@ def _apply(state: KFACState, v: PyTree, power: int, damped: bool = True) -> PyTr
         y = q @ ((q.T @ x) * scale) if q is not None else x * scale
         out[fb.leaf] = jnp.reshape(y, tags.shapes[fb.leaf]).astype(leaves[fb.leaf].dtype)
     return jax.tree.unflatten(treedef, out)
+
+
+def _not_differentiable(name: str) -> str:
+    return (
+        f"{name}(): jax is differentiating the K-FAC fit or the Kronecker eigenbases held in its state (they "
+        "depend on a variable being differentiated, e.g. the params given to init). K-FAC/EK-FAC solves are not "
+        "differentiable in the operator; use jaxinf.implicit_solve with direct() or cg() (gradients through the "
+        "curvature products). Gradients with respect to v need no change."
+    )
+
+
+def _frozen_factors(state: KFACState, name: str) -> KFACState:
+    """``state``, but differentiating through its eigenbases raises a clear ``TypeError`` (no implicit rule here)."""
+    held = (state.eigvecs_a, state.eigvecs_g, state.eigvals, state.fallback_vecs, state.fallback_vals)
+    a, g, w, fv, fw = frozen(held, _not_differentiable(name))
+    return dataclasses.replace(state, eigvecs_a=a, eigvecs_g=g, eigvals=w, fallback_vecs=fv, fallback_vals=fw)
 
 
 def _solve(state: KFACState, v):

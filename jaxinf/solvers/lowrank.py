@@ -23,6 +23,21 @@ gradients of the *smaller* batch (memory ``n_small × p``), projected off the
 basis, then one JVP of the other batch's losses per residual. It costs
 ``n_small`` backward passes plus ``n_small`` JVPs over the other batch, so
 it is optional.
+
+Derivatives. The solve and the scores are linear in ``v`` (in the gradients)
+and in ``(D + λ)⁻¹`` and ``1/λ``, so gradients with respect to ``v`` and to
+the state's damping are exact derivatives of what is computed. The basis and
+eigenvalues are never differentiated (the derivative of a Ritz or Nyström
+eigendecomposition is unreliable where eigenvalues repeat): they raise
+``TypeError`` when they depend on a differentiated variable. Gradients with
+respect to the parameters ``θ`` and the data go through
+:func:`jaxinf.implicit_solve`, which treats the state's map ``S`` (``x = S v``)
+as the inverse of the operator ``A(θ)``: ``v̄ = S x̄`` and
+``θ̄ = −∂_θ⟨S x̄, A(θ) (S v)⟩``, the implicit derivative of ``A(θ)⁻¹ v`` with
+``A⁻¹`` replaced by ``S``. It is exact when ``S = A⁻¹`` (full rank, or the
+completion with a basis spanning the range of ``C``); otherwise it is the
+approximation consistent with the solve, not the derivative of the truncated
+factorisation.
 """
 
 from __future__ import annotations
@@ -39,12 +54,14 @@ import numpy as np
 
 from jaxinf.core.curvature import CurvatureOperator, per_example_grads, per_example_losses
 from jaxinf.core.tree import TreeSpec, check_matches, is_tracer, ravel, ravel_batched, unravel
+from jaxinf.solvers.autodiff import factorisation_message, frozen
 from jaxinf.solvers.base import Scorer, make_info
 
 PyTree = Any
 
 __all__ = [
     "LowRankState",
+    "bind",
     "finish_scores",
     "lowrank_solve",
     "lowrank_validate",
@@ -127,6 +144,22 @@ def _inverse_diag(state: LowRankState):
     return jnp.where(invertible, 1.0 / jnp.where(invertible, shifted, 1.0), 0.0)
 
 
+def _frozen(state: LowRankState) -> LowRankState:
+    """``state`` whose basis and eigenvalues refuse differentiation (:func:`jaxinf.solvers.autodiff.frozen`)."""
+    basis, eigvals = frozen((state.basis, state.eigvals), factorisation_message(f"{state.method}()"))
+    return dataclasses.replace(state, basis=basis, eigvals=eigvals)
+
+
+def bind(state: LowRankState, operator: CurvatureOperator) -> LowRankState:
+    """``state`` with the damping of ``operator``, after checking it was fitted for that parameter layout."""
+    if state.spec != operator.spec or operator.num_blocks != 1:
+        raise ValueError(
+            f"The {state.method}() state was fitted for another parameter layout than the operator (or the "
+            "operator is block-diagonal); fit it with solver.init(operator), or pass state=None."
+        )
+    return with_damping(state, operator.damping[0])
+
+
 def lowrank_solve(state: LowRankState, v: PyTree):
     """``x = V (D + λ)⁻¹ Vᵀ v [+ (1/λ)(I − VVᵀ) v]`` for one right-hand side.
 
@@ -135,8 +168,14 @@ def lowrank_solve(state: LowRankState, v: PyTree):
     sets ``info.converged = False``. ``info.residual_norm`` is
     ``‖(I − VVᵀ) v‖``: the part of ``v`` outside the basis, which the solve
     either drops or treats as having zero curvature (completion).
+
+    Differentiable with respect to ``v`` and the state's damping (exactly:
+    the solve is linear in ``v`` and in ``(D + λ)⁻¹``, ``1/λ``); the basis
+    and eigenvalues raise ``TypeError`` when differentiated (see the module
+    docstring and :func:`jaxinf.implicit_solve`).
     """
     check_matches(v, state.spec, "v")
+    state = _frozen(state)
     dtype = state.basis.dtype
     b = ravel(v, dtype)
     coeff = state.basis.T @ b
@@ -247,6 +286,7 @@ def project(state: LowRankState, operator: CurvatureOperator, batch: PyTree, *, 
     loss_fn = scoring_loss_fn(operator)
     params = operator.params
     spec = state.spec
+    state = _frozen(state)
 
     def along(v):
         return jax.jvp(lambda p: per_example_losses(loss_fn, p, batch), (params,), (unravel(spec, v),))[1]
@@ -286,7 +326,7 @@ def finish_scores(
     ``(1/λ) g_testᵀ (I − VVᵀ) g_train``.
     """
     p_train = project(state, operator, train_batch, projection_batch=projection_batch)
-    scores = (prepared["projected"] * _inverse_diag(state)) @ p_train.T
+    scores = (prepared["projected"] * _inverse_diag(_frozen(state))) @ p_train.T
     if state.completion:
         loss_fn = scoring_loss_fn(operator)
         params = operator.params

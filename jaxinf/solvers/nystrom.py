@@ -24,6 +24,11 @@ Exact when ``rank ≥ rank(C)``: e.g. an empirical Fisher of ``n`` examples
 Cost: ``rank`` curvature-vector products (vmapped, or ``sketch_batch`` at a
 time) and ``O(p r²)`` dense work to fit; memory ``O(p r)``; per solve
 ``O(p r)``. Scores come by projection (:func:`jaxinf.solvers.lowrank.scorer`).
+
+Derivatives: ``solve`` differentiates exactly with respect to ``v`` and the
+state's damping; with respect to the parameters and data use
+:func:`jaxinf.implicit_solve` (exact when ``rank ≥ rank(C)``; the sketch itself
+is never differentiated, see :mod:`jaxinf.solvers.lowrank`).
 """
 
 from __future__ import annotations

@@ -1,0 +1,281 @@
+"""CG pre-conditioners (none / Jacobi / Nyström / K-FAC / EK-FAC) and Arnoldi's completion, against exact influence.
+
+    python benchmarks/preconditioners.py                 # MLP, CNN, transformer block; P ≈ 2.3–2.6k, float64
+    python benchmarks/preconditioners.py --quick         # smoke test at toy sizes
+    python benchmarks/preconditioners.py --models cnn --damping-rel 1e-4
+
+Three Flax Linen classifiers (a tanh MLP; a CNN: conv, average pool, dense,
+dense; a transformer block: embedding, self-attention, layer norms, MLP, mean
+pool, head), each trained for ``--train-steps`` Adam steps on labels of a
+random teacher of the same architecture, so that ``direct()`` (the exact
+Gauss-Newton influence) is affordable. The damping is ``--damping-rel``
+times the mean eigenvalue of the Gauss-Newton ``C`` (``trace(C)/P``, from a
+Hutchinson estimate). For each model and method it prints
+
+* ``iters``: mean CG iterations per test point to ``--rtol``; ``solve_products``:
+  curvature-vector products per test point (iterations + 1 for the true
+  residual; 0 for the K-FAC and low-rank answers, which do no products in
+  the solve); ``rel_res``: the largest true relative residual
+  ``‖v − (C + λI)x‖ / ‖v‖`` CG reports (``converged`` counts those within
+  ``--rtol``); ``fit_cost``: what ``init`` spends (products, or passes over the
+  data for K-FAC/EK-FAC, whose ``fisher="exact"`` pass takes one backward pass
+  per class and example);
+* ``fit_cold_s`` / ``fit_warm_s``: the jitted ``init``, first call (compile +
+  run) and the median of ``--repeats`` further calls; ``solve_cold_s`` /
+  ``solve_warm_s``: the same for the solves of all test points (vmapped);
+* ``pearson``, ``spearman``, ``top10``, ``top100``: the influence matrix
+  ``(n_test, n_train)`` against ``direct()``'s (``_metrics.agreement``;
+  ``topk``: mean overlap of each test point's ``k`` most positive training
+  examples, ``k`` capped at ``n_train``).
+
+Rows ``kfac``/``ekfac`` (as answers) and ``arnoldi r=... completion=...`` put
+the approximate methods next to the pre-conditioned CG. Writes
+``benchmarks/results/preconditioners.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _cli as cli  # noqa: E402
+import _metrics  # noqa: E402
+import common  # noqa: E402
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+import jaxinf  # noqa: E402
+from jaxinf.core.tree import ravel_batched  # noqa: E402
+from jaxinf.scoring import per_example_grads  # noqa: E402
+from jaxinf.solvers.preconditioners import hutchinson_diagonal  # noqa: E402
+
+MODELS = ("mlp", "cnn", "transformer")
+PRECONDITIONERS = ("none", "jacobi", "nystrom", "kfac", "ekfac")
+QUICK = dict(size="tiny", n_train=64, n_test=4, train_steps=20, nystrom_rank=20, jacobi_samples=20, arnoldi_rank=16,
+             damping_rel=1e-2, maxiter=300, repeats=1)
+
+
+# ----------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------
+
+
+class MLP(nn.Module):
+    width: int
+    classes: int
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(self.classes)(nn.tanh(nn.Dense(self.width)(x)))
+
+
+class CNN(nn.Module):
+    features: int
+    width: int
+    classes: int
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.tanh(nn.Conv(self.features, (3, 3), padding="SAME")(x))
+        x = nn.avg_pool(x, (2, 2), strides=(2, 2))
+        x = x.reshape((x.shape[0], -1))
+        if self.width:
+            x = nn.tanh(nn.Dense(self.width)(x))
+        return nn.Dense(self.classes)(x)
+
+
+class Transformer(nn.Module):
+    dim: int
+    heads: int
+    classes: int
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.Dense(self.dim)(x)
+        h = h + nn.SelfAttention(num_heads=self.heads, qkv_features=self.dim)(nn.LayerNorm()(h))
+        y = nn.LayerNorm()(h)
+        h = h + nn.Dense(self.dim)(nn.gelu(nn.Dense(2 * self.dim)(y)))
+        return nn.Dense(self.classes)(h.mean(axis=1))
+
+
+def architecture(name: str, size: str):
+    """``(module, input shape per example, classes)``; ``size``: ``"full"`` (P ≈ 2.3–2.6k) or ``"tiny"``."""
+    full = size == "full"
+    if name == "mlp":
+        return (MLP(96, 10), (16,), 10) if full else (MLP(12, 4), (8,), 4)
+    if name == "cnn":
+        return (CNN(8, 16, 10), (8, 8, 1), 10) if full else (CNN(3, 0, 4), (6, 6, 1), 4)
+    if name == "transformer":
+        return (Transformer(16, 2, 10), (8, 8), 10) if full else (Transformer(4, 1, 4), (4, 4), 4)
+    raise ValueError(f"unknown model {name!r}; choose from {MODELS}")
+
+
+def cross_entropy(logits, batch):
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, batch[1]))
+
+
+def problem(name: str, size: str, n_train: int, n_test: int, steps: int, seed: int):
+    """Params trained on a random teacher's labels, ``model_fn``, train and test batches (float64)."""
+    module, shape, classes = architecture(name, size)
+    kx, kt, ks = jax.random.split(jax.random.key(seed), 3)
+    x = jax.random.normal(kx, (n_train + n_test, *shape), jnp.float64)
+    teacher = module.init(kt, x[:1])
+    y = jnp.argmax(module.apply(teacher, x) * 3.0, axis=-1)  # a learnable task
+    params = module.init(ks, x[:1])
+
+    def model_fn(p, batch):
+        return module.apply(p, batch[0])
+
+    def loss_fn(p, batch):
+        return cross_entropy(model_fn(p, batch), batch)
+
+    train, test = (x[:n_train], y[:n_train]), (x[n_train:], y[n_train:])
+    opt = optax.adam(1e-2)
+
+    @jax.jit
+    def step(p, s):
+        g = jax.grad(loss_fn)(p, train)
+        u, s = opt.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    state = opt.init(params)
+    for _ in range(steps):
+        params, state = step(params, state)
+    return params, model_fn, loss_fn, train, test
+
+
+# ----------------------------------------------------------------------------
+# Methods
+# ----------------------------------------------------------------------------
+
+
+def methods(args, n_classes: int) -> list[tuple[str, jaxinf.Solver, str]]:
+    """``(label, solver, fit cost)`` rows, the pre-conditioned CGs first."""
+    fisher = {"fisher": args.fisher}
+    passes = f"×{n_classes} classes" if args.fisher == "exact" else ""
+    pre = {
+        "none": (None, "0"),
+        "jacobi": (jaxinf.jacobi_preconditioner(args.jacobi_samples), f"{args.jacobi_samples} products"),
+        "nystrom": (jaxinf.nystrom_preconditioner(args.nystrom_rank), f"{args.nystrom_rank} products"),
+        "kfac": (jaxinf.kfac_preconditioner(**fisher), f"1 pass{passes}"),
+        "ekfac": (jaxinf.ekfac_preconditioner(**fisher), f"2 passes{passes}"),
+    }
+    rows = [
+        (f"cg+{name}", jaxinf.cg(rtol=args.rtol, maxiter=args.maxiter, preconditioner=pre[name][0]), pre[name][1])
+        for name in args.preconditioners
+    ]
+    r = args.arnoldi_rank
+    rows += [
+        ("kfac (answer)", jaxinf.kfac(**fisher), f"1 pass{passes}"),
+        ("ekfac (answer)", jaxinf.ekfac(**fisher), f"2 passes{passes}"),
+        (f"arnoldi r={r} completion=False", jaxinf.arnoldi(r, completion=False), f"{2 * r + 10} products"),
+        (f"arnoldi r={r} completion=auto", jaxinf.arnoldi(r), f"{2 * r + 10} products"),
+    ]
+    return rows
+
+
+def run_method(solver, operator, test_grads, train_grads, exact, repeats: int) -> dict:
+    """Fit (cold, warm), solve every test gradient (cold, warm), and compare the influence matrix with ``exact``."""
+    init = jax.jit(lambda op, key: solver.init(op, key=key))
+    key = jax.random.key(0)
+    fit_t, state = common.time_call(lambda: init(operator, key), repeats)
+    if solver.validate is not None:
+        solver.validate(state)
+    solve = jax.jit(lambda s, g: jax.vmap(solver.solve, in_axes=(None, 0))(s, g))
+    solve_t, (factors, info) = common.time_call(lambda: solve(state, test_grads), repeats)
+    influences = np.asarray(ravel_batched(factors)) @ train_grads.T
+    iterations = np.asarray(info.iterations, np.float64)
+    is_cg = solver.name.startswith("cg")
+    norms = np.linalg.norm(np.asarray(ravel_batched(test_grads)), axis=1)
+    row = {
+        "iters": float(iterations.mean()) if is_cg else "",
+        "rel_res": float(np.max(np.asarray(info.residual_norm) / norms)) if is_cg else "",
+        "solve_products": float(iterations.mean() + 1) if is_cg else 0.0,
+        "converged": f"{int(np.sum(info.converged))}/{iterations.size}",
+        "fit_cold_s": fit_t.first,
+        "fit_warm_s": fit_t.median,
+        "solve_cold_s": solve_t.first,
+        "solve_warm_s": solve_t.median,
+    }
+    return {**row, **_metrics.agreement(influences, exact, ks=(10, 100))}
+
+
+def run_model(name: str, args) -> list[dict]:
+    params, model_fn, loss_fn, train, test = problem(
+        name, args.size, args.n_train, args.n_test, args.train_steps, args.seed
+    )
+    kw = dict(kind="gauss_newton", model_fn=model_fn, output_loss=cross_entropy)
+    undamped = jaxinf.curvature_operator(None, params, train, damping=0.0, **kw)
+    diag, _ = jax.jit(hutchinson_diagonal, static_argnums=1)(undamped, 32, jax.random.key(1))
+    damping = float(args.damping_rel * jnp.mean(diag))  # λ = rel · trace(C) / P
+    operator = undamped.with_damping(damping)
+    test_grads = per_example_grads(loss_fn, params, test)
+    train_grads = np.asarray(ravel_batched(per_example_grads(loss_fn, params, train)))
+    direct = jaxinf.direct()
+    start = time.perf_counter()
+    exact_factors, _ = jax.vmap(direct.solve, in_axes=(None, 0))(direct.init(operator), test_grads)
+    exact = np.asarray(ravel_batched(exact_factors)) @ train_grads.T
+    direct_s = time.perf_counter() - start
+    classes = architecture(name, args.size)[2]
+    head = {"model": name, "P": operator.size, "N": args.n_train, "n_test": args.n_test, "damping": damping}
+    rows = [{**head, "method": "direct (reference)", "fit_cost": f"{operator.size} products", "fit_cold_s": direct_s}]
+    print(f"{name}: P = {operator.size}, N = {args.n_train}, n_test = {args.n_test}, λ = {damping:.3g}", flush=True)
+    for label, solver, cost in methods(args, classes):
+        try:
+            row = run_method(solver, operator, test_grads, train_grads, exact, args.repeats)
+        except (ValueError, TypeError, NotImplementedError) as e:  # reported in the table, the run goes on
+            row = {"error": f"{type(e).__name__}: {str(e)[:160]}"}
+        rows.append({**head, "method": label, "fit_cost": cost, **row})
+        print(f"  {label}: {row}", flush=True)
+    return rows
+
+
+COLUMNS = ["model", "P", "method", "iters", "rel_res", "solve_products", "fit_cost", "fit_cold_s", "fit_warm_s",
+           "solve_cold_s", "solve_warm_s", "pearson", "spearman", "top10", "top100", "converged", "error"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = cli.parser(__doc__)
+    add = parser.add_argument
+    add("--models", nargs="+", default=list(MODELS), choices=list(MODELS), help="models to run")
+    add("--size", default="full", choices=["full", "tiny"], help="model size: full (P ≈ 2.3–2.6k) or tiny")
+    add("--preconditioners", nargs="+", default=list(PRECONDITIONERS), choices=list(PRECONDITIONERS),
+        help="CG pre-conditioners to compare")
+    add("--n-train", type=int, default=512, help="training examples N")
+    add("--n-test", type=int, default=20, help="test points (right-hand sides)")
+    add("--train-steps", type=int, default=300, help="full-batch Adam steps before measuring")
+    add("--damping-rel", type=float, default=1e-3, help="damping λ as a multiple of the mean eigenvalue trace(C)/P")
+    add("--rtol", type=float, default=1e-6, help="CG relative tolerance")
+    add("--maxiter", type=int, default=None, help="CG iterations cap (default: CG's own)")
+    add("--fisher", default="exact", choices=["exact", "sampled", "empirical"],
+        help="K-FAC/EK-FAC Fisher (pre-conditioners and answers)")
+    add("--jacobi-samples", type=int, default=100, help="Hutchinson probes of the Jacobi pre-conditioner")
+    add("--nystrom-rank", type=int, default=100, help="rank of the Nyström pre-conditioner")
+    add("--arnoldi-rank", type=int, default=100, help="rank of the Arnoldi rows (with and without completion)")
+    add("--repeats", type=int, default=3, help="warm calls timed after the first (median)")
+    add("--seed", type=int, default=0, help="seed of data, teacher and initialisation")
+    cli.add_quick(
+        parser, "tiny models (P ≈ 140–200), N = 64, 4 test points, 20 training steps, small ranks, damping-rel 1e-2, "
+        "maxiter 300"
+    )
+    return parser
+
+
+def main(argv=None):
+    args = cli.parse(build_parser(), argv, QUICK)
+    jax.config.update("jax_enable_x64", True)
+    rows = [row for name in args.models for row in run_model(name, args)]
+    meta = {k: v for k, v in vars(args).items()}
+    table = common.write_results("preconditioners", rows, COLUMNS, meta)
+    print(table)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
