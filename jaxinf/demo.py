@@ -8,10 +8,12 @@ Run ``python -m jaxinf.demo --help`` for options. It
 4. fits the exact solver (``jaxinf.direct``) on the Gauss-Newton curvature,
 5. prints, for a few test points, the most helpful and most harmful training
    points,
-6. ranks the training points to find the flipped labels three ways, next to
-   the free baseline: self-influence ``∇ℓ_jᵀ (C + λI)⁻¹ ∇ℓ_j``, the per-example
-   training loss (no influence needed), and the total harm to the test set
-   ``Σ_i I[i, j]`` (most negative first) — and says which finds more and why,
+6. ranks the training points to find the flipped labels four ways:
+   self-influence ``∇ℓ_jᵀ (C + λI)⁻¹ ∇ℓ_j``, two free baselines — the
+   per-example training loss and the gradient norm² ``‖∇ℓ_j‖²`` (TracIn's
+   self-influence at the final checkpoint, no curvature) — and the total harm
+   to the test set ``Σ_i I[i, j]`` (most negative first) — and says which
+   finds more and why,
 7. writes ``influence_demo.png`` (detection curves, and the most helpful and
    harmful training images per test digit, flipped ones with their given and
    true label) and ``summary.json`` to the output folder.
@@ -42,6 +44,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 import jaxinf
+from jaxinf.solvers.similarity import tracin_self_influence
 
 
 class MLP(nnx.Module):
@@ -168,11 +171,12 @@ def plot_detection(ax, recalls: dict, n_flip: int, n_train: int) -> None:
     ax.legend(fontsize=7)
 
 
-def rankings(influences, self_influence, losses) -> dict:
+def rankings(influences, self_influence, losses, gradient_norm) -> dict:
     """Training indices, most suspicious first, by each criterion."""
     return {
         "self-influence (highest first)": np.argsort(-self_influence),
         "training loss (highest first; free baseline)": np.argsort(-losses),
+        "gradient norm² (TracIn self-influence; no curvature)": np.argsort(-gradient_norm),
         "harm to the test set (most negative Σ_i I[i, j] first)": np.argsort(influences.sum(axis=0)),
     }
 
@@ -230,7 +234,9 @@ def influence_scores(data, graphdef, params, args: argparse.Namespace):
         bar.update()
         self_influence = np.asarray(model.self_influence(train_batches))
         bar.update()
-    return influences, self_influence, t_fit
+    # the curvature-free baseline: ‖∇θℓ(z_j)‖², gradient_dot's self-influence = TracIn's at the final checkpoint
+    gradient_norm = np.asarray(tracin_self_influence(loss_fn, [params], 1.0, train_batches))
+    return influences, self_influence, gradient_norm, t_fit
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -245,7 +251,7 @@ def run(args: argparse.Namespace) -> dict:
         f"test accuracy {accuracy(graphdef, params, data.x_test, data.y_test):.3f}"
     )
 
-    influences, self_influence, t_fit = influence_scores(data, graphdef, params, args)
+    influences, self_influence, gradient_norm, t_fit = influence_scores(data, graphdef, params, args)
 
     shown = list(range(min(args.show, args.n_test)))
     flipped = set(data.flipped.tolist())
@@ -263,7 +269,7 @@ def run(args: argparse.Namespace) -> dict:
 
     k = 2 * args.n_flip
     losses = np.asarray(per_example_losses(graphdef, params, data))
-    order = rankings(influences, self_influence, losses)
+    order = rankings(influences, self_influence, losses, gradient_norm)
     recalls = detection(order, flipped, min(3 * args.n_flip, args.n_train) or 1)
     found = {name: int(curve[min(k, len(curve)) - 1]) for name, curve in recalls.items()}
     expected_random = k * args.n_flip / args.n_train
@@ -275,7 +281,7 @@ def run(args: argparse.Namespace) -> dict:
         f"best here: {best}. A flipped label makes its own point badly fitted, so its loss and self-influence are "
         "high; harm to the test set measures another thing (which points make these test predictions worse)."
     )
-    found_self, found_loss, found_harmful = found.values()
+    found_self, found_loss, found_gradient, found_harmful = found.values()
     figure = os.path.join(args.out, "influence_demo.png")
     save_figure(figure, data, shown, influences, recalls, args.n_flip)
     summary = {
@@ -288,6 +294,7 @@ def run(args: argparse.Namespace) -> dict:
         "flipped_in_top_harmful": found_harmful,
         "flipped_in_top_self_influence": found_self,
         "flipped_in_top_loss": found_loss,
+        "flipped_in_top_gradient_norm": found_gradient,
         "top_k": k,
         "random_expectation": expected_random,
         "figure": figure,

@@ -33,6 +33,7 @@ def test_demo_runs_small_and_writes_outputs(tmp_path, capsys):
     saved = json.loads((tmp_path / "summary.json").read_text())
     assert saved["n_train"] == 150 and saved["num_params"] == 64 * 6 + 6 + 6 * 10 + 10
     assert 0 <= saved["flipped_in_top_self_influence"] <= 5 and 0 <= saved["flipped_in_top_loss"] <= 5
+    assert 0 <= saved["flipped_in_top_gradient_norm"] <= 5 and "gradient norm" in out  # the TracIn baseline
     assert summary["figure"] == str(tmp_path / "influence_demo.png")
 
 
