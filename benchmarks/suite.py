@@ -16,7 +16,10 @@ task (``common.mlp_problem``), it reports
 * ``ihvp_rel_err``: ``‖F − F*‖ / ‖F*‖`` for the influence factors
   ``F = (C + λI)⁻¹ ∇θℓ(test)`` of all test points;
 * ``infl_rel_err``, ``pearson``, ``spearman``: the influence matrix
-  ``influences(test, train)`` against the exact one;
+  ``influences(test, train)`` against the exact one; ``top10``, ``top100``,
+  ``harmful_top10``: the mean share of each test point's 10 / 100 most helpful
+  (10 most harmful) training points that the method also ranks there (k capped
+  at N);
 * ``fit_s``, ``solve_s`` (the factors of all test points from precomputed
   gradients), ``influences_s`` (the whole ``n_test × n_train`` matrix from a
   fitted model, including its solves): medians after a compiling first call,
@@ -53,6 +56,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _cli as cli  # noqa: E402
 import common  # noqa: E402
+from _metrics import topk_overlap  # noqa: E402
 from common import spearman, split  # noqa: E402,F401  (also used as suite.spearman / suite.split)
 
 import jaxinf  # noqa: E402
@@ -207,6 +211,10 @@ def compare(got, exact) -> dict:
         "infl_rel_err": float(np.linalg.norm(a - b) / np.linalg.norm(b)),
         "pearson": float(np.corrcoef(a.ravel(), b.ravel())[0, 1]),
         "spearman": spearman(a, b),
+        # what users act on: the most helpful and most harmful training points of each test point
+        "top10": topk_overlap(a, b, 10),
+        "top100": topk_overlap(a, b, 100),
+        "harmful_top10": topk_overlap(a, b, 10, largest=False),
     }
 
 
@@ -394,6 +402,9 @@ COLUMNS = [
     "infl_rel_err",
     "pearson",
     "spearman",
+    "top10",
+    "top100",
+    "harmful_top10",
 ]
 
 

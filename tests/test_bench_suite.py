@@ -50,6 +50,7 @@ def test_suite_runs_and_writes_results(tmp_path, monkeypatch):
     assert "error" not in row, row
     assert row["solve_products"] > 0 and row["total_x_floor"] > 0
     assert row["ihvp_rel_err"] < 0.05 and row["pearson"] > 0.99  # CG to rtol 1e-2 against the float64 reference
+    assert row["top10"] >= 0.9 and row["harmful_top10"] >= 0.9 and row["top100"] == 1.0  # k = 100 > N: all of them
     assert meta["P"] == 4 * 3 + 3 + 3 * 10 + 10
     for ext in ("json", "md", "png"):
         assert (tmp_path / f"tiny.{ext}").exists()
