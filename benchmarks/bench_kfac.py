@@ -119,16 +119,16 @@ def run_model(name, problem, args, rows):
 
     # the reference: direct on the full Gauss-Newton (one dense factorisation, timed once with its compilation)
     start = time.perf_counter()
-    direct = jaxinf.direct()
+    direct = jaxinf.direct(factorization="eigh")  # eigh: the eigenvectors and eigenvalues are used below
     dstate = jax.block_until_ready(jax.jit(direct.init)(operator(0.0)))  # compile included
     direct_fit = time.perf_counter() - start
-    q, w = dstate.eigvecs[0], dstate.eigvals[0]
+    q, w = dstate.factors[0], dstate.eigvals[0]
     damping = 0.1 * float(jnp.mean(w))
     ref = g_test @ (q @ ((q.T @ g_train.T) / (w + damping)[:, None]))
     curvature = (q * w) @ q.T
     op = operator(damping)
     leaf_sizes = [a.size for a in jax.tree.leaves(problem.params)]
-    block_of = jaxinf.core.curvature.resolve_blocks(problem.params, "layer")[0]
+    block_of = jaxinf.core.blocks.resolve_blocks(problem.params, "layer")[0]
     labels = np.repeat([block_of[i] for i in range(len(leaf_sizes))], leaf_sizes)
     block = jnp.where(jnp.asarray(labels[:, None] == labels[None, :]), curvature, 0.0)
     ref_block = g_test @ jnp.linalg.solve(block + damping * jnp.eye(block.shape[0]), g_train.T)

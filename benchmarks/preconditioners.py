@@ -14,8 +14,9 @@ Hutchinson estimate). For each model and method it prints
 
 * ``iters``: mean CG iterations per test point to ``--rtol``; ``solve_products``:
   curvature-vector products per test point (iterations + 1 for the true
-  residual; 0 for the K-FAC and low-rank answers, which do no products in
-  the solve); ``rel_res``: the largest true relative residual
+  residual, a lower bound: each residual replacement, when the recursive
+  residual had drifted above the true one, costs one more; 0 for the K-FAC
+  and low-rank answers, which do no products in the solve); ``rel_res``: the largest true relative residual
   ``‖v − (C + λI)x‖ / ‖v‖`` CG reports (``converged`` counts those within
   ``--rtol``); ``fit_cost``: what ``init`` spends (products, or passes over the
   data for K-FAC/EK-FAC, whose ``fisher="exact"`` pass takes one backward pass
@@ -57,8 +58,9 @@ from jaxinf.solvers.preconditioners import hutchinson_diagonal  # noqa: E402
 
 MODELS = ("mlp", "cnn", "transformer")
 PRECONDITIONERS = ("none", "jacobi", "nystrom", "kfac", "ekfac")
-QUICK = dict(size="tiny", n_train=64, n_test=4, train_steps=20, nystrom_rank=20, jacobi_samples=20, arnoldi_rank=16,
-             damping_rel=1e-2, maxiter=300, repeats=1)
+QUICK = dict(size="tiny", models=["mlp"], preconditioners=["none", "nystrom", "ekfac"], n_train=64, n_test=4,
+             train_steps=20, nystrom_rank=20, jacobi_samples=20, arnoldi_rank=16, damping_rel=1e-2, maxiter=300,
+             repeats=1)
 
 
 # ----------------------------------------------------------------------------
@@ -261,8 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--repeats", type=int, default=3, help="warm calls timed after the first (median)")
     add("--seed", type=int, default=0, help="seed of data, teacher and initialisation")
     cli.add_quick(
-        parser, "tiny models (P ≈ 140–200), N = 64, 4 test points, 20 training steps, small ranks, damping-rel 1e-2, "
-        "maxiter 300"
+        parser, "the tiny MLP only (P ≈ 140–200), pre-conditioners none, nystrom and ekfac, N = 64, 4 test points, "
+        "20 training steps, small ranks, damping-rel 1e-2, maxiter 300"
     )
     return parser
 

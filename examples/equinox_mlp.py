@@ -27,10 +27,16 @@ def loss_fn(params, batch):
 
 optimizer = optax.adam(1e-2)
 opt_state = optimizer.init(params)
+
+
+@jax.jit  # one compiled training step
+def train_step(params, opt_state, batch):
+    updates, opt_state = optimizer.update(jax.grad(loss_fn)(params, batch), opt_state)
+    return optax.apply_updates(params, updates), opt_state
+
+
 for _ in range(300):
-    grads = jax.grad(loss_fn)(params, (x, y))
-    updates, opt_state = optimizer.update(grads, opt_state)
-    params = optax.apply_updates(params, updates)
+    params, opt_state = train_step(params, opt_state, (x, y))
 
 inf = jaxinf.InfluenceModel(loss_fn, params, jaxinf.cg(block=True, rtol=1e-4), damping=1e-3,
                             curvature="gauss_newton", model_fn=model_fn, output_loss=output_loss)

@@ -38,12 +38,18 @@ def train_loss(params, batch_stats, batch, key):
 
 optimizer = optax.adam(1e-2)
 opt_state = optimizer.init(params)
+
+
+@jax.jit  # one compiled training step: new running statistics, dropout on
+def train_step(params, batch_stats, opt_state, batch, key):
+    (_, batch_stats), grads = jax.value_and_grad(train_loss, has_aux=True)(params, batch_stats, batch, key)
+    updates, opt_state = optimizer.update(grads, opt_state)
+    return optax.apply_updates(params, updates), batch_stats, opt_state
+
+
 key = jax.random.key(1)
 for step in range(200):
-    (_, batch_stats), grads = jax.value_and_grad(train_loss, has_aux=True)(params, batch_stats, (x, y),
-                                                                           jax.random.fold_in(key, step))
-    updates, opt_state = optimizer.update(grads, opt_state)
-    params = optax.apply_updates(params, updates)
+    params, batch_stats, opt_state = train_step(params, batch_stats, opt_state, (x, y), jax.random.fold_in(key, step))
 
 
 def model_fn(params, batch):  # eval mode: running statistics, dropout off

@@ -27,10 +27,16 @@ def loss_fn(params, batch):
 
 optimizer = optax.adam(1e-2)
 opt_state = optimizer.init(params)
+
+
+@jax.jit  # one compiled training step
+def train_step(params, opt_state, batch):
+    updates, opt_state = optimizer.update(jax.grad(loss_fn)(params, batch), opt_state)
+    return optax.apply_updates(params, updates), opt_state
+
+
 for _ in range(300):  # full-batch training
-    grads = jax.grad(loss_fn)(params, (x, y))
-    updates, opt_state = optimizer.update(grads, opt_state)
-    params = optax.apply_updates(params, updates)
+    params, opt_state = train_step(params, opt_state, (x, y))
 
 train = [(x[i : i + 100], y[i : i + 100]) for i in range(0, len(x), 100)]  # a list of batches
 inf = jaxinf.InfluenceModel(loss_fn, params, jaxinf.direct(), damping=1e-3,

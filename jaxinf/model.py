@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -32,22 +31,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinf.core.checks import check_curvature, check_damping, check_key, check_like_training, check_loss
-from jaxinf.core.curvature import CURVATURES, CurvatureOperator, curvature_operator, resolve_blocks
+from jaxinf.core.checks import check_damping, check_fit, check_key, check_like_training
+from jaxinf.core.curvature import CurvatureOperator, SplitLoss, check_kind, curvature_operator, resolve_blocks
+from jaxinf.core.damping import damping_by_block, is_auto, with_auto_damping
 from jaxinf.core.data import as_batches, batch_size
-from jaxinf.core.errors import ConvergenceError, NotFittedError
-from jaxinf.core.tree import check_finite, check_matches, check_params, tree_spec
+from jaxinf.core.errors import NotFittedError
+from jaxinf.core.tree import check_finite, check_matches, check_params, placed_like, rowwise_dot, tree_spec
 from jaxinf.scoring import (
     SCORING_METHODS,
     check_measurement,
     choose_method,
-    contract,
     layer_profile,
-    per_example_grads,
-    perturbation,
     resolve_input_leaf,
 )
-from jaxinf.solvers.base import Solver, solve_many
+from jaxinf.solvers import compiled
+from jaxinf.solvers.base import Solver, check_solve
 
 PyTree = Any
 MODES = ("up", "perturbation")
@@ -63,7 +61,9 @@ class InfluenceModel:
       params: the trained parameters (any pytree; e.g. Linen variables or
         ``nnx.split(model, nnx.Param)[1]``).
       solver: a :class:`jaxinf.Solver`, e.g. ``jaxinf.direct()``.
-      damping: ``λ >= 0`` in ``(C + λI)⁻¹``; a scalar or ``{block: λ}``.
+      damping: ``λ >= 0`` in ``(C + λI)⁻¹``; a scalar, ``{block: λ}``, or
+        ``"auto"``: ``λ = 10 · tr(C)/P`` estimated at fit (and at every refit;
+        :mod:`jaxinf.core.damping`), read back as ``damping_value``.
         Checked here and on assignment. Assigning ``model.damping`` or
         ``model.params`` on a fitted model refits it on the data of its fit
         (streamed again if it was streamed), so the state never lags them; a
@@ -72,7 +72,7 @@ class InfluenceModel:
       model_fn, output_loss: the split loss for ``"gauss_newton"``.
       blocks: block-diagonal structure (``None``, ``"layer"``,
         ``"parameter"``, labels or a callable); see
-        :func:`jaxinf.core.curvature.resolve_blocks`.
+        :func:`jaxinf.core.blocks.resolve_blocks`.
       input_leaf: the batch leaf that perturbation mode differentiates with
         respect to: a position in ``jax.tree.leaves(batch)`` (default ``0``,
         the ``x`` of ``(x, y)``) or a key path string such as ``"['image']"``.
@@ -116,25 +116,16 @@ class InfluenceModel:
     ):
         if not isinstance(solver, Solver):
             raise TypeError(f"solver must be a jaxinf.Solver (e.g. jaxinf.direct()), got {type(solver).__name__}.")
-        if curvature not in CURVATURES:
-            raise ValueError(f"Unknown curvature {curvature!r}; choose one of {CURVATURES}.")
         if scoring not in SCORING_METHODS:
             raise ValueError(f"Unknown scoring {scoring!r}; choose one of {SCORING_METHODS}.")
         self._loss_given = loss_fn is not None  # with a split too, both are checked at fit
         if loss_fn is None:
             if model_fn is None or output_loss is None:
                 raise ValueError("Give loss_fn(params, batch), or model_fn and output_loss.")
-
-            def loss_fn(p, batch, _m=model_fn, _o=output_loss):
-                return _o(_m(p, batch), batch)
-
+            loss_fn = SplitLoss(model_fn, output_loss)  # hashable by the pair: models of one split share compiles
         if not callable(loss_fn):
             raise TypeError("loss_fn must be a callable loss_fn(params, batch) -> scalar mean loss.")
-        if curvature == "gauss_newton" and (model_fn is None or output_loss is None):
-            raise ValueError(
-                "curvature='gauss_newton' needs model_fn(params, batch) -> outputs and "
-                "output_loss(outputs, batch) -> mean loss."
-            )
+        check_kind(curvature, loss_fn, model_fn, output_loss)
         check_params(params)
         check_finite(params, "params")
         self._block_names = resolve_blocks(params, blocks)[1]  # bad blocks raise here, not at fit
@@ -143,20 +134,18 @@ class InfluenceModel:
         self.model_fn, self.output_loss, self.blocks = model_fn, output_loss, blocks
         self.input_leaf, self.scoring, self.strict, self._damping = input_leaf, scoring, strict, damping
         self._spec = tree_spec(params)
-        self.state = None
-        self.operator: CurvatureOperator | None = None
-        self.fit_info: dict = {}
+        self.state, self.operator = None, None  # the fitted state and the operator it was fitted on, set by fit
 
-        # Solvers' init is jit-compatible by protocol: compiling it once makes a refit on
-        # data of the same shapes (new damping, new data) free of retracing.
-        self._init = jax.jit(lambda operator, key: solver.init(operator, key=key))
-        self._grads = jax.jit(lambda p, b: per_example_grads(loss_fn, p, b))
-        self._fn_grads = jax.jit(per_example_grads, static_argnums=0)  # (fn, params, batch): loss or measurement
-        self._contract = jax.jit(contract, static_argnums=(0, 4))  # (fn, params, factors, batch, method)
-        self._solve_many = jax.jit(lambda state, rhs: solve_many(solver, state, rhs))
-        self._perturb = jax.jit(lambda p, f, b, leaf: perturbation(loss_fn, p, f, b, leaf), static_argnums=3)
-        self._score_prepare = jax.jit(solver.scorer.prepare) if solver.scorer is not None else None
-        self._score_finish = jax.jit(solver.scorer.finish) if solver.scorer is not None else None
+        # The jitted steps are shared by all models (jaxinf.solvers.compiled): a refit on data of the same shapes,
+        # and another model of the same loss function, solver configuration and shapes, reuse the compiled programs.
+        self._init = functools.partial(compiled.init, solver=solver)
+        self._fn_grads = compiled.example_grads  # (fn, params, batch): loss or measurement
+        self._contract = compiled.contract_columns  # (fn, params, factors, batch, method)
+        self._solve_many = functools.partial(compiled.solve_all, solver=solver)
+        self._perturb = functools.partial(compiled.perturbation_columns, loss_fn)  # (params, factors, batch, leaf)
+        scorer = solver.scorer
+        self._score_prepare = None if scorer is None else functools.partial(compiled.call, scorer.prepare)
+        self._score_finish = None if scorer is None else functools.partial(compiled.call, scorer.finish)
         self._profiles: dict = {}
         # Set by jaxinf.scale.fit_from_stream(model, ...): refits from the same stream when damping or params change.
         self._refit_stream: Callable[[], None] | None = None
@@ -203,8 +192,8 @@ class InfluenceModel:
                 self._refit_stream()
             else:
                 op = self.operator
-                params = jax.tree.map(_placed_like, self._params, op.params)
-                self._fit_operator(dataclasses.replace(op, params=params).with_damping(self._damping), self._fit_key)
+                params = jax.tree.map(placed_like, self._params, op.params)
+                self._fit_operator(self._damped(dataclasses.replace(op, params=params)), self._fit_key)
         except BaseException:
             setattr(self, attribute, old)  # the state is untouched: keep the attribute in step with it
             raise
@@ -239,19 +228,22 @@ class InfluenceModel:
         return self
 
     def _check_loss(self, operator: CurvatureOperator) -> None:
-        """The fit-time checks of :mod:`jaxinf.core.checks` on the loss (and the split) and the curvature."""
-        split = "output_loss(model_fn(params, batch), batch)"
-        check_loss(self.loss_fn, self._params, operator.data.batches(), name="loss_fn" if self._loss_given else split)
-        if self._loss_given and self.model_fn is not None and self.output_loss is not None:
-            composed = lambda p, b: self.output_loss(self.model_fn(p, b), b)  # noqa: E731
-            check_loss(composed, self._params, operator.data.batches(), name=split)
-        check_curvature(operator)
+        """The fit-time checks of :func:`jaxinf.core.checks.check_fit` on the loss (and the split) and the curvature."""
+        check_fit(operator, self.loss_fn if self._loss_given else None, self.model_fn, self.output_loss)
 
     def operator_for(self, train_data: Any) -> CurvatureOperator:
         """The damped curvature operator of this model's loss over ``train_data`` (no fitting)."""
-        split = {"model_fn": self.model_fn, "output_loss": self.output_loss}
-        kw = {"kind": self.curvature, "damping": self._damping, "blocks": self.blocks, **split}
-        return curvature_operator(self.loss_fn, self.params, train_data, **kw)
+        kw = {"kind": self.curvature, "blocks": self.blocks, "model_fn": self.model_fn, "output_loss": self.output_loss}
+        return self._damped(curvature_operator(self.loss_fn, self.params, train_data, **kw))
+
+    def _damped(self, operator: CurvatureOperator) -> CurvatureOperator:
+        """``operator`` with this model's damping (``"auto"``: :func:`jaxinf.core.damping.auto_damping` of it)."""
+        return with_auto_damping(operator) if is_auto(self._damping) else operator.with_damping(self._damping)
+
+    @property
+    def damping_value(self) -> float | dict | None:
+        """The damping of the fitted curvature: ``damping``, or the λ that ``damping="auto"`` chose (None unfitted)."""
+        return None if self.operator is None else damping_by_block(self.operator)
 
     def _fit_operator(self, operator: CurvatureOperator, key) -> None:
         self._fit_key = key
@@ -273,31 +265,6 @@ class InfluenceModel:
             for i, b in enumerate(out):
                 check_like_training(b, ref, f"{name}[batch {i}]" if len(out) > 1 else name)
         return out
-
-    def _check_info(self, info, what: str) -> None:
-        fields = (info.converged, info.diverged, info.iterations, info.residual_norm)
-        converged, diverged, iterations, residual = (np.asarray(x) for x in fields)
-        total = converged.size
-        advice = f" {self.solver.advice}" if self.solver.advice else ""
-        if diverged.any():
-            raise ConvergenceError(
-                f"{self.solver.name} diverged for {int(diverged.sum())} of {total} {what} "
-                f"(residual up to {np.nanmax(np.where(np.isfinite(residual), residual, np.inf)):.3g}).{advice}"
-            )
-        if not converged.all():
-            message = (
-                f"{self.solver.name} did not converge for {int((~converged).sum())} of {total} {what}: "
-                f"iterations up to {int(iterations.max())}, residual norm up to {float(np.max(residual)):.3g}.{advice}"
-            )
-            if self.strict:
-                raise ConvergenceError(message + " Pass strict=False to get the results with a warning.")
-            warnings.warn(message, RuntimeWarning, stacklevel=3)
-
-    def _check_factors_finite(self, factors) -> None:
-        if not all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(factors)):
-            raise ConvergenceError(
-                f"{self.solver.name} returned NaN or inf influence factors.{' ' + self.solver.advice}"
-            )
 
     # ------------------------------------------------------------- factors
     def influence_factors(self, test_data: Any, *, measurement: Callable | None = None) -> PyTree:
@@ -322,11 +289,11 @@ class InfluenceModel:
         """Per batch of ``data``: the per-example gradients of ``fn`` and their checked factors."""
         for i, batch in enumerate(self._batches(data, name)):
             grads = self._fn_grads(fn, self.params, batch)
-            what = "loss" if fn is self.loss_fn else "measurement"
-            check_finite(grads, f"the {what} gradient on {name}[batch {i}]", per_example=True, advice=_NON_FINITE_LOSS)
+            what = "loss_fn" if fn is self.loss_fn else "measurement"
+            advice = f"{what} is not finite here though the data is finite; check it for log(0) or labels out of range."
+            check_finite(grads, f"the {what} gradient on {name}[batch {i}]", per_example=True, advice=advice)
             factors, info = self._solve_many(self.state, grads)
-            self._check_info(info, "right-hand sides")
-            self._check_factors_finite(factors)
+            check_solve(self.solver, info, factors, "right-hand sides", strict=self.strict)
             yield grads, factors
 
     def scoring_method(self, num_factors: int, batch: PyTree) -> str:
@@ -353,7 +320,7 @@ class InfluenceModel:
           mode: ``"up"`` -> shape ``(n_test, n_train)``; ``"perturbation"`` ->
             ``(n_test, n_train, *x_shape)``.
         """
-        self._check_mode(mode)
+        check_mode(mode)
         return self._columns(factors, train_data, mode, self.loss_fn)
 
     def _columns(self, factors: PyTree, data: Any, mode: str, fn: Callable):
@@ -392,7 +359,7 @@ class InfluenceModel:
             over the batch (a sum, a per-example vector).
         """
         self._require_fit()
-        self._check_mode(mode)
+        check_mode(mode)
         if train_data is None:
             train_data = test_data
         # Read one-shot iterables (generators) once: both sides are iterated several times below.
@@ -419,30 +386,14 @@ class InfluenceModel:
         ``influences(data, data, measurement=f)``.
         """
         self._require_fit()
-        out = [_rowwise_dot(factors, grads) for grads, factors in self._solved(data, "data", self.loss_fn)]
+        out = [rowwise_dot(factors, grads) for grads, factors in self._solved(data, "data", self.loss_fn)]
         return jnp.concatenate(out)
 
-    @staticmethod
-    def _check_mode(mode: str) -> None:
-        if mode not in MODES:
-            raise ValueError(f"Unknown mode {mode!r}; choose 'up' (up-weighting) or 'perturbation'.")
+
+def check_mode(mode: str) -> None:
+    """``ValueError`` unless ``mode`` is one of :data:`MODES`."""
+    if mode not in MODES:
+        raise ValueError(f"Unknown mode {mode!r}; choose 'up' (up-weighting) or 'perturbation'.")
 
 
-def _placed_like(new, old):
-    """``new`` with the sharding of ``old`` (a fit on a mesh refits on it), unchanged when ``old`` is not an array."""
-    return jax.device_put(new, old.sharding) if isinstance(old, jax.Array) else new
-
-
-_NON_FINITE_LOSS = (
-    "loss_fn is not finite at these points though the data is finite; check the loss for log(0) or labels out of range."
-)
-
-
-@jax.jit
-def _rowwise_dot(a: PyTree, b: PyTree):
-    return sum(
-        jnp.sum(jnp.reshape(x * y, (x.shape[0], -1)), axis=1) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
-    )
-
-
-__all__ = ["InfluenceModel", "MODES"]
+__all__ = ["MODES", "InfluenceModel", "check_mode"]

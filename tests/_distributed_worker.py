@@ -3,10 +3,11 @@
 Usage: python -m tests._distributed_worker PROCESS_ID NUM_PROCESSES PORT OUT_DIR
 
 Each process reads only its own half of the training data, fits the direct
-solver collectively (gloo CPU collectives), saves the state, fits direct and
-EK-FAC from a stream of its own batches (saving their solves), and writes its
-columns of the influence matrix to OUT_DIR/store; the first run is
-interrupted after two blocks and resumed.
+solver and a sampled-Fisher EK-FAC collectively (gloo CPU collectives), saves
+the state, fits direct and EK-FAC from a stream of its own batches (saving
+their solves), and writes its columns of the influence matrix to
+OUT_DIR/store; the first run is interrupted after two blocks and resumed.
+At the end it records how many coordinator keys ``agree`` left behind.
 """
 
 import os
@@ -17,6 +18,7 @@ import time
 import jax
 import jax.flatten_util
 import numpy as np
+from jax._src import distributed as jax_distributed
 
 import jaxinf
 from jaxinf import scale
@@ -33,6 +35,21 @@ def reference_model(problem):
         None,
         problem.params,
         jaxinf.direct(max_memory=1 << 30),
+        damping=DAMPING,
+        curvature="gauss_newton",
+        model_fn=problem.model_fn,
+        output_loss=problem.output_loss,
+    )
+
+
+SAMPLED_SEED = 7  # a key made at import would start the backend before jax.distributed
+
+
+def sampled_model(problem):
+    return jaxinf.InfluenceModel(
+        None,
+        problem.params,
+        jaxinf.ekfac(fisher="sampled", num_samples=2),
         damping=DAMPING,
         curvature="gauss_newton",
         model_fn=problem.model_fn,
@@ -123,6 +140,13 @@ def main(process_id: int, num_processes: int, port: int, out_dir: str) -> None:
     model = reference_model(problem)
     scale.fit(model, list(mine), mesh)
     scale.save_state(os.path.join(out_dir, "state.npz"), model.state, solver=model.solver)
+    # sampled-Fisher EK-FAC fitted in memory: every draw keyed by the example's global index (issue 16)
+    sampled = sampled_model(problem)
+    scale.fit(sampled, list(mine), mesh, key=jax.random.key(SAMPLED_SEED))
+    rhs = scale.replicate(test_gradients(problem), mesh)
+    solves = jax.jit(jax.vmap(sampled.solver.solve, in_axes=(None, 0)))(sampled.state, rhs)[0]
+    flat = jax.vmap(lambda t: jax.flatten_util.ravel_pytree(t)[0])(solves)
+    np.save(os.path.join(out_dir, f"fit-sampled-{process_id}.npy"), np.asarray(scale.host_view(flat)))
 
     def stream_fit(solver, source):
         return scale.fit_from_stream(
@@ -139,7 +163,6 @@ def main(process_id: int, num_processes: int, port: int, out_dir: str) -> None:
         )
 
     # Fits from a stream: each process streams only its own rows; the solves equal one process fitting all rows.
-    rhs = scale.replicate(test_gradients(problem), mesh)
     for name, solver in stream_solvers().items():
         solves = jax.jit(jax.vmap(solver.solve, in_axes=(None, 0)))(stream_fit(solver, mine), rhs)[0]
         flat = jax.vmap(lambda t: jax.flatten_util.ravel_pytree(t)[0])(solves)
@@ -176,6 +199,11 @@ def main(process_id: int, num_processes: int, port: int, out_dir: str) -> None:
     calc.run(test, mine, path, callback=resumed.append)
     steps = -(-(N_TRAIN // num_processes) // BATCH)
     assert len(resumed) == 3 * steps - 2, (len(resumed), steps)
+    # agree's key-value entries do not pile up: each process keeps only its last two (issue 16)
+    distributed.barrier("every exchange done")
+    keys = jax_distributed.global_state.client.key_value_dir_get("jaxinf/agree/")
+    with open(os.path.join(out_dir, f"keys-{process_id}"), "w") as f:
+        f.write(f"{sum(distributed._STEP_COUNTS.values())} {len(keys)}")
     with open(os.path.join(out_dir, f"ok-{process_id}"), "w") as f:
         f.write("ok")
     scale.shutdown()
@@ -184,7 +212,8 @@ def main(process_id: int, num_processes: int, port: int, out_dir: str) -> None:
 if __name__ == "__main__":
     # Read when the backend starts (at the first computation), so setting them here is early enough;
     # importing this module from a test changes nothing.
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    fast = "" if os.environ.get("JAXINF_TEST_XLA_OPT") else " --xla_backend_optimization_level=0"  # as conftest
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2" + fast
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     jax.config.update("jax_enable_x64", True)
     main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])

@@ -312,3 +312,33 @@ def test_influence_model_scores_correlate_with_direct(name):
     np.testing.assert_allclose(
         model.influences_from_factors(factors, p.train).ravel(), got, rtol=1e-8, atol=1e-10 * np.max(np.abs(got))
     )
+
+
+def test_fit_traces_the_curvature_product_a_fixed_number_of_times_and_refits_without_compiling():
+    """Issue 15 (``arnoldi(100)`` with the Hessian of a CNN, slower than its product count): the Krylov steps run
+    in one compiled loop, so the curvature product (here: the loss) is traced as often for 4 steps as for 16, not
+    once per step, and a refit on new data of the same shapes traces and compiles nothing. A Python loop over the
+    steps, or a retrace per fit, fails this without timing anything."""
+    from jaxinf.solvers.arnoldi import _fit
+
+    p = models.cnn_problem(n_train=12)
+    traces = []
+
+    def loss(params, batch):
+        traces.append(1)  # runs only while jax traces it
+        return p.loss_fn(params, batch)
+
+    counts = {}
+    for m in (4, 16):
+        op = jaxinf.curvature_operator(loss, p.params, p.train, damping=0.1)
+        traces.clear()
+        jaxinf.arnoldi(2, krylov_dim=m).init(op, key=jax.random.key(0))
+        counts[m] = len(traces)
+    assert counts[4] == counts[16] and 0 < counts[16] <= 2, counts
+    x, y = p.train
+    op = jaxinf.curvature_operator(loss, p.params, (x + 0.5, y), damping=0.2)
+    compiled = _fit._cache_size()
+    traces.clear()
+    state = jaxinf.arnoldi(2, krylov_dim=16).init(op, key=jax.random.key(1))
+    assert traces == [] and _fit._cache_size() == compiled
+    assert state.products == 16

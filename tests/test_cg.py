@@ -276,3 +276,49 @@ def test_default_rtol_follows_the_dtype():
         assert bool(jnp.all(info.residual_norm <= 1e-4 * jnp.linalg.norm(_rows(rhs), axis=1)))
     with pytest.raises(ValueError, match="rtol must be a real number"):
         jaxinf.cg(rtol="1e-6")
+
+
+def _true_relative_residuals(op, x, rhs):
+    """``‖b − (C + λI)x‖ / ‖b‖`` per right-hand side, from the dense float64 matrix."""
+    dense, b = np.asarray(_dense(op), np.float64), np.asarray(_rows(rhs), np.float64)
+    return np.linalg.norm(b - np.asarray(_rows(x), np.float64) @ dense, axis=1) / np.linalg.norm(b, axis=1)
+
+
+def test_converged_means_the_true_residual_meets_rtol():
+    """Residual replacement: the recursive residual reaching rtol no longer counts as converged by itself.
+
+    Damping 1e-6 (κ ≈ 1e7) at rtol 1e-10: the recursive residual drifts from the true one, and before residual
+    replacement CG reported a true residual of 2.1e-10 (converged 0/4; block CG 1/4). Now both go on until the true
+    residual meets rtol (117 and 53 iterations).
+    """
+    p = models.mlp_problem("plain", n_train=23, hidden=16)
+    op = _gn_operator(p, 1e-6)
+    rhs = _rhs(p.params, 4)
+    reference = _dense_solve(op, rhs)
+    kappa = np.linalg.cond(np.asarray(_dense(op)))
+    assert kappa > 1e6
+    rtol = 1e-10
+    solver, block = jaxinf.cg(rtol=rtol), jaxinf.cg(rtol=rtol, block=True, block_size=4)
+    for x, info in (_vmap(solver)(solver.init(op), rhs), jax.jit(block.solve_many)(block.init(op), rhs)):
+        assert bool(jnp.all(info.converged)) and not bool(jnp.any(info.diverged)), info
+        reported = np.asarray(info.residual_norm) / np.linalg.norm(np.asarray(_rows(rhs)), axis=1)
+        assert np.all(reported <= rtol), reported  # the true residual, as the operator's products evaluate it
+        # evaluated with the dense matrix instead: the same up to the rounding of b − Ax itself (≲ 6e-11 here)
+        np.testing.assert_allclose(_true_relative_residuals(op, x, rhs), reported, rtol=0, atol=rtol)
+        assert np.max(_rel_err(_rows(x), reference)) <= 10 * kappa * rtol
+
+
+def test_float32_at_small_damping_converges_at_the_default_rtol():
+    """float32, damping 1e-4, default rtol (1e-4): CG and block CG converge (before replacement: 0/3 each)."""
+    p = models.mlp_problem("plain", dtype=jnp.float32, n_train=23, hidden=16)
+    op = _gn_operator(p, 1e-4)
+    rhs = _rhs(p.params, 3)
+    solver, block = jaxinf.cg(), jaxinf.cg(block=True)
+    op64 = _gn_operator(models.mlp_problem("plain", n_train=23, hidden=16), 1e-4)
+    reference = _dense_solve(op64, jax.tree.map(lambda a: a.astype(jnp.float64), rhs))
+    for x, info in (_vmap(solver)(solver.init(op), rhs), jax.jit(block.solve_many)(block.init(op), rhs)):
+        assert bool(jnp.all(info.converged)), info.residual_norm
+        # the float64 residual of the float32 answer: rtol plus float32's own error in evaluating b − Ax
+        # (≈ eps₃₂·‖A‖‖x‖, up to ~1e-2 relative at κ ≈ 1e5; measured 2.4e-4)
+        assert np.all(_true_relative_residuals(op64, x, rhs) <= 1e-3)
+        assert np.max(_rel_err(_rows(x), reference)) < 0.5  # κ ≈ 1e5 × rtol 1e-4 bounds the error only loosely

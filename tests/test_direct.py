@@ -77,11 +77,15 @@ def test_direct_float32():
     assert err < 1e-4, err
 
 
-def test_changing_damping_needs_no_refactorisation():
+@pytest.mark.parametrize("factorization", ["eigh", "auto"])
+def test_changing_damping_needs_no_refactorisation(factorization):
+    """Free for an ``eigh`` state; a Cholesky state (``auto`` on this PD Hessian) is refactorised to the new λ."""
     p = models.logistic_problem()
     op = jaxinf.curvature_operator(p.loss_fn, p.params, p.train, damping=0.1)
-    solver = jaxinf.direct()
-    state = with_damping(solver.init(op), 0.7)
+    solver = jaxinf.direct(factorization=factorization)
+    fitted = solver.init(op)
+    assert fitted.factorizations == ({"eigh": "eigh", "auto": "cholesky"}[factorization],)
+    state = with_damping(fitted, 0.7)
     v = jax.tree.map(jnp.ones_like, p.params)
     x, _ = solver.solve(state, v)
     ref = jnp.linalg.solve(to_dense(op.with_damping(0.7)), ravel(v))
@@ -120,6 +124,8 @@ def test_direct_rejects_mismatched_right_hand_side():
         solver.solve(state, dict(p.params, b1=jnp.zeros(5)))
     with pytest.raises(ValueError, match="column_batch"):
         jaxinf.direct(column_batch=0)
+    with pytest.raises(ValueError, match="factorization must be one of"):
+        jaxinf.direct(factorization="lu")
 
 
 def test_influence_columns_follow_the_order_of_ragged_training_batches():

@@ -56,7 +56,7 @@ def layer_index_matrix(layer, params):
     """Flat (ravel-order) parameter index of every entry of the layer's canonical ``(rows, d_out)`` matrix."""
     leaves = jax.tree.leaves(params)
     starts = np.cumsum([0] + [x.size for x in leaves])
-    idx = [jnp.arange(starts[i], starts[i + 1]).reshape(leaves[i].shape) for i in range(len(leaves))]
+    idx = [np.arange(starts[i], starts[i + 1]).reshape(leaves[i].shape) for i in range(len(leaves))]  # host
     return np.asarray(layer.to_matrix(idx))
 
 

@@ -69,12 +69,26 @@ def test_two_processes_match_one(tmp_path):
     state = scale.load_state(
         tmp_path / "state.npz", scale.state_skeleton(model.solver, model.operator), solver=model.solver
     )
-    x = jax.tree.map(lambda a: a[0], model._grads(model.params, problem.test))
+    x = jax.tree.map(lambda a: a[0], model._fn_grads(model.loss_fn, model.params, problem.test))
     np.testing.assert_allclose(
         np.asarray(jax.flatten_util.ravel_pytree(model.solver.solve(state, x)[0])[0]),
         np.asarray(jax.flatten_util.ravel_pytree(model.solver.solve(model.state, x)[0])[0]),
         rtol=1e-9,
     )
+
+    # Sampled-Fisher EK-FAC fitted in memory on two processes equals one process: draws keyed by global index.
+    sampled = worker.sampled_model(problem).fit(problem.train, key=jax.random.key(worker.SAMPLED_SEED))
+    rhs = worker.test_gradients(problem)
+    expected = jax.vmap(sampled.solver.solve, in_axes=(None, 0))(sampled.state, rhs)[0]
+    expected = np.asarray(jax.vmap(lambda t: jax.flatten_util.ravel_pytree(t)[0])(expected))
+    for k in range(2):
+        got = np.load(tmp_path / f"fit-sampled-{k}.npy")
+        np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-10 * np.abs(expected).max())
+
+    # agree's coordinator keys do not accumulate: at most the last two per process remain after many exchanges
+    for k in range(2):
+        exchanges, left = map(int, (tmp_path / f"keys-{k}").read_text().split())
+        assert exchanges >= 10 and left <= 2 * 2, (exchanges, left)
 
     # Streamed fits (each process streamed only its rows) solve like one process fitting all rows in memory.
     for name, solver in worker.stream_solvers().items():

@@ -140,3 +140,36 @@ def test_fit_helper_runs_the_fit_time_checks(problem):
     with pytest.raises(ValueError, match="sums over the examples"):
         scale.fit(model, batches(problem), scale.data_mesh())
     assert not model.is_fitted
+
+
+def test_sampled_fisher_is_the_same_on_any_number_of_devices():
+    """Sampled-Fisher EK-FAC: every example draws by its global index, so 1, 2 or 8 devices fit one state.
+
+    (Each fit compiles anew, about 5 s each on the two-core machine.)
+
+    The multi-process path of scale.fit (passes over global batches, each example keyed by its global index
+    ``process·n_local + position``) is run here in one process too; tests/test_scale_distributed.py runs it on two.
+    """
+    from jaxinf.scale import sharding
+
+    p = models.logistic_problem(n_train=24, n_test=2)
+    train = [jax.tree.map(lambda a, i=i: a[i : i + BATCH], p.train) for i in range(0, 24, BATCH)]
+    key = jax.random.key(5)
+
+    def fitted(key, mesh=None):
+        model = make_model(p, jaxinf.ekfac(fisher="sampled", likelihood="categorical"))
+        return model.fit(train, key=key) if mesh is None else scale.fit(model, train, mesh, key=key)
+
+    def assert_same(got, expected):
+        for field in ("factors_a", "factors_g", "eigvals"):
+            for a, b in zip(jax.tree.leaves(getattr(got, field)), jax.tree.leaves(getattr(expected, field))):
+                a, b = np.asarray(a), np.asarray(b)
+                np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12 * np.abs(b).max(), err_msg=field)
+
+    expected = fitted(key).state  # unsharded: one device
+    for count in (2, 8):
+        assert_same(fitted(key, scale.data_mesh(jax.devices()[:count])).state, expected)
+    model = make_model(p, jaxinf.ekfac(fisher="sampled", likelihood="categorical"))
+    local = jaxinf.as_batches(train)
+    sharding._fit_by_passes(model, model.operator_for(local), local, scale.data_mesh(), key)
+    assert_same(model.state, expected)

@@ -329,3 +329,51 @@ def test_benchmark_smoke(tmp_path, monkeypatch):
     assert [r["mode"] for r in rows] == ["stream", "memory"]
     assert all(r["N"] == 300 and r["fit_s"] > 0 and r["max_rel_diff"] < 1e-5 for r in rows)
     assert (tmp_path / "stream_fit.json").exists()
+
+
+def test_fit_time_checks_run_on_the_first_batch(small):
+    """A summing loss and a zero Gauss-Newton (log_softmax + NLL) raise what model.fit raises, before any pass."""
+
+    def summed(p, batch):
+        return 0.5 * jnp.sum((small.model_fn(p, batch) - batch[1]) ** 2)
+
+    solver = jaxinf.ekfac(fisher="exact")
+    expected = "loss_fn sums over the examples.*jnp.mean instead of jnp.sum"
+    with pytest.raises(ValueError, match=expected):
+        jaxinf.InfluenceModel(summed, small.params, solver, damping=0.1).fit(small.train)
+    with pytest.raises(ValueError, match=expected):  # functional form
+        scale.fit_from_stream(solver, summed, small.params, array_source(small.train), damping=0.1, progress=False)
+    with pytest.raises(ValueError, match=expected):  # model form
+        scale.fit_from_stream(jaxinf.InfluenceModel(summed, small.params, solver, damping=0.1), small.train)
+
+    p = models.logistic_problem(n_train=12)
+
+    def log_probs(q, batch):
+        return jax.nn.log_softmax(p.model_fn(q, batch))
+
+    def nll(outputs, batch):  # linear in the outputs: a Gauss-Newton of exactly zero
+        return -jnp.mean(jnp.take_along_axis(outputs, batch[1][:, None], axis=1))
+
+    def zero_gn_model():
+        return jaxinf.InfluenceModel(
+            None, p.params, solver, damping=0.1, curvature="gauss_newton", model_fn=log_probs, output_loss=nll
+        )
+
+    zero = r"gauss_newton curvature of the split model_fn=.*log_probs.*nll.*exactly zero.*softmax cross-entropy"
+    with pytest.raises(ValueError, match=zero):
+        zero_gn_model().fit(p.train)
+    iterable = iterable_source(p.train, 4)
+    with pytest.raises(ValueError, match=zero):
+        scale.fit_from_stream(zero_gn_model(), iterable, progress=False)
+    with pytest.raises(ValueError, match=zero):
+        scale.fit_from_stream(
+            solver,
+            None,
+            p.params,
+            iterable,
+            kind="gauss_newton",
+            damping=0.1,
+            model_fn=log_probs,
+            output_loss=nll,
+            progress=False,
+        )

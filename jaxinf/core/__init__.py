@@ -14,5 +14,12 @@ from jaxinf.core.curvature import CURVATURES, CurvatureOperator, curvature_opera
 from jaxinf.core.data import Batches, as_batches
 from jaxinf.core.errors import ConvergenceError, NotFittedError
 
-__all__ = ["CURVATURES", "Batches", "ConvergenceError", "CurvatureOperator", "NotFittedError", "as_batches",
-           "curvature_operator"]
+__all__ = [
+    "CURVATURES",
+    "Batches",
+    "ConvergenceError",
+    "CurvatureOperator",
+    "NotFittedError",
+    "as_batches",
+    "curvature_operator",
+]

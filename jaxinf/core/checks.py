@@ -33,7 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinf.core.curvature import CurvatureOperator, per_example_losses, resolve_damping
+from jaxinf.core.curvature import CurvatureOperator, SplitLoss, per_example_losses, resolve_damping
+from jaxinf.core.damping import is_auto
 from jaxinf.core.data import batch_size, take
 from jaxinf.core.tree import tree_norm, tree_sub
 
@@ -46,6 +47,7 @@ __all__ = [
     "CHECK_EXAMPLES",
     "check_curvature",
     "check_damping",
+    "check_fit",
     "check_key",
     "check_like_training",
     "check_loss",
@@ -68,16 +70,19 @@ def check_damping(damping: Any, block_names: tuple[str, ...]) -> tuple:
     """Validate ``damping`` against the blocks (before anything is assigned); return one scalar per block.
 
     Args:
-      damping: a real ``λ >= 0`` or a mapping ``{block name: λ}`` naming every
-        block of ``block_names`` exactly.
+      damping: a real ``λ >= 0``, a mapping ``{block name: λ}`` naming every
+        block of ``block_names`` exactly, or ``"auto"`` (:mod:`jaxinf.core.damping`;
+        then nothing is returned).
       block_names: the names of the curvature blocks (see
-        :func:`jaxinf.core.curvature.resolve_blocks`).
+        :func:`jaxinf.core.blocks.resolve_blocks`).
 
     Raises:
       ValueError: not a real number (a string, ``None``, a bool, a complex or
         an array with axes), NaN, inf or negative, or a mapping with unknown
         or missing blocks; the message names the block.
     """
+    if is_auto(damping):
+        return ()
     return resolve_damping(damping, tuple(range(len(block_names))), block_names)
 
 
@@ -313,3 +318,23 @@ def _zero_message(operator: CurvatureOperator, name: str | None) -> str:
         "(a loss linear in the parameters): every solver would return plain gradient dot products divided by the "
         "damping. Check the loss, or use curvature='fisher'."
     )
+
+
+def check_fit(
+    operator: CurvatureOperator,
+    loss_fn: Callable | None = None,
+    model_fn: Callable | None = None,
+    output_loss: Callable | None = None,
+) -> None:
+    """The fit-time checks on the operator's data: every given form of the loss, then the curvature.
+
+    ``loss_fn`` (when given) and the split ``output_loss(model_fn(params, batch), batch)`` (when both halves are
+    given) must each pass :func:`check_loss`; the curvature must pass :func:`check_curvature`.
+    """
+    if loss_fn is not None:
+        check_loss(loss_fn, operator.params, operator.data.batches(), name="loss_fn")
+    if model_fn is not None and output_loss is not None:
+        composed = SplitLoss(model_fn, output_loss)  # hashable by the pair: compiled once, not at every fit
+        split = "output_loss(model_fn(params, batch), batch)"
+        check_loss(composed, operator.params, operator.data.batches(), name=split)
+    check_curvature(operator)

@@ -52,3 +52,30 @@ def eigh(matrix: jax.Array) -> tuple[jax.Array, jax.Array]:
     flat = matrix.reshape(-1, *matrix.shape[-2:])
     w, q = jax.lax.map(_eigh_one, flat)
     return w.reshape(*batch_shape, -1), q.reshape(*batch_shape, *q.shape[-2:])
+
+
+def in_sequence(before, after):
+    """``(before, after)`` unchanged, but the work on ``after`` cannot start before ``before`` is computed.
+
+    XLA's CPU runtime runs independent operations of one program at once, and
+    jaxlib's LAPACK kernels (``eigh``: ``dsyevd``) spread a batch over the
+    same thread pool and wait for it: two of them at once on a pool of two
+    threads deadlocked (issue 16). Every eigendecomposition of a K-FAC fit
+    is therefore made to depend on the one before it.
+    """
+    return jax.lax.optimization_barrier((before, after))
+
+
+def eigh_in_sequence(matrices, after=None) -> list:
+    """``[(w, q)]`` of the symmetrised ``matrices``, one after another, all after ``after`` (:func:`in_sequence`)."""
+    out, previous = [], after
+    for m in matrices:
+        if previous is not None:
+            previous, m = in_sequence(previous, m)
+        if m.size == 0:  # a zero-size leaf or layer side: nothing to decompose
+            out.append((jnp.zeros(m.shape[:1], m.dtype), jnp.zeros(m.shape, m.dtype)))
+            continue
+        w, q = eigh(0.5 * (m + m.T))
+        out.append((w, q))
+        previous = w
+    return out

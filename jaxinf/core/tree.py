@@ -279,3 +279,22 @@ def check_finite(tree: PyTree, name: str, *, per_example: bool = False, advice: 
                 rows = np.flatnonzero(~np.all(finite.reshape(arr.shape[0], -1), axis=1))
                 where = f" (example {int(rows[0])} first; {rows.size} example(s) in all)"
             raise ValueError(f"{name}{jax.tree_util.keystr(path)} contains {bad} NaN or inf value(s){where}; {advice}")
+
+
+@jax.jit
+def rowwise_dot(a: PyTree, b: PyTree) -> jax.Array:
+    """``out[i] = Σ_leaves ⟨a[i], b[i]⟩``: the dot product of row ``i`` of two trees with a common leading axis."""
+    return sum(
+        jnp.sum(jnp.reshape(x * y, (x.shape[0], -1)), axis=1) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+    )
+
+
+def placed_like(new, old):
+    """``new`` with the sharding of ``old`` when that spans several devices (a fit on a mesh refits on it).
+
+    On one device ``new`` is left as it is: committing it would change the
+    jit cache key of every step it enters (a recompile for the same program).
+    """
+    if isinstance(old, jax.Array) and len(old.sharding.device_set) > 1:
+        return jax.device_put(new, old.sharding)
+    return new

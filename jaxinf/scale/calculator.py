@@ -41,16 +41,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh
 
 from jaxinf.core.data import batch_size as leading_size
 from jaxinf.core.data import is_single_batch
-from jaxinf.core.memory import available_bytes
-from jaxinf.model import MODES
+from jaxinf.model import check_mode
 from jaxinf.scale.distributed import agree, barrier, broadcast_from_first
-from jaxinf.scale.kernels import factors_kernel, scores_kernel
-from jaxinf.scale.plan import MemoryPlan, compiled_peak_bytes, tree_bytes
+from jaxinf.scale.kernels import compile_kernels
+from jaxinf.scale.plan import MemoryPlan, plan_memory
 from jaxinf.scale.progress import progress_bar
 from jaxinf.scale.sharding import (
     data_mesh,
@@ -82,7 +80,6 @@ from jaxinf.scale.tiles import (
     process_split,
     round_up,
     run_fingerprint,
-    shape_key,
     slice_rows,
     solve_factors,
     train_steps,
@@ -144,8 +141,7 @@ class InfluenceCalculator:
         progress: bool = True,
         measurement: Callable | None = None,
     ):
-        if mode not in MODES:
-            raise ValueError(f"Unknown mode {mode!r}; choose 'up' (up-weighting) or 'perturbation'.")
+        check_mode(mode)
         scoring = model.scoring if scoring is None else scoring
         if scoring not in SCORING_METHODS:
             raise ValueError(f"Unknown scoring {scoring!r}; choose one of {SCORING_METHODS}.")
@@ -178,27 +174,8 @@ class InfluenceCalculator:
         return self.model.scoring_method(self.test_block, train_like)
 
     def _kernels(self, test_like, train_like, method: str, leaf: int | None):
-        """The factor and scoring kernels compiled for these block shapes (cached by JAX across calculators)."""
-        cache_key = (method, leaf, shape_key(test_like), shape_key(train_like))
-        if cache_key in self._compiled:
-            return self._compiled[cache_key]
-        loss_fn, solver = self.model.loss_fn, self.model.solver
-        test_fn = loss_fn if self.measurement is None else self.measurement
-        f_compiled = factors_kernel.lower(self.params, self.state, test_like, loss_fn=test_fn, solver=solver).compile()
-        factors_like = jax.eval_shape(
-            lambda p, s, b: factors_kernel(p, s, b, loss_fn=test_fn, solver=solver),
-            self.params,
-            self.state,
-            test_like,
-        )[0]
-        replicated = NamedSharding(self.mesh, P())
-        factors_like = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), factors_like)
-        scores_sharding = NamedSharding(self.mesh, P(None, self.mesh.axis_names[0]))
-        s_compiled = scores_kernel.lower(
-            self.params, factors_like, train_like, loss_fn=loss_fn, method=method, leaf=leaf, sharding=scores_sharding
-        ).compile()
-        self._compiled[cache_key] = (f_compiled, s_compiled)
-        return f_compiled, s_compiled
+        """The factor and scoring kernels compiled for these block shapes (cached per calculator and by JAX)."""
+        return compile_kernels(self, test_like, train_like, method, leaf)
 
     # -------------------------------------------------------------- shapes
     def _layout(self, test_source, train_source):
@@ -236,39 +213,7 @@ class InfluenceCalculator:
         return self._plan(test_source, train_source)[0]
 
     def _plan(self, test_source, train_source):
-        tb_pad, b_local_pad, test_like, train_like, leaf, x_shape = self._layout(test_source, train_source)
-        method = self._method(train_like)
-        train_like_size = jax.tree.leaves(train_like)[0].shape[0]
-        f_compiled, s_compiled = self._kernels(test_like, train_like, method, leaf)
-        p = self.spec.size
-        itemsize = jnp.dtype(self.spec.dtype).itemsize
-        per_dev_rows = train_like_size // self.devices
-        fallback_f = tree_bytes(self.state) + 2 * tb_pad * p * itemsize
-        fallback_s = tb_pad * p * itemsize + (
-            per_dev_rows * p * itemsize if method in ("gradients", "layerwise") else 0
-        )
-        out_cells = tb_pad * b_local_pad * int(np.prod(x_shape, dtype=np.int64))
-        batch_bytes = tree_bytes(train_like) // max(1, self.devices // self.local_devices)
-        host = batch_bytes + 2 * out_cells * itemsize + tree_bytes(test_like)
-        n_test, n_train = test_source.total_examples, train_source.total_examples
-        disk = n_test * n_train * int(np.prod(x_shape, dtype=np.int64)) * itemsize
-        device = self.mesh.local_mesh.devices.flat[0]
-        budget = available_bytes(device) if self.max_memory is None else int(self.max_memory)
-        plan = MemoryPlan(
-            test_block=tb_pad,
-            train_batch=train_like_size,
-            method=method,
-            num_params=p,
-            devices=self.devices,
-            local_devices=self.local_devices,
-            factors_bytes=compiled_peak_bytes(f_compiled, fallback_f),
-            scoring_bytes=compiled_peak_bytes(s_compiled, fallback_s),
-            host_bytes=host,
-            disk_bytes=disk,
-            budget_bytes=budget,
-            shared_host_memory=device.platform == "cpu",
-        )
-        return plan, (tb_pad, b_local_pad, test_like, train_like, leaf, x_shape, method, f_compiled, s_compiled)
+        return plan_memory(self, test_source, train_source)
 
     # ----------------------------------------------------------------- run
     def run(

@@ -6,11 +6,14 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from jaxinf.scale.tiles import shape_key
 from jaxinf.scoring import contract, per_example_grads, perturbation
 from jaxinf.solvers.base import solve_many
 
-__all__ = ["factors_kernel", "scores_kernel"]
+__all__ = ["compile_kernels", "factors_kernel", "scores_kernel"]
 
 
 @functools.partial(jax.jit, static_argnames=("loss_fn", "solver"))
@@ -34,6 +37,25 @@ def scores_kernel(params, factors, batch, *, loss_fn, method, leaf, sharding):
     return jax.lax.with_sharding_constraint(out, sharding)
 
 
-# ----------------------------------------------------------------------------
-# The calculator
-# ----------------------------------------------------------------------------
+def compile_kernels(calc, test_like, train_like, method: str, leaf: int | None):
+    """The factor and scoring kernels of calculator ``calc``, compiled for these block shapes (cached in ``calc``)."""
+    cache_key = (method, leaf, shape_key(test_like), shape_key(train_like))
+    if cache_key in calc._compiled:
+        return calc._compiled[cache_key]
+    loss_fn, solver = calc.model.loss_fn, calc.model.solver
+    test_fn = loss_fn if calc.measurement is None else calc.measurement
+    f_compiled = factors_kernel.lower(calc.params, calc.state, test_like, loss_fn=test_fn, solver=solver).compile()
+    factors_like = jax.eval_shape(
+        lambda p, s, b: factors_kernel(p, s, b, loss_fn=test_fn, solver=solver),
+        calc.params,
+        calc.state,
+        test_like,
+    )[0]
+    replicated = NamedSharding(calc.mesh, P())
+    factors_like = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), factors_like)
+    scores_sharding = NamedSharding(calc.mesh, P(None, calc.mesh.axis_names[0]))
+    s_compiled = scores_kernel.lower(
+        calc.params, factors_like, train_like, loss_fn=loss_fn, method=method, leaf=leaf, sharding=scores_sharding
+    ).compile()
+    calc._compiled[cache_key] = (f_compiled, s_compiled)
+    return f_compiled, s_compiled

@@ -31,7 +31,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["MemoryPlan", "compiled_peak_bytes", "format_bytes", "tree_bytes"]
+from jaxinf.core.memory import available_bytes
+
+__all__ = ["MemoryPlan", "compiled_peak_bytes", "format_bytes", "plan_memory", "tree_bytes"]
 
 
 def format_bytes(n: float) -> str:
@@ -142,3 +144,38 @@ def _itemsize(x) -> int:
     if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):  # key<impl>: the bytes of its key data
         return dtype.itemsize
     return jnp.dtype(dtype).itemsize
+
+
+def plan_memory(calc, test_source, train_source):
+    """The :class:`MemoryPlan` of calculator ``calc`` on these sources, and its layout and compiled kernels."""
+    tb_pad, b_local_pad, test_like, train_like, leaf, x_shape = calc._layout(test_source, train_source)
+    method = calc._method(train_like)
+    train_like_size = jax.tree.leaves(train_like)[0].shape[0]
+    f_compiled, s_compiled = calc._kernels(test_like, train_like, method, leaf)
+    p = calc.spec.size
+    itemsize = jnp.dtype(calc.spec.dtype).itemsize
+    per_dev_rows = train_like_size // calc.devices
+    fallback_f = tree_bytes(calc.state) + 2 * tb_pad * p * itemsize
+    fallback_s = tb_pad * p * itemsize + (per_dev_rows * p * itemsize if method in ("gradients", "layerwise") else 0)
+    out_cells = tb_pad * b_local_pad * int(np.prod(x_shape, dtype=np.int64))
+    batch_bytes = tree_bytes(train_like) // max(1, calc.devices // calc.local_devices)
+    host = batch_bytes + 2 * out_cells * itemsize + tree_bytes(test_like)
+    n_test, n_train = test_source.total_examples, train_source.total_examples
+    disk = n_test * n_train * int(np.prod(x_shape, dtype=np.int64)) * itemsize
+    device = calc.mesh.local_mesh.devices.flat[0]
+    budget = available_bytes(device) if calc.max_memory is None else int(calc.max_memory)
+    plan = MemoryPlan(
+        test_block=tb_pad,
+        train_batch=train_like_size,
+        method=method,
+        num_params=p,
+        devices=calc.devices,
+        local_devices=calc.local_devices,
+        factors_bytes=compiled_peak_bytes(f_compiled, fallback_f),
+        scoring_bytes=compiled_peak_bytes(s_compiled, fallback_s),
+        host_bytes=host,
+        disk_bytes=disk,
+        budget_bytes=budget,
+        shared_host_memory=device.platform == "cpu",
+    )
+    return plan, (tb_pad, b_local_pad, test_like, train_like, leaf, x_shape, method, f_compiled, s_compiled)

@@ -262,7 +262,13 @@ def fit(model, train_data: Any, mesh: Mesh, *, key: jax.Array | None = None):
         layout on every process; the curvature is that of the mean loss over
         all processes' examples.
       mesh: a data mesh (:func:`data_mesh`).
-      key: PRNG key for randomised solvers.
+      key: PRNG key for randomised solvers. Per-example draws (K-FAC/EK-FAC
+        with ``fisher="sampled"``) are keyed by the example's index in the
+        whole dataset, process ``p``'s examples numbered after those of
+        processes ``0 … p−1``, so the state is the same on any number of
+        processes and devices (multi-process K-FAC/EK-FAC fits run as passes
+        over the batches, one jitted call per batch, as
+        :func:`jaxinf.scale.fit_from_stream` does).
 
     Returns:
       ``model``, fitted; its operator and state live on ``mesh``.
@@ -280,6 +286,8 @@ def fit(model, train_data: Any, mesh: Mesh, *, key: jax.Array | None = None):
         agreed("scale.fit: loss and curvature", lambda: model._check_loss(model.operator_for(local)))
         data = _global_batches(local, mesh)
         operator = model.operator_for(data)
+        if model.solver.name in _DRAWS_PER_EXAMPLE and model.solver.stream_init is not None:
+            return _fit_by_passes(model, operator, local, mesh, key)
     else:
         data = as_batches(train_data, name="train_data")  # checks shapes and finiteness on the host
         operator = model.operator_for(data)
@@ -293,6 +301,68 @@ def fit(model, train_data: Any, mesh: Mesh, *, key: jax.Array | None = None):
     model.operator, model.state = operator, state
     model.n_train = operator.num_examples
     return model
+
+
+#: Solvers whose in-memory fit keys per-example draws (sampled Fisher labels) by the example's position in the
+#: concatenated batches (``jaxinf.solvers.kfac_fit.fit``). In a multi-process fit the global batches interleave the
+#: processes' examples, so positions there are not the examples' global indices; these solvers are fitted by passes
+#: (their ``stream_init``), which key every draw by the global index.
+_DRAWS_PER_EXAMPLE = ("kfac", "ekfac")
+
+
+def _fit_by_passes(model, operator: CurvatureOperator, local: Batches, mesh: Mesh, key):
+    """Fit ``model`` by the solver's passes over the global batches, each example drawing by its global index.
+
+    Process ``p``'s example at position ``j`` of its concatenated batches is
+    example ``p·n_local + j`` of the whole dataset (the processes' parts in
+    process order: :meth:`jaxinf.scale.ArraySource.shard` and the streamed
+    fits number them so), on any number of processes and devices.
+    """
+    passes = _GlobalPasses(model.operator_for(next(iter(local.batches()))), local, mesh)
+    state = model.solver.stream_init(passes, key=key)
+    if model.solver.validate is not None:
+        model.solver.validate(host_view(state))
+    model._fit_key = key
+    model._refit_stream = None
+    model.operator, model.state = _replicate_rest(operator, mesh), state
+    model.n_train = operator.num_examples
+    return model
+
+
+class _GlobalPasses:
+    """Passes over process-local in-memory batches as global batches, for a solver's ``stream_init``.
+
+    Implements what :func:`jaxinf.solvers.kfac_fit.fit_stream` reads of a
+    :class:`jaxinf.solvers.base.BatchStreamLike` (``operator``, ``first``,
+    ``num_examples``, ``batches``, ``replicate``, ``zeros``); it has no
+    streamed ``curvature``.
+    """
+
+    def __init__(self, operator: CurvatureOperator, local: Batches, mesh: Mesh):
+        self.operator, self.local, self.mesh = operator, local, mesh
+        self.first = next(iter(local.batches()))
+        self.num_examples = local.num_examples * jax.process_count()
+
+    def batches(self, desc: str = "pass", *, with_indices: bool = False):
+        """``(index, batch, weight[, example_indices])`` per global batch, ``weight = n_b / n``."""
+        del desc
+        start = jax.process_index() * self.local.num_examples
+        for index, batch in enumerate(self.local.batches()):
+            size = leading_size(batch)
+            placed = global_batch(jax.tree.map(np.asarray, batch), self.mesh)
+            weight = size * jax.process_count() / self.num_examples
+            if with_indices:
+                indices = global_batch(np.arange(start, start + size, dtype=np.uint32), self.mesh)
+                yield index, placed, weight, indices
+            else:
+                yield index, placed, weight
+            start += size
+
+    def replicate(self, tree: PyTree) -> PyTree:
+        return replicate(tree, self.mesh)
+
+    def zeros(self, shapes: PyTree) -> PyTree:
+        return self.replicate(jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes))
 
 
 def _replicate_rest(operator: CurvatureOperator, mesh: Mesh) -> CurvatureOperator:

@@ -55,8 +55,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinf.core.fingerprint import loss_digest, tree_digest
 from jaxinf.scale.sharding import replicate, to_host
+from jaxinf.scale.state_fingerprint import state_differences, state_fingerprint
 
 PyTree = Any
 FORMAT = "jaxinf-state"
@@ -71,75 +71,6 @@ __all__ = ["load_state", "read_header", "save_state", "state_fingerprint", "stat
 def state_skeleton(solver, operator, *, key: jax.Array | None = None) -> PyTree:
     """The structure of ``solver.init(operator, key=key)`` with shapes only (``jax.eval_shape``; no products run)."""
     return jax.eval_shape(lambda op, k: solver.init(op, key=k), operator, key)
-
-
-def _host_scalar(x) -> float:
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        x = x.addressable_data(0)
-    return float(np.asarray(x))
-
-
-def _example_batch(operator) -> PyTree:
-    """Shapes of one example of the operator's data (a batch of one), for the loss's jaxpr."""
-    data = operator.data
-    if data.stacked is not None:
-        return jax.tree.map(lambda a: jax.ShapeDtypeStruct((1, *np.shape(a)[2:]), a.dtype), data.stacked)
-    return jax.tree.map(lambda a: jax.ShapeDtypeStruct((1, *np.shape(a)[1:]), jnp.result_type(a)), data.rest[0])
-
-
-def _curvature_loss(operator):
-    if operator.kind == "gauss_newton":
-        model_fn, output_loss = operator.model_fn, operator.output_loss
-        return lambda p, b: output_loss(model_fn(p, b), b)
-    return operator.loss_fn
-
-
-def state_fingerprint(solver=None, operator=None) -> dict:
-    """What determines a fitted state, as JSON.
-
-    ``{"solver", "solver_config"}`` given ``solver``; ``{"curvature", "blocks", "damping", "params", "loss"}`` given
-    ``operator``: the kind, block names and each leaf's block, ``{block: λ}``, SHA-256 digests of the params and of
-    the curvature's loss jaxpr on one example.
-    """
-    out: dict = {}
-    if solver is not None:
-        out["solver"] = solver.name
-        out["solver_config"] = json.loads(json.dumps(solver.config, sort_keys=True)) if solver.config else None
-    if operator is not None:
-        names = list(operator.block_names)
-        per_block = {}
-        for leaf, block in enumerate(operator.block_ids):
-            per_block.setdefault(names[block], _host_scalar(operator.damping[leaf]))
-        out["curvature"] = operator.kind
-        out["blocks"] = {"names": names, "of_leaf": list(operator.block_ids)}
-        out["damping"] = per_block
-        out["params"] = tree_digest(operator.params)
-        shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.result_type(a)), operator.params)
-        out["loss"] = loss_digest(_curvature_loss(operator), shapes, _example_batch(operator))
-    return out
-
-
-_DESCRIBE = {"solver": "solver", "solver_config": "solver configuration", "curvature": "curvature kind"}
-_DESCRIBE |= {"blocks": "block layout", "damping": "damping", "params": "params (digest)", "loss": "loss (digest)"}
-
-
-def _differences(saved: dict, now: dict) -> tuple[list[str], list[str]]:
-    """``(differences, unchecked)``: what differs, and what ``now`` has that the file did not record."""
-    diffs, unchecked = [], []
-    for key, what in _DESCRIBE.items():
-        if key not in now or now[key] is None:
-            continue
-        if saved.get(key) is None:
-            unchecked.append(what)
-        elif key == "solver_config" and saved[key] != now[key]:
-            changed = sorted(k for k in set(saved[key]) | set(now[key]) if saved[key].get(k) != now[key].get(k))
-            parts = [f"{k}: saved {saved[key].get(k)!r}, now {now[key].get(k)!r}" for k in changed]
-            diffs.append(f"{what} ({'; '.join(parts)})")
-        elif saved[key] != now[key]:
-            short = key in ("params", "loss")
-            old, new = (saved[key][:12] + "…", now[key][:12] + "…") if short else (saved[key], now[key])
-            diffs.append(f"{what}: saved {old!r}, now {new!r}")
-    return diffs, unchecked
 
 
 def _check_json(value: Any, where: str) -> None:
@@ -423,7 +354,7 @@ def load_state(
                 "like: pass a skeleton (scale.state_skeleton(solver, operator)), or solver= and operator=."
             )
         like = state_skeleton(solver, operator, key=key) if like is None else like
-        diffs, unchecked = _differences(header.get("fit") or {}, state_fingerprint(solver, operator))
+        diffs, unchecked = state_differences(header.get("fit") or {}, state_fingerprint(solver, operator))
         if diffs and on_mismatch == "raise":
             raise ValueError(
                 f"{path} was fitted for another problem or solver: {'; '.join(diffs)}. Fit again and save, or load "

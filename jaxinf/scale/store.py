@@ -29,21 +29,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
-import time
 import uuid
-import warnings
 
 import numpy as np
 
+from jaxinf.scale.lock import LOCK, StoreLock, read_json_dict
 from jaxinf.scale.plan import format_bytes
 
 FORMAT = "jaxinf-influences"
 VERSION = 2
-LOCK = "jaxinf-lock.json"
 MARKS = "marks"
 _OURS = ("zarr.json", "influences", MARKS, "done")  # what overwrite=True may delete ("done": format 1)
-_STALE_UNREADABLE_S = 30.0  # a lock file still unreadable after this long was torn by a kill
 
 __all__ = [
     "FORMAT",
@@ -228,7 +224,7 @@ def _clean_leftovers(path: str) -> None:
     marks = os.path.join(path, MARKS)
     if os.path.isdir(marks):
         for name in os.listdir(marks):
-            if name.startswith(".") or _read_mark(os.path.join(marks, name)) is None:
+            if name.startswith(".") or read_json_dict(os.path.join(marks, name)) is None:
                 os.remove(os.path.join(marks, name))
 
 
@@ -241,15 +237,6 @@ def mark_done(path: str, cell: tuple[int, int, int], record: dict) -> None:
     with open(tmp, "w") as f:
         json.dump(record, f)
     os.replace(tmp, os.path.join(folder, name))
-
-
-def _read_mark(file: str) -> dict | None:
-    try:
-        with open(file) as f:
-            record = json.load(f)
-    except (OSError, ValueError):  # torn or empty: not done
-        return None
-    return record if isinstance(record, dict) else None
 
 
 def _cell(name: str) -> tuple[int, int, int] | None:
@@ -265,7 +252,7 @@ def read_marks(path: str) -> dict:
     out = {}
     for name in os.listdir(folder) if os.path.isdir(folder) else ():
         cell = _cell(name)
-        record = None if cell is None else _read_mark(os.path.join(folder, name))
+        record = None if cell is None else read_json_dict(os.path.join(folder, name))
         if record is not None:
             out[cell] = record
     return out
@@ -329,117 +316,3 @@ def open_influences(path: str | os.PathLike, *, partial: bool = False):
                 "with compute_influences, or pass partial=True to read it with NaN where not computed."
             )
     return root["influences"]
-
-
-# ------------------------------------------------------------------------ lock
-class StoreLock:
-    """An exclusive lock on a store: the file ``path/jaxinf-lock.json`` holding the owner's pid, host and time.
-
-    Created atomically (``O_CREAT | O_EXCL``). A lock left by a process that
-    has died on this host is stale and taken over with a warning; a live one
-    (or one from another host) is refused, naming its owner.
-    """
-
-    def __init__(self, path: str):
-        self.file = os.path.join(path, LOCK)
-        self.owner = {
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "time": time.time(),
-            "start": _start_time(os.getpid()),
-            "token": uuid.uuid4().hex,
-        }
-        self.held = False
-
-    def acquire(self) -> None:
-        """Take the lock, or raise ``ValueError`` naming the job that holds it."""
-        for _ in range(8):
-            try:
-                fd = os.open(self.file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                found = _read_mark(self.file)
-                stale = self._stale(found)
-                if stale is None:
-                    raise ValueError(_held_message(self.file, found)) from None
-                self._take_over(found, stale)
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.owner, f)
-            self.held = True
-            return
-        raise ValueError(f"Could not take the lock {self.file}: other jobs keep taking it over; start one job at once.")
-
-    def release(self) -> None:
-        """Delete the lock file if it is still this lock's."""
-        if self.held and (_read_mark(self.file) or {}).get("token") == self.owner["token"]:
-            os.remove(self.file)
-        self.held = False
-
-    def _stale(self, found: dict | None) -> str | None:
-        """Why the lock ``found`` is stale, or ``None`` when its owner may be alive."""
-        if found is None:  # being written right now, or torn by a kill
-            try:
-                age = time.time() - os.path.getmtime(self.file)
-            except FileNotFoundError:
-                return "released"
-            return f"unreadable for {age:.0f} s" if age > _STALE_UNREADABLE_S else None
-        if found.get("host") != self.owner["host"] or not isinstance(found.get("pid"), int):
-            return None  # another host: cannot tell
-        pid = found["pid"]
-        if not _alive(pid):
-            return f"process {pid} on this host has ended"
-        start = _start_time(pid)
-        if found.get("start") is not None and start is not None and start != found.get("start"):
-            return f"process {pid} has ended (its pid is in use by another process)"
-        return None
-
-    def _take_over(self, found: dict | None, why: str) -> None:
-        """Remove the stale lock ``found``; if it changed meanwhile (another job took it), put it back."""
-        aside = f"{self.file}.{uuid.uuid4().hex}.stale"
-        try:
-            os.rename(self.file, aside)
-        except FileNotFoundError:
-            return
-        now = _read_mark(aside)
-        if now != found and now is not None:  # not the lock judged stale: a live job's, restore it
-            try:
-                fd = os.open(self.file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-                with os.fdopen(fd, "w") as f:
-                    json.dump(now, f)
-            except FileExistsError:
-                pass
-        elif why != "released":
-            warnings.warn(
-                f"Taking over the stale lock {self.file} ({why}; it was {found}).", RuntimeWarning, stacklevel=4
-            )
-        os.remove(aside)
-
-
-def _held_message(file: str, found: dict | None) -> str:
-    if found is None:
-        return f"Another job is creating the lock {file} right now; only one job may write a store at a time."
-    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(found.get("time", 0)))
-    return (
-        f"The store is in use by another job: process {found.get('pid')} on host {found.get('host')!r} has held "
-        f"{file} since {when}. Wait for it to finish, or choose another path; if that job no longer runs "
-        "(e.g. on another host), delete the lock file."
-    )
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by another user
-        return True
-    return True
-
-
-def _start_time(pid: int) -> int | None:
-    """The start time of process ``pid`` in clock ticks after boot (Linux), to tell a reused pid; else ``None``."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
-        return None

@@ -30,13 +30,15 @@ receives a :class:`BatchStream`.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from jaxinf.core.curvature import curvature_operator
+from jaxinf.core.checks import check_fit
+from jaxinf.core.curvature import CurvatureOperator, curvature_operator
 from jaxinf.core.tree import check_finite, ravel_batched, unravel
 from jaxinf.model import InfluenceModel
 from jaxinf.scale.distributed import agreed
@@ -82,20 +84,20 @@ class BatchStream:
         output_loss: Callable | None = None,
         mesh=None,
         progress: bool = False,
+        check: Callable[[CurvatureOperator], None] | None = None,
     ):
-        # every process checks its own data; all stop together if one finds a problem (none waits in a collective)
-        source = agreed("fit_from_stream: the first batch", _checked_source, data, loss_fn, model_fn, params)
-        first = source.first()
-        self.first = first
-        self.operator = curvature_operator(
+        check = check or functools.partial(check_fit, loss_fn=loss_fn, model_fn=model_fn, output_loss=output_loss)
+        kw = dict(kind=kind, damping=damping, blocks=blocks, model_fn=model_fn, output_loss=output_loss)
+        # every process checks its own data, then the loss and its curvature on its first batch (the checks of
+        # InfluenceModel.fit); all stop together if one finds a problem (none waits in a collective)
+        source, self.first, self.operator = agreed(
+            "fit_from_stream: the first batch, the loss and its curvature",
+            _checked_start,
+            data,
             loss_fn,
             params,
-            first,
-            kind=kind,
-            damping=damping,
-            blocks=blocks,
-            model_fn=model_fn,
-            output_loss=output_loss,
+            kw,
+            check,
         )
         self.curvature = StreamingCurvature(
             loss_fn, params, source, kind=kind, model_fn=model_fn, output_loss=output_loss, mesh=mesh, progress=progress
@@ -212,7 +214,11 @@ def fit_from_stream(
     Raises:
       ValueError: a solver that cannot be fitted from a stream (cg, lissa:
         with what to do instead), an empty stream, NaN or inf in a batch
-        (naming it), params the loss cannot be evaluated with.
+        (naming it), params the loss cannot be evaluated with; or what
+        :meth:`jaxinf.InfluenceModel.fit` refuses, checked on the first batch
+        before the first pass (a loss that is not a finite mean over the
+        examples: a sum, time-major data; a zero or non-finite curvature: see
+        :mod:`jaxinf.core.checks`), on every process at once.
 
     Examples:
       >>> import jax, jax.numpy as jnp, numpy as np, jaxinf
@@ -235,8 +241,6 @@ def fit_from_stream(
                 "params, curvature, damping and blocks; pass only the data (and key/mesh/progress)."
             )
         return _fit_model(solver, loss_fn, key=key, mesh=mesh, progress=progress)
-    if not isinstance(solver, Solver):
-        raise TypeError(f"fit_from_stream needs a jaxinf Solver (e.g. jaxinf.ekfac()), got {type(solver).__name__}.")
     options = dict(
         kind=kind,
         damping=damping,
@@ -246,6 +250,13 @@ def fit_from_stream(
         mesh=mesh,
         progress=progress,
     )
+    return _fit_state(solver, loss_fn, params, data, options, key=key, validate=validate)
+
+
+def _fit_state(solver, loss_fn, params, data, options: dict, *, key, validate: bool, check=None) -> PyTree:
+    """The functional form of :func:`fit_from_stream`; ``check(operator)``: the fit-time checks (default: loss's)."""
+    if not isinstance(solver, Solver):
+        raise TypeError(f"fit_from_stream needs a jaxinf Solver (e.g. jaxinf.ekfac()), got {type(solver).__name__}.")
     if solver.stream_init is None:
         why = _NOT_STREAMABLE.get(solver.name, f"{solver.name} has no streamed fit (Solver.stream_init)")
         raise ValueError(
@@ -253,7 +264,7 @@ def fit_from_stream(
             "(jaxinf.InfluenceModel(...).fit(subset)) or on data sharded over devices (jaxinf.scale.fit / "
             "shard_operator); or fit a solver that streams: direct, nystrom, arnoldi, kfac or ekfac."
         )
-    state = solver.stream_init(BatchStream(loss_fn, params, data, **options), key=key)
+    state = solver.stream_init(BatchStream(loss_fn, params, data, check=check, **options), key=key)
     if validate and solver.validate is not None:
         solver.validate(host_view(state))  # multi-process states are global arrays: check this process's copy
     return state
@@ -262,19 +273,18 @@ def fit_from_stream(
 def _fit_model(model: InfluenceModel, data: Any, *, key, mesh, progress) -> InfluenceModel:
     """Fit ``model`` from a stream; a later ``model.damping = λ`` streams the data again."""
     source = as_source(data)
-    state = fit_from_stream(
-        model.solver,
-        model.loss_fn,
-        model.params,
-        source,
+    options = dict(
         kind=model.curvature,
         damping=model.damping,
         blocks=model.blocks,
         model_fn=model.model_fn,
         output_loss=model.output_loss,
         mesh=mesh,
-        key=key,
         progress=progress,
+    )
+    # the model's own fit-time checks (its names for the loss and the split), on the stream's first batch
+    state = _fit_state(
+        model.solver, model.loss_fn, model.params, source, options, key=key, validate=True, check=model._check_loss
     )
     # The operator is only read for the parameters, the loss and the layout when scoring: one batch of it.
     model.operator, model.state = model.operator_for(source.first()), state
@@ -284,11 +294,20 @@ def _fit_model(model: InfluenceModel, data: Any, *, key, mesh, progress) -> Infl
     return model
 
 
-def _checked_source(data, loss_fn, model_fn, params):
+def _checked_start(data, loss_fn, params, options: dict, check: Callable[[CurvatureOperator], None]):
+    """The source, checked (examples, a finite first batch, params the loss takes), and the first batch's operator.
+
+    ``check(operator)`` then runs the fit-time checks of the loss and its
+    curvature on the first batch (:mod:`jaxinf.core.checks`), as
+    :meth:`jaxinf.InfluenceModel.fit` runs them on its data. ``first()``
+    starts a fresh pass, so a one-shot iterator is not consumed.
+    """
     source = as_source(data)
     if source.num_examples < 1:
         raise ValueError("The data stream holds no examples; nothing to fit.")
     first = source.first()
     check_finite(first, "data[batch 0]")
-    _check_params(loss_fn, model_fn, params, first)
-    return source
+    _check_params(loss_fn, options["model_fn"], params, first)
+    operator = curvature_operator(loss_fn, params, first, **options)
+    check(operator)
+    return source, first, operator

@@ -16,12 +16,13 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxinf.core.curvature import resolve_blocks
+from jaxinf.core.blocks import resolve_blocks
 from jaxinf.core.data import batch_size as leading_size
 from jaxinf.core.errors import ConvergenceError
 from jaxinf.core.fingerprint import hash_tree, loss_digest
 from jaxinf.scale.distributed import agree
 from jaxinf.scale.sharding import _place, data_sharding, pad_batch, to_host
+from jaxinf.solvers.base import check_solve
 
 PyTree = Any
 
@@ -72,9 +73,10 @@ def solve_factors(calc, job: Tiling, test_batch: PyTree):
     real, mesh = leading_size(test_batch), calc.mesh
     placed = jax.tree.map(lambda a: _place(np.asarray(a), data_sharding(mesh)), pad_batch(test_batch, job.test_pad))
     factors, info, finite = job.f_compiled(calc.params, calc.state, placed)
-    calc.model._check_info(jax.tree.map(lambda x: to_host(x)[:real], info), "right-hand sides")
+    solver = calc.model.solver
+    info = jax.tree.map(lambda x: to_host(x)[:real], info)
+    check_solve(solver, info, None, "right-hand sides", strict=calc.model.strict)
     if not to_host(finite)[:real].all():
-        solver = calc.model.solver
         raise ConvergenceError(f"{solver.name} returned NaN or inf influence factors. {solver.advice}".strip())
     return jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, P())), factors)
 

@@ -5,7 +5,7 @@ The factories are public at the top level (``jaxinf.direct()``,
 as ``jaxinf.solvers.kfac.influences_by_layer`` resolve.
 
 * :mod:`~jaxinf.solvers.base` — :class:`Solver`, :class:`Scorer`, :class:`SolveInfo`, :func:`solve_many`.
-* :mod:`~jaxinf.solvers.direct` — exact, from a dense eigendecomposition.
+* :mod:`~jaxinf.solvers.direct` — exact, from a dense Cholesky factorisation or eigendecomposition.
 * :mod:`~jaxinf.solvers.cg` — (block) conjugate gradient; :mod:`~jaxinf.solvers.preconditioners` for it.
 * :mod:`~jaxinf.solvers.kfac_preconditioner` — K-FAC / EK-FAC as pre-conditioners of CG.
 * :mod:`~jaxinf.solvers.lissa` — stochastic Neumann series.

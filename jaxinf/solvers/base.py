@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
@@ -30,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinf.core.data import batch_size
+from jaxinf.core.errors import ConvergenceError
 from jaxinf.core.fingerprint import tree_digest
 
 
@@ -197,9 +199,18 @@ def records_config(factory: Callable) -> Callable:
     JSON-able (:func:`describe`).
     """
     signature = inspect.signature(factory)
+    made_before: dict = {}
 
     @functools.wraps(factory)
     def wrapped(*args, **kwargs):
+        # The same hashable arguments give the same Solver object, so that the jitted steps that take it as a
+        # static argument (jaxinf.solvers.compiled) share their compiled programs across models.
+        memo = (tuple((type(a), a) for a in args), tuple((k, type(v), v) for k, v in sorted(kwargs.items())))
+        try:
+            if memo in made_before:
+                return made_before[memo]
+        except TypeError:  # an unhashable argument (an array, a dict): a new object, compiled anew
+            memo = None
         made = factory(*args, **kwargs)
         bound = signature.bind(*args, **kwargs)
         bound.apply_defaults()
@@ -211,7 +222,10 @@ def records_config(factory: Callable) -> Callable:
                 arguments[name] = value
         inner = made.config or {}  # a factory that calls another recorded one (kfac -> ekfac) keeps its defaults
         config = {**inner, "factory": factory.__name__, **{k: describe(v) for k, v in sorted(arguments.items())}}
-        return made._replace(config=config)
+        made = made._replace(config=config)
+        if memo is not None:
+            made_before[memo] = made
+        return made
 
     return wrapped
 
@@ -225,3 +239,33 @@ def solve_many(solver: Solver, state, rhs):
     if solver.solve_many is not None:
         return solver.solve_many(state, rhs)
     return jax.vmap(solver.solve, in_axes=(None, 0))(state, rhs)
+
+
+def check_solve(solver: Solver, info: SolveInfo, factors, what: str, *, strict: bool = True) -> None:
+    """Turn a batched :class:`SolveInfo` and its solutions into errors or warnings that carry the numbers.
+
+    Raises:
+      ConvergenceError: a right-hand side diverged; one did not converge and
+        ``strict`` (otherwise a ``RuntimeWarning``); or a solution holds NaN
+        or inf (``factors=None`` skips that check). Each message ends with
+        the solver's advice.
+    """
+    fields = (info.converged, info.diverged, info.iterations, info.residual_norm)
+    converged, diverged, iterations, residual = (np.asarray(x) for x in fields)
+    total = converged.size
+    advice = f" {solver.advice}" if solver.advice else ""
+    if diverged.any():
+        raise ConvergenceError(
+            f"{solver.name} diverged for {int(diverged.sum())} of {total} {what} "
+            f"(residual up to {np.nanmax(np.where(np.isfinite(residual), residual, np.inf)):.3g}).{advice}"
+        )
+    if not converged.all():
+        message = (
+            f"{solver.name} did not converge for {int((~converged).sum())} of {total} {what}: "
+            f"iterations up to {int(iterations.max())}, residual norm up to {float(np.max(residual)):.3g}.{advice}"
+        )
+        if strict:
+            raise ConvergenceError(message + " Pass strict=False to get the results with a warning.")
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+    if factors is not None and not all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(factors)):
+        raise ConvergenceError(f"{solver.name} returned NaN or inf influence factors.{advice}")

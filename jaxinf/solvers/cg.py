@@ -18,9 +18,12 @@ Convergence of right-hand side ``v`` means ``‖v − (C + Λ) x‖ ≤ max(rtol
 atol)``, with ``rtol`` by default set by the parameters' dtype
 (:func:`default_rtol`: ``1e-6`` in float64, ``1e-4`` in float32), since the
 reachable relative residual is about ``eps`` times the condition number.
-The recursively updated residual decides when to stop; the reported
-``residual_norm`` is the true residual, from one more product at the end,
-and ``converged`` is decided on it. ``diverged`` flags non-finite values or a
+The recursively updated residual only proposes convergence: the true
+residual ``‖v − (C + Λ) x‖`` (one product) then decides, and if it is still
+above the tolerance the recursive residual is replaced by it and CG goes on
+(residual replacement, van der Vorst & Ye 2000; the kernels are in
+:mod:`jaxinf.solvers.krylov`). So ``converged`` means the true residual meets
+the tolerance, and the reported ``residual_norm`` is that true residual. ``diverged`` flags non-finite values or a
 direction of non-positive curvature (``C + Λ`` not positive definite), where
 CG stops.
 
@@ -50,17 +53,12 @@ from jaxinf.core.tree import (
     check_matches,
     is_tracer,
     ravel_batched,
-    tree_axpy,
-    tree_norm,
-    tree_sub,
-    tree_vdot,
-    tree_where,
-    tree_zeros_like,
     unravel,
     unravel_batched,
 )
 from jaxinf.solvers.autodiff import symmetric_solve
-from jaxinf.solvers.base import SolveInfo, Solver, make_info, records_config
+from jaxinf.solvers.base import SolveInfo, Solver, records_config
+from jaxinf.solvers.krylov import block_pcg, pcg
 from jaxinf.solvers.preconditioners import Preconditioner
 
 PyTree = Any
@@ -131,7 +129,8 @@ def cg(
     Returns:
       A :class:`jaxinf.Solver` (with ``solve_many`` when ``block=True``).
       ``info.iterations`` counts CG iterations; a solve costs that many
-      products plus one for the reported true residual.
+      products plus one per check of the true residual (one, unless the
+      recursive residual had drifted and was replaced).
 
     Raises:
       ValueError: negative or non-finite tolerances, both zero, ``maxiter``
@@ -153,6 +152,9 @@ def cg(
       systems", J. Res. Nat. Bur. Standards 49(6), 1952.
       Ji & Li, "A breakdown-free block conjugate gradient method", BIT
       Numerical Mathematics 57, 2017.
+      van der Vorst & Ye, "Residual replacement strategies for Krylov
+      subspace iterative methods for the convergence of true residuals",
+      SIAM J. Sci. Comput. 22(3), 2000.
     """
     _check_tolerances(rtol, atol)
     if maxiter is not None and (isinstance(maxiter, bool) or int(maxiter) != maxiter or maxiter < 1):
@@ -187,7 +189,7 @@ def cg(
         op = state.operator
         check_matches(v, op.spec, "v")
         pre, tolerance, steps = precond_fn(state), rtol_for(op.dtype), iterations_for(op.size)
-        return symmetric_solve(op.matvec, lambda b: _pcg(op.matvec, pre, b, tolerance, atol, steps), v)
+        return symmetric_solve(op.matvec, lambda b: pcg(op.matvec, pre, b, tolerance, atol, steps), v)
 
     def solve_many(state: CGState, vs: PyTree) -> tuple[PyTree, SolveInfo]:
         op = state.operator
@@ -209,7 +211,7 @@ def cg(
 
 
 def _block_solve(op: CurvatureOperator, pre, vs: PyTree, block_size: int, rtol, atol, maxiter: int):
-    """Block PCG (:func:`_block_pcg`) over ``vs`` (leading axis), in blocks of ``block_size``, padded with zeros."""
+    """Block PCG (:func:`~jaxinf.solvers.krylov.block_pcg`) over ``vs`` in blocks of ``block_size``, zero-padded."""
     spec = op.spec
     dtype = spec.dtype
     b = ravel_batched(vs, dtype)
@@ -224,7 +226,7 @@ def _block_solve(op: CurvatureOperator, pre, vs: PyTree, block_size: int, rtol, 
     def precond(r):
         return jax.vmap(lambda ri: _ravel(pre(unravel(spec, ri)), dtype))(r)
 
-    x, info = jax.lax.map(lambda bb: _block_pcg(matvec, precond, bb, rtol, atol, maxiter), b)
+    x, info = jax.lax.map(lambda bb: block_pcg(matvec, precond, bb, rtol, atol, maxiter), b)
     x = x.reshape(chunks * k, p)[:n]
     info = jax.tree.map(lambda a: a.reshape(chunks * k)[:n], info)
     return unravel_batched(spec, x), info
@@ -264,139 +266,3 @@ def default_rtol(dtype) -> float:
 
 def _ravel(tree, dtype):
     return jnp.concatenate([jnp.ravel(x).astype(dtype) for x in jax.tree.leaves(tree)])
-
-
-def _tolerance(bnorm, rtol, atol):
-    return jnp.maximum(jnp.asarray(rtol, bnorm.dtype) * bnorm, jnp.asarray(atol, bnorm.dtype))
-
-
-def _pcg(matvec, precond, b: PyTree, rtol, atol, maxiter: int) -> tuple[PyTree, SolveInfo]:
-    """Pre-conditioned CG on pytrees from ``x₀ = 0``; see :func:`cg`."""
-    bnorm = tree_norm(b)
-    tol = _tolerance(bnorm, rtol, atol)
-    z = precond(b)
-    rz = tree_vdot(b, z)
-
-    def cond(carry):
-        i, _, _, _, _, rnorm, breakdown = carry
-        return (i < maxiter) & (rnorm > tol) & ~breakdown
-
-    def body(carry):
-        i, x, r, p, rz, rnorm, _ = carry
-        ap = matvec(p)
-        pap = tree_vdot(p, ap)
-        # pᵀAp ≤ 0 (or NaN): A is not positive definite along p; stop without taking the step.
-        bad = ~(pap > 0) | ~jnp.isfinite(rz)
-        alpha = rz / jnp.where(bad, 1.0, pap)
-        x_new = tree_axpy(alpha, p, x)
-        r_new = tree_axpy(-alpha, ap, r)
-        z_new = precond(r_new)
-        rz_new = tree_vdot(r_new, z_new)
-        p_new = tree_axpy(rz_new / jnp.where(rz == 0, 1.0, rz), p, z_new)
-        keep = lambda new, old: tree_where(bad, old, new)  # noqa: E731
-        return (
-            i + 1,
-            keep(x_new, x),
-            keep(r_new, r),
-            keep(p_new, p),
-            jnp.where(bad, rz, rz_new),
-            jnp.where(bad, rnorm, tree_norm(r_new)),
-            bad,
-        )
-
-    init = (jnp.zeros((), jnp.int32), tree_zeros_like(b), b, z, rz, bnorm, jnp.zeros((), bool))
-    iterations, x, _, _, _, _, breakdown = jax.lax.while_loop(cond, body, init)
-    residual = tree_norm(tree_sub(b, matvec(x)))
-    finite = jnp.isfinite(residual)
-    return x, make_info(iterations, residual, finite & (residual <= tol), breakdown | ~finite)
-
-
-def _orth(w, dtype):
-    """Rows spanning the numerically independent directions of the rows of ``w`` (``k × p``).
-
-    Returns ``(P, keep)``: ``P`` has orthonormal rows where ``keep`` and zero
-    rows elsewhere. Rows of ``w`` are normalised first, so that a nearly
-    converged right-hand side (a tiny residual) is not mistaken for a
-    dependent one. The basis comes from the ``k × k`` Gram matrix ``WWᵀ =
-    VS²Vᵀ`` (``P = S⁻¹VᵀW``, dropping ``s² ≤ 100·k·eps·s²_max``), then one
-    symmetric re-orthonormalisation ``P ← (PPᵀ)^{-1/2} P`` (as in Cholesky-QR2),
-    which keeps the zero rows zero: two small eigendecompositions and matrix
-    products instead of a QR of the tall ``p × k`` block, which is much slower
-    on CPU.
-    """
-    tiny = jnp.finfo(dtype).tiny
-    norms = jnp.linalg.norm(w, axis=1, keepdims=True)
-    w = jnp.where(norms > 0, w / jnp.where(norms > 0, norms, 1.0), 0.0)
-    s2, v = jnp.linalg.eigh(w @ w.T)
-    # Gram eigenvalues carry an absolute error ~k·eps·s²_max; trust those 100x above it
-    keep = s2 > 100 * w.shape[0] * jnp.finfo(dtype).eps * jnp.maximum(s2[-1], tiny)
-    basis = (v * jnp.where(keep, 1.0 / jnp.sqrt(jnp.where(keep, s2, 1.0)), 0.0)).T @ w
-    s2, v = jnp.linalg.eigh(basis @ basis.T + jnp.diag((~keep).astype(dtype)))
-    basis = ((v / jnp.sqrt(jnp.maximum(s2, tiny))) @ v.T) @ basis
-    return basis, keep
-
-
-def _block_pcg(matvec, precond, b, rtol, atol, maxiter: int) -> tuple[jax.Array, SolveInfo]:
-    """Breakdown-free block PCG (Ji & Li 2017) on a ``(k, p)`` block of raveled right-hand sides.
-
-    Rows are right-hand sides. Converged rows are frozen (their step is masked
-    to zero) and their residuals leave the search space.
-    """
-    dtype = b.dtype
-    k = b.shape[0]
-    bnorm = jnp.linalg.norm(b, axis=1)
-    tol = _tolerance(bnorm, rtol, atol)
-    active = bnorm > tol
-    z = precond(b) * active[:, None]
-    p, keep = _orth(z, dtype)
-
-    def cond(carry):
-        i, _, _, _, _, active, _, breakdown = carry
-        return (i < maxiter) & jnp.any(active) & ~breakdown
-
-    def body(carry):
-        i, x, r, p, keep, active, its, _ = carry
-        q = matvec(p)  # zero rows stay zero
-        delta = p @ q.T
-        delta = 0.5 * (delta + delta.T) + jnp.diag((~keep).astype(dtype))
-        w, v = jnp.linalg.eigh(delta)
-        # Not positive definite on the block (or NaN): a curvature pᵀCp at rounding level of ‖Cp‖ counts as zero,
-        # else its inverse would throw the iterate out by ~1/eps.
-        scale = jnp.maximum(jnp.max(jnp.abs(w)), jnp.max(jnp.linalg.norm(q, axis=1)))
-        bad = ~jnp.all(w > 100 * k * jnp.finfo(dtype).eps * scale)
-        inv = (v / jnp.where(bad, 1.0, w)) @ v.T
-        alpha = (inv @ (p @ r.T)) * active[None, :]  # column j: coefficients for right-hand side j
-        x_new = x + alpha.T @ p
-        r_new = r - alpha.T @ q
-        rnorm = jnp.linalg.norm(r_new, axis=1)
-        still = active & (rnorm > tol)
-        z = precond(r_new) * still[:, None]
-        beta = -inv @ (q @ z.T)
-        p_new, keep_new = _orth(z + beta.T @ p, dtype)
-        its_new = its + active.astype(jnp.int32)
-        return (
-            i + 1,
-            jnp.where(bad, x, x_new),
-            jnp.where(bad, r, r_new),
-            jnp.where(bad, p, p_new),
-            jnp.where(bad, keep, keep_new),
-            jnp.where(bad, active, still),
-            its_new,
-            bad,
-        )
-
-    init = (
-        jnp.zeros((), jnp.int32),
-        jnp.zeros_like(b),
-        b,
-        p,
-        keep,
-        active,
-        jnp.zeros((k,), jnp.int32),
-        jnp.zeros((), bool),
-    )
-    _, x, _, _, _, active, its, breakdown = jax.lax.while_loop(cond, body, init)
-    residual = jnp.linalg.norm(b - matvec(x), axis=1)
-    finite = jnp.isfinite(residual)
-    ok = finite & (residual <= tol)
-    return x, make_info(its, residual, ok, (breakdown & active) | ~finite)

@@ -66,7 +66,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxinf.core.curvature import CurvatureOperator, per_example_grads
 from jaxinf.core.data import as_batches, is_single_batch
@@ -76,7 +75,7 @@ from jaxinf.scoring.layerwise import contract_by_layer
 from jaxinf.solvers.autodiff import frozen
 from jaxinf.solvers.base import Scorer, Solver, make_info, records_config
 from jaxinf.solvers.kfac_fit import fit, fit_stream
-from jaxinf.solvers.kfac_plan import FISHER_MODES, KFACPlan, KFACState, check_options, make_plan
+from jaxinf.solvers.kfac_plan import FISHER_MODES, KFACPlan, KFACState, check_options, make_plan, validate_state
 
 PyTree = Any
 EXAMPLE_CHUNK = 128  # examples whose EK-FAC pass-2 temporaries are formed at once (read by each fit)
@@ -189,7 +188,7 @@ def ekfac(
         return _solve(_frozen_factors(state, name), v)
 
     def validate(state: KFACState) -> None:
-        _validate(state)
+        validate_state(state)
 
     name = "ekfac" if update_diagonal else "kfac"
     advice = "Increase damping (or damping_heuristic); check the tagging report (print(state.tags))."
@@ -286,31 +285,6 @@ def approx_curvature_vp(state: KFACState, v: PyTree, *, damped: bool = False) ->
     """``K v`` (or ``(K + λ) v``) with ``K`` the fitted K-FAC / EK-FAC curvature, for checks and diagnostics."""
     check_matches(v, state.plan.spec, "v")
     return _apply(state, v, 1, damped)
-
-
-def _validate(state: KFACState) -> None:
-    tags = state.tags
-    items = [(layer.name, ev, lam) for layer, ev, lam in zip(tags.layers, state.eigvals, state.damping)]
-    items += [
-        (tags.paths[fb.leaf], vals, lam)
-        for fb, vals, lam in zip(tags.fallbacks, state.fallback_vals, state.fallback_damping)
-    ]
-    for name, ev, lam in items:
-        ev = np.asarray(ev, np.float64)
-        lam = float(lam)
-        if not np.all(np.isfinite(ev)) or not np.isfinite(lam):
-            raise ValueError(
-                f"The K-FAC factors of {name} contain NaN or inf: check the data, the parameters and the loss."
-            )
-        top = float(np.max(ev)) if ev.size else 0.0
-        if top == 0.0 and lam == 0.0:
-            continue  # unused parameter: zero gradient, solved as zero
-        if lam == 0.0 and float(np.min(ev)) <= ev.size * np.finfo(np.float64).eps * top:
-            raise ValueError(
-                f"The (E)K-FAC curvature of {name} is singular (smallest eigenvalue {float(np.min(ev)):.3g}, largest "
-                f"{top:.3g}) and its damping is 0. Set damping > 0 (e.g. {max(1e-3 * top, 1e-8):.3g}) or leave "
-                "damping_heuristic on."
-            )
 
 
 # ----------------------------------------------------------------------------

@@ -29,7 +29,7 @@ import numpy as np
 
 from jaxinf.core.curvature import CurvatureOperator
 from jaxinf.core.data import Batches, add_example_axis, batch_size
-from jaxinf.core.linalg import eigh
+from jaxinf.core.linalg import eigh, eigh_in_sequence, in_sequence
 from jaxinf.layers.statistics import example_statistics, layer_matrices, rest_matrix
 from jaxinf.solvers.kfac_plan import KFACPlan, KFACState
 
@@ -83,7 +83,7 @@ def _output_cotangents(plan: KFACPlan, output_loss, outs, batch1, key):
 
     hess = jax.hessian(nll)(flat)
     # the Hessian may not depend on the data (a squared error): tie it to this example's outputs, so that its
-    # eigh runs in this batch's turn and never beside another one's (see _in_sequence)
+    # eigh runs in this batch's turn and never beside another one's (see jaxinf.core.linalg.in_sequence)
     hess, _ = jax.lax.optimization_barrier((0.5 * (hess + hess.T), flat))
     w, u = eigh(hess)  # one example at a time under vmap on the CPU (jaxinf.core.linalg)
     root = u * jnp.sqrt(jnp.clip(w, 0.0))[None, :]  # H = root rootᵀ
@@ -117,7 +117,7 @@ def _weighted_sum(fn: Callable, data: Batches):
     that per-example draws do not depend on how the data is batched. The
     batches after the stacked ones are chained one after another (each waits
     for the running sum): no two batches' work, and no two of their
-    eigendecompositions, run at once (see :func:`_in_sequence`).
+    eigendecompositions, run at once (see :func:`jaxinf.core.linalg.in_sequence`).
     """
     n = data.num_examples
     total, offset = None, 0
@@ -140,38 +140,11 @@ def _weighted_sum(fn: Callable, data: Batches):
     for b in data.rest:
         size = batch_size(b)
         if total is not None:
-            total, b = _in_sequence(total, b)
+            total, b = in_sequence(total, b)
         term = jax.tree.map(lambda t, w=size / n: w * t, fn(b, offset + jnp.arange(size, dtype=jnp.uint32)))
         total = term if total is None else jax.tree.map(jnp.add, total, term)
         offset += size
     return total
-
-
-def _in_sequence(before, after):
-    """``(before, after)`` unchanged, but the work on ``after`` cannot start before ``before`` is computed.
-
-    XLA's CPU runtime runs independent operations of one program at once, and
-    jaxlib's LAPACK kernels (``eigh``: ``dsyevd``) spread a batch over the
-    same thread pool and wait for it: two of them at once on a pool of two
-    threads deadlocked (issue 16). Every eigendecomposition of a fit is
-    therefore made to depend on the one before it.
-    """
-    return jax.lax.optimization_barrier((before, after))
-
-
-def _eigh_in_sequence(matrices, after=None) -> list:
-    """``[(w, q)]`` of the symmetrised ``matrices``, one after another, all after ``after`` (:func:`_in_sequence`)."""
-    out, previous = [], after
-    for m in matrices:
-        if previous is not None:
-            previous, m = _in_sequence(previous, m)
-        if m.size == 0:  # a zero-size leaf or layer side: nothing to decompose
-            out.append((jnp.zeros(m.shape[:1], m.dtype), jnp.zeros(m.shape, m.dtype)))
-            continue
-        w, q = eigh(0.5 * (m + m.T))
-        out.append((w, q))
-        previous = w
-    return out
 
 
 # ----------------------------------------------------------------------------
@@ -227,11 +200,11 @@ def _pass1(plan: KFACPlan, output_loss, params_leaves, batch, key, indices) -> d
 def _eigenbases(stats: dict) -> tuple:
     """Eigendecompositions of the summed ``A`` and ``G``: ``(λ_A, Q_A, λ_G, Q_G)``, lists per layer.
 
-    One decomposition after another (:func:`_eigh_in_sequence`), never all
+    One decomposition after another (:func:`jaxinf.core.linalg.eigh_in_sequence`), never all
     layers' at once.
     """
     pairs = [m for a, g in zip(stats["A"], stats["G"]) for m in (a, g)]
-    decomposed = _eigh_in_sequence(pairs, after=stats)  # after every statistic (and the eigh that some need)
+    decomposed = eigh_in_sequence(pairs, after=stats)  # after every statistic (and the eigh that some need)
     eig_a = [jnp.clip(w, 0.0) for w, _ in decomposed[0::2]]
     vec_a = [q for _, q in decomposed[0::2]]
     eig_g = [jnp.clip(w, 0.0) for w, _ in decomposed[1::2]]
@@ -245,7 +218,7 @@ def _sum_in_chunks(fn: Callable, tree, chunk: int):
     Bounds the per-example temporaries to ``chunk`` examples. Part ``j`` holds
     the examples ``j, j + s, j + 2s, ...`` (``s`` parts), so a batch sharded
     along its examples stays sharded in every part. Examples past the last
-    full part are summed after the map (and only after it: :func:`_in_sequence`).
+    full part are summed after the map (and only after it: :func:`jaxinf.core.linalg.in_sequence`).
     """
     n = batch_size(tree)
     steps = n // chunk
@@ -255,7 +228,7 @@ def _sum_in_chunks(fn: Callable, tree, chunk: int):
     parts = jax.tree.map(lambda a: jnp.swapaxes(a[:m].reshape(chunk, steps, *a.shape[1:]), 0, 1), tree)
     total = jax.tree.map(lambda t: jnp.sum(t, axis=0), jax.lax.map(fn, parts))
     if m < n:
-        total, tail = _in_sequence(total, jax.tree.map(lambda a: a[m:], tree))
+        total, tail = in_sequence(total, jax.tree.map(lambda a: a[m:], tree))
         total = jax.tree.map(jnp.add, total, fn(tail))
     return total
 
@@ -311,7 +284,7 @@ def _finish(plan: KFACPlan, stats: dict, bases: tuple, corrected, operator_dampi
     fb_vecs, fb_vals, fb_damp = [], [], []
     blocks = [f for fb, f in zip(tags.fallbacks, stats["F"]) if fb.method == "block"]
     # after the layers' decompositions and the EK-FAC pass, never beside them
-    decomposed = iter(_eigh_in_sequence(blocks, after=(stats, vec_g, corrected)))
+    decomposed = iter(eigh_in_sequence(blocks, after=(stats, vec_g, corrected)))
     for fb, f in zip(tags.fallbacks, stats["F"]):
         if fb.method == "block":
             w, q = next(decomposed)
@@ -339,7 +312,7 @@ def fit(plan: KFACPlan, output_loss, operator: CurvatureOperator, key, heuristic
     """The in-memory fit: both passes as :func:`_weighted_sum` sweeps of ``operator.data``.
 
     Runs inside one jit (or eagerly); its eigendecompositions run one after
-    another (:func:`_in_sequence`). Example ``i`` of the concatenated batches
+    another (:func:`jaxinf.core.linalg.in_sequence`). Example ``i`` of the concatenated batches
     draws with ``fold_in(key, i)``.
     """
     params_leaves = jax.tree.leaves(operator.params)
@@ -349,7 +322,7 @@ def fit(plan: KFACPlan, output_loss, operator: CurvatureOperator, key, heuristic
     bases = _eigenbases(stats)
     corrected = None
     if plan.update_diagonal and plan.tags.layers:
-        bases, data = _in_sequence(bases, operator.data)  # pass 2 (its eigh too) after the decompositions
+        bases, data = in_sequence(bases, operator.data)  # pass 2 (its eigh too) after the decompositions
         _, vec_a, _, vec_g = bases
         corrected = _weighted_sum(
             lambda batch, indices: _pass2(plan, output_loss, params_leaves, vec_a, vec_g, batch, key, indices, chunk),

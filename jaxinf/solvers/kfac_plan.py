@@ -277,6 +277,32 @@ def make_plan(
     return plan, o_loss
 
 
+def validate_state(state: KFACState) -> None:
+    """``ValueError`` if a layer's or fallback block's fitted eigenvalues hold NaN/inf, or are singular at damping 0."""
+    tags = state.tags
+    items = [(layer.name, ev, lam) for layer, ev, lam in zip(tags.layers, state.eigvals, state.damping)]
+    items += [
+        (tags.paths[fb.leaf], vals, lam)
+        for fb, vals, lam in zip(tags.fallbacks, state.fallback_vals, state.fallback_damping)
+    ]
+    for name, ev, lam in items:
+        ev = np.asarray(ev, np.float64)
+        lam = float(lam)
+        if not np.all(np.isfinite(ev)) or not np.isfinite(lam):
+            raise ValueError(
+                f"The K-FAC factors of {name} contain NaN or inf: check the data, the parameters and the loss."
+            )
+        top = float(np.max(ev)) if ev.size else 0.0
+        if top == 0.0 and lam == 0.0:
+            continue  # unused parameter: zero gradient, solved as zero
+        if lam == 0.0 and float(np.min(ev)) <= ev.size * np.finfo(np.float64).eps * top:
+            raise ValueError(
+                f"The (E)K-FAC curvature of {name} is singular (smallest eigenvalue {float(np.min(ev)):.3g}, largest "
+                f"{top:.3g}) and its damping is 0. Set damping > 0 (e.g. {max(1e-3 * top, 1e-8):.3g}) or leave "
+                "damping_heuristic on."
+            )
+
+
 __all__ = [
     "FISHER_MODES",
     "LIKELIHOODS",
@@ -285,4 +311,5 @@ __all__ = [
     "KFACState",
     "check_options",
     "make_plan",
+    "validate_state",
 ]
