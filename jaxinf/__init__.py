@@ -4,6 +4,7 @@
 Gauss-Newton or empirical Fisher) of the mean training loss.
 """
 
+from jaxinf.core.compilation_cache import enable_compilation_cache
 from jaxinf.core.curvature import CURVATURES, CurvatureOperator, curvature_operator
 from jaxinf.core.data import Batches, as_batches
 from jaxinf.core.errors import ConvergenceError, NotFittedError
@@ -26,6 +27,7 @@ from jaxinf.solvers.similarity import gradient_cosine, gradient_dot, tracin
 __version__ = "0.1.0"
 
 __all__ = [
+    "enable_compilation_cache",
     "CURVATURES",
     "Batches",
     "ConvergenceError",
