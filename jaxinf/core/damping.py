@@ -68,11 +68,11 @@ def mean_eigenvalue(operator: CurvatureOperator, *, seed: int = _SEED) -> float:
     """``tr(C)/P`` of the operator's undamped, full curvature, estimated as in the module docstring."""
     key = jax.random.key(seed)
     total, offset = 0.0, 0
-    for batch in operator.data.batches():
+    for batch in operator.data.batches():  # summed on the device; one host read at the end
         n = batch_size(batch)
-        total += float(_batch_quadratics(operator, batch, jnp.arange(offset, offset + n, dtype=jnp.uint32), key))
+        total = total + _batch_quadratics(operator, batch, jnp.arange(offset, offset + n, dtype=jnp.uint32), key)
         offset += n
-    return total / offset / operator.size
+    return float(total) / offset / operator.size
 
 
 def auto_damping(operator: CurvatureOperator, *, scale: float = AUTO_SCALE) -> float:
