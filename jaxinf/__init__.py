@@ -4,12 +4,15 @@
 Gauss-Newton or empirical Fisher) of the mean training loss.
 """
 
+from jaxinf.breakdown import influences_by_layer, influences_by_token
 from jaxinf.core.compilation_cache import enable_compilation_cache
 from jaxinf.core.curvature import CURVATURES, CurvatureOperator, curvature_operator
 from jaxinf.core.data import Batches, as_batches
 from jaxinf.core.errors import ConvergenceError, NotFittedError
 from jaxinf.layers import LayerTags, find_layers, tag_dense
 from jaxinf.model import InfluenceModel
+from jaxinf.scoring.query_compression import CompressionReport, compress_factors
+from jaxinf.scoring.tokenwise import TokenScores
 from jaxinf.solvers.arnoldi import arnoldi
 from jaxinf.solvers.base import Scorer, SolveInfo, Solver
 from jaxinf.solvers.cg import cg
@@ -63,4 +66,9 @@ __all__ = [
     "tracin",
     "implicit_solve",
     "implicit_solve_many",
+    "influences_by_layer",
+    "influences_by_token",
+    "TokenScores",
+    "CompressionReport",
+    "compress_factors",
 ]

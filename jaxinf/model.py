@@ -6,7 +6,7 @@ contractions from :mod:`jaxinf.scoring`. It validates inputs outside ``jit``,
 compiles each numerical step once, and turns the solvers' ``SolveInfo`` into
 errors or warnings with the numbers.
 
-Sign convention (the same as pyDVL, so results compare one to one)::
+Sign convention (pyDVL's, so results compare one to one)::
 
     influences(test, train)[i, j] = + ∇θℓ(test_i)ᵀ (C + λI)⁻¹ ∇θℓ(train_j)
 
@@ -36,16 +36,12 @@ from jaxinf.core.curvature import CurvatureOperator, SplitLoss, check_kind, curv
 from jaxinf.core.damping import damping_by_block, is_auto, with_auto_damping
 from jaxinf.core.data import as_batches, batch_size
 from jaxinf.core.errors import NotFittedError
+from jaxinf.core.precision import in_compute, promote
 from jaxinf.core.tree import check_finite, check_matches, check_params, placed_like, rowwise_dot, tree_spec
-from jaxinf.scoring import (
-    SCORING_METHODS,
-    check_measurement,
-    choose_method,
-    layer_profile,
-    resolve_input_leaf,
-)
+from jaxinf.scoring import SCORING_METHODS, check_measurement, choose_method, layer_profile, resolve_input_leaf
 from jaxinf.solvers import compiled
 from jaxinf.solvers.base import Solver, check_solve
+from jaxinf.solvers.planned import Planner
 
 PyTree = Any
 MODES = ("up", "perturbation")
@@ -81,6 +77,14 @@ class InfluenceModel:
       strict: raise :class:`ConvergenceError` when a solve does not converge;
         if ``False``, warn with the numbers instead. Divergence and NaN always
         raise.
+      memory_budget_bytes: bytes one scoring step may allocate (default
+        ``None``: 3/4 of the free memory at the call). Each step is sized from XLA's
+        memory analysis before it runs and split over chunks of examples to
+        fit, or refused with the number (:mod:`jaxinf.solvers.planned`).
+
+    bfloat16/float16 ``params`` run the model in their dtype and the linear
+    algebra in float32; influences come back in float32
+    (:mod:`jaxinf.core.precision`).
 
     Raises:
       ValueError: bad configuration, at construction (unknown curvature or
@@ -113,6 +117,7 @@ class InfluenceModel:
         input_leaf: int | str = 0,
         scoring: str = "auto",
         strict: bool = True,
+        memory_budget_bytes: int | None = None,
     ):
         if not isinstance(solver, Solver):
             raise TypeError(f"solver must be a jaxinf.Solver (e.g. jaxinf.direct()), got {type(solver).__name__}.")
@@ -138,19 +143,12 @@ class InfluenceModel:
 
         # The jitted steps are shared by all models (jaxinf.solvers.compiled): a refit on data of the same shapes,
         # and another model of the same loss function, solver configuration and shapes, reuse the compiled programs.
+        # The planner runs them in chunks of examples that fit memory_budget_bytes.
         self._init = functools.partial(compiled.init, solver=solver)
-        self._fn_grads = compiled.example_grads  # (fn, params, batch): loss or measurement
-        self._contract = compiled.contract_columns  # (fn, params, factors, batch, method)
-        self._solve_many = functools.partial(compiled.solve_all, solver=solver)
-        self._perturb = functools.partial(compiled.perturbation_columns, loss_fn)  # (params, factors, batch, leaf)
-        scorer = solver.scorer
-        self._score_prepare = None if scorer is None else functools.partial(compiled.call, scorer.prepare)
-        self._score_finish = None if scorer is None else functools.partial(compiled.call, scorer.finish)
-        self._profiles: dict = {}
+        self._planner, self._master_of, self._profiles = Planner(memory_budget_bytes), None, {}
         # Set by jaxinf.scale.fit_from_stream(model, ...): refits from the same stream when damping or params change.
         self._refit_stream: Callable[[], None] | None = None
 
-    # ------------------------------------------------------------------ fit
     @property
     def damping(self):
         return self._damping
@@ -192,15 +190,13 @@ class InfluenceModel:
                 self._refit_stream()
             else:
                 op = self.operator
-                params = jax.tree.map(placed_like, self._params, op.params)
+                params = jax.tree.map(placed_like, self._in_compute(None)[0], op.params)
                 self._fit_operator(self._damped(dataclasses.replace(op, params=params)), self._fit_key)
         except BaseException:
             setattr(self, attribute, old)  # the state is untouched: keep the attribute in step with it
             raise
 
-    @property
-    def is_fitted(self) -> bool:
-        return self.state is not None
+    is_fitted = property(lambda self: self.state is not None)
 
     def fit(self, train_data: Any, key: jax.Array | None = None) -> InfluenceModel:
         """Fit the solver to the curvature of the mean loss over ``train_data``.
@@ -253,11 +249,16 @@ class InfluenceModel:
         self.operator, self.state = operator, state
         self.n_train = operator.num_examples
 
+    def _in_compute(self, fn: Callable | None):
+        """``(params, fn)`` as the solvers see them: float32 master params, ``fn`` run in the params' dtype."""
+        if self._master_of is not self._params:
+            self._master_of, self._master = self._params, promote(self._params)[0]
+        return self._master, in_compute(self._params, fn)
+
     def _require_fit(self) -> None:
         if self.state is None:
             raise NotFittedError("This InfluenceModel is not fitted yet: call model.fit(train_data) first.")
 
-    # ------------------------------------------------------------ batches
     def _batches(self, data: Any, name: str) -> list:
         out = list(as_batches(data, name=name).batches())
         if self.operator is not None:
@@ -266,7 +267,6 @@ class InfluenceModel:
                 check_like_training(b, ref, f"{name}[batch {i}]" if len(out) > 1 else name)
         return out
 
-    # ------------------------------------------------------------- factors
     def influence_factors(self, test_data: Any, *, measurement: Callable | None = None) -> PyTree:
         """``(C + λI)⁻¹ ∇θf(test_i)`` for every test point; ``f``: ``measurement``, else the training loss.
 
@@ -287,14 +287,14 @@ class InfluenceModel:
 
     def _solved(self, data: Any, name: str, fn: Callable):
         """Per batch of ``data``: the per-example gradients of ``fn`` and their checked factors."""
+        what = "loss_fn" if fn is self.loss_fn else "measurement"
+        params, fn = self._in_compute(fn)
         for i, batch in enumerate(self._batches(data, name)):
-            grads = self._fn_grads(fn, self.params, batch)
-            what = "loss_fn" if fn is self.loss_fn else "measurement"
-            advice = f"{what} is not finite here though the data is finite; check it for log(0) or labels out of range."
-            check_finite(grads, f"the {what} gradient on {name}[batch {i}]", per_example=True, advice=advice)
-            factors, info = self._solve_many(self.state, grads)
-            check_solve(self.solver, info, factors, "right-hand sides", strict=self.strict)
-            yield grads, factors
+            for grads, factors, info in self._planner.solved(self.solver, self.state, fn, params, batch):
+                advice = f"{what} is not finite here though the data is finite; check it for log(0) or labels."
+                check_finite(grads, f"the {what} gradient on {name}[batch {i}]", per_example=True, advice=advice)
+                check_solve(self.solver, info, factors, "right-hand sides", strict=self.strict)
+                yield grads, factors
 
     def scoring_method(self, num_factors: int, batch: PyTree) -> str:
         """The contraction used for ``num_factors`` factors against ``batch``: ``scoring``, or the cost model's pick.
@@ -308,7 +308,7 @@ class InfluenceModel:
             return self.scoring
         key = (jax.tree.structure(batch), tuple((np.shape(x)[1:], jnp.result_type(x)) for x in jax.tree.leaves(batch)))
         if key not in self._profiles:
-            self._profiles[key] = layer_profile(self.loss_fn, self.params, batch)
+            self._profiles[key] = layer_profile(*reversed(self._in_compute(self.loss_fn)), batch)
         return choose_method(num_factors, batch_size(batch), self._spec.size, self._profiles[key])
 
     def influences_from_factors(self, factors: PyTree, train_data: Any, mode: str = "up"):
@@ -327,15 +327,18 @@ class InfluenceModel:
         """``factorsᵀ ∇θfn(z_j)`` (or its perturbation) for each ``z_j`` of ``data``; ``fn``: loss or measurement."""
         check_matches(factors, self._spec, "factors", leading=1)
         n_factors = jax.tree.leaves(factors)[0].shape[0]
-        columns = []
+        columns, params, fn_c = [], *self._in_compute(fn)
         for batch in self._batches(data, "train_data" if fn is self.loss_fn else "test_data"):
+            step, what = compiled.contract_columns, "scoring"
             if mode == "perturbation":
-                columns.append(self._perturb(self.params, factors, batch, resolve_input_leaf(batch, self.input_leaf)))
+                step, what = compiled.perturbation_columns, "perturbation"
+                last = resolve_input_leaf(batch, self.input_leaf)
             elif fn is self.loss_fn:
-                columns.append(self._contract(fn, self.params, factors, batch, self.scoring_method(n_factors, batch)))
+                last = self.scoring_method(n_factors, batch)
             else:  # a measurement: its layers are not traced, so "auto" weighs gradients and JVPs only
-                method = self.scoring if self.scoring != "auto" else choose_method(n_factors, 0, self._spec.size)
-                columns.append(self._contract(fn, self.params, factors, batch, method))
+                last = self.scoring if self.scoring != "auto" else choose_method(n_factors, 0, self._spec.size)
+            args = (fn_c, params, factors, batch, last)
+            columns.append(self._planner.map(f"{what} ({last})", step, args, row_arg=3, out_axis=1))
         return jnp.concatenate(columns, axis=1)
 
     def influences(self, test_data: Any, train_data: Any = None, mode: str = "up", *, measurement=None):
@@ -365,13 +368,10 @@ class InfluenceModel:
         # Read one-shot iterables (generators) once: both sides are iterated several times below.
         test_data = as_batches(test_data, name="test_data")
         train_data = as_batches(train_data, name="train_data")
-        if mode == "up" and self._score_prepare is not None and measurement is None:
-            rows = []
-            for tb in self._batches(test_data, "test_data"):
-                prepared = self._score_prepare(self.state, self.operator, tb)  # the test side, once per test batch
-                finish = functools.partial(self._score_finish, self.state, self.operator, prepared)
-                rows.append(jnp.concatenate([finish(rb) for rb in self._batches(train_data, "train_data")], axis=1))
-            return jnp.concatenate(rows, axis=0)
+        if mode == "up" and self.solver.scorer is not None and measurement is None:
+            run = functools.partial(self._planner.scored, self.solver.scorer, self.state, self.operator)
+            train = self._batches(train_data, "train_data")
+            return jnp.concatenate([run(tb, train) for tb in self._batches(test_data, "test_data")])
         if mode == "up" and train_data.num_examples < test_data.num_examples:
             fn = self._test_fn(measurement, test_data)  # checked before the training side is solved
             return self._columns(self.influence_factors(train_data), test_data, mode, fn).T

@@ -36,7 +36,7 @@ def _modules() -> dict[str, pathlib.Path]:
 
 def _layer(module: str) -> str:
     parts = module.split(".")
-    if len(parts) == 1 or parts[1] == "demo":
+    if len(parts) == 1 or parts[1] in ("demo", "breakdown"):
         return "root"
     return parts[1]
 

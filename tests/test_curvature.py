@@ -262,14 +262,6 @@ def test_non_finite_loss_on_finite_data_is_named_at_fit():
         model.fit((x, bad_y))
 
 
-@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
-def test_half_precision_params_are_refused_with_the_cast(dtype):
-    loss, params, (x, y) = _linear()
-    half = jax.tree.map(lambda a: a.astype(dtype), params)
-    with pytest.raises(ValueError, match=r"params\['b'\] has dtype .*float32 parameters"):
-        jaxinf.curvature_operator(loss, half, (x.astype(dtype), y.astype(dtype)))
-
-
 def test_mixed_float32_float64_params_are_refused():
     loss, params, data = _linear()
     mixed = {"w": params["w"].astype(jnp.float32), "b": params["b"]}

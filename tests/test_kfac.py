@@ -66,6 +66,7 @@ def rotated_diagonal(state, i, curvature, params):
     idx = layer_index_matrix(layer, params)
     block = curvature[np.ix_(idx.ravel(), idx.ravel())].reshape(*idx.shape, *idx.shape)
     qa, qg = state.eigvecs_a[i], state.eigvecs_g[i]
+    qa = jnp.eye(idx.shape[0], dtype=qg.dtype) if qa is None else qa  # one-hot inputs: the identity
     return jnp.einsum("ai,bj,abcd,ci,dj->ij", qa, qg, block, qa, qg)
 
 

@@ -133,7 +133,8 @@ def test_single_embedding_layer_with_exact_fisher_equals_the_exact_block():
 
     ids = jnp.array([[0], [1], [1], [3], [3], [3], [5], [2]])  # id 4 unseen; ties in the counts
     state = _assert_kfac_equals_exact_block(_exact_problem(model_fn, {"table": table}, ids))
-    np.testing.assert_allclose(state.factors_a[0], jnp.diag(jnp.bincount(ids[:, 0], length=V) / 8.0), atol=TOL)
+    np.testing.assert_allclose(state.factors_a[0], jnp.bincount(ids[:, 0], length=V) / 8.0, atol=TOL)  # the diagonal
+    assert state.eigvecs_a[0] is None  # the identity: no V × V array, no eigendecomposition
 
 
 @pytest.mark.parametrize("order", ["x_first", "w_first"])
@@ -217,3 +218,80 @@ def test_tied_embedding_and_unmatched_gather_are_reported():
     assert rows["['table']"] == ("fallback: block", tied)
     assert rows["['scale']"][0] == "fallback: block"
     assert "a gather that does not take whole rows" in rows["['scale']"][1]
+
+
+def _embedding_problem(vocab, ids, seed=8):
+    """A table, a tanh, a fixed readout, squared error; ``ids`` ``(n, T)`` (ties in the counts, unseen ids)."""
+    readout = jax.random.normal(jax.random.key(seed), (D, 2), jnp.float64)
+    table = 0.5 * jax.random.normal(jax.random.key(seed + 1), (vocab, D), jnp.float64)
+
+    def model_fn(p, b):
+        rows = jnp.take(p["table"], b[0], axis=0, mode="fill", fill_value=0.0)  # an id out of range: zeros
+        return jnp.sum(jnp.tanh(rows), axis=1) @ readout
+
+    return _exact_problem(model_fn, {"table": table}, ids, seed)
+
+
+def test_embedding_input_factor_is_the_count_vector_and_kfac_equals_the_dense_kronecker_product():
+    """``A = diag(counts)`` is held as its diagonal (``Q_A = I``, no eigh): K-FAC's curvature and damped solve
+    equal the dense ``diag(counts) ⊗ G (+ λI)``; EK-FAC's eigenvalues are the exact Gauss-Newton diagonal in the
+    basis ``(I, Q_G)`` (float64). Scores by gather: the block test above and the 50k test below."""
+    ids = jnp.array([[0, 1, 1], [3, 3, 3], [5, 2, 0], [1, 6, 5]])  # 6: out of range ("fill"), 4: unseen
+    p = _embedding_problem(V, ids)
+    op = jaxinf.curvature_operator(None, p.params, p.train, kind="gauss_newton", model_fn=p.model_fn,
+                                   output_loss=p.output_loss, damping=0.05)  # fmt: skip
+    state = kfac(fisher="exact").init(op)
+    counts = jnp.bincount(ids.ravel(), length=V + 1)[:V] / ids.shape[0]
+    np.testing.assert_allclose(state.factors_a[0], counts, atol=TOL, rtol=0)
+    assert state.eigvecs_a[0] is None
+    kron = jnp.kron(jnp.diag(counts), state.factors_g[0])  # the dense path: A ⊗ G in (row, d_out) order
+    np.testing.assert_allclose(dense_matrix(lambda v: approx_curvature_vp(state, v), p.params), kron, atol=TOL, rtol=0)
+    v = {"table": jax.random.normal(jax.random.key(9), (V, D), jnp.float64)}
+    x = kfac(fisher="exact").solve(state, v)[0]["table"]
+    lam = float(state.damping[0])
+    np.testing.assert_allclose(x.ravel(), jnp.linalg.solve(kron + lam * jnp.eye(V * D), v["table"].ravel()),
+                               atol=TOL, rtol=0)  # fmt: skip
+    ek = ekfac(fisher="exact").init(op)
+    np.testing.assert_allclose(ek.eigvals[0], rotated_diagonal(ek, 0, dense_ggn(p, p.train), p.params), atol=TOL)
+
+
+def test_a_50k_vocabulary_fits_without_a_vocabulary_squared_array():
+    big = 50_000
+    ids = jnp.array([[0, 7, 7], [49_999, 3, 0], [12_345, 7, 1]])
+    p = _embedding_problem(big, ids)
+    op = jaxinf.curvature_operator(None, p.params, p.train, kind="gauss_newton", model_fn=p.model_fn,
+                                   output_loss=p.output_loss, damping=0.01)  # fmt: skip
+    for make in (kfac, ekfac):
+        state = make(fisher="exact").init(op)
+        assert max(leaf.size for leaf in jax.tree.leaves(state)) < big * big // 1000
+        seen = np.zeros(big, bool)
+        seen[np.asarray(ids).ravel()] = True
+        assert np.all(np.asarray(state.eigvals[0])[~seen] == 0) and np.all(np.asarray(state.eigvals[0])[seen] > 0)
+    scores = ekfac(fisher="exact").score(state, op, p.train, p.train)
+    grads = models.dense_grads(p.loss_fn or (lambda q, b: p.output_loss(p.model_fn(q, b), b)), p.params, p.train)
+    solved = jax.vmap(lambda g: ekfac(fisher="exact").solve(state, {"table": g.reshape(big, D)})[0]["table"])(grads)
+    np.testing.assert_allclose(scores, solved.reshape(3, -1) @ grads.T, atol=TOL, rtol=0)
+
+
+def test_haiku_mlp_every_weight_and_bias_is_tagged():
+    """``hk.transform`` of ``hk.Linear`` layers (examples/haiku_mlp.py): every weight and bias in a layer."""
+    hk = pytest.importorskip("haiku")
+
+    def forward(x):
+        return hk.Linear(2)(jnp.tanh(hk.Linear(5)(x)))
+
+    net = hk.without_apply_rng(hk.transform(forward))
+    x = jax.random.normal(jax.random.key(0), (6, 3), jnp.float64)
+    params = jax.tree.map(lambda a: a.astype(jnp.float64), net.init(jax.random.key(1), x))
+
+    def loss_fn(p, b):
+        return jnp.mean((net.apply(p, b[0]) - b[1]) ** 2)
+
+    batch = (x, jnp.cos(x[:, :2]))
+    tags = jaxinf.find_layers(loss_fn, params, batch)
+    assert not tags.fallbacks and len(tags.layers) == 2
+    assert [t for _, _, t, _ in tags.rows()] == ["dense bias (auto)", "dense weight (auto)"] * 2
+    factors = jax.tree.map(lambda a: jax.random.normal(jax.random.key(2), (2, *a.shape), a.dtype), params)
+    methods = ("layerwise", "gradients")
+    by = [jax.jit(lambda f, b, m=m: contract(loss_fn, params, f, b, m))(factors, batch) for m in methods]
+    np.testing.assert_allclose(by[0], by[1], atol=TOL, rtol=0)

@@ -41,6 +41,7 @@ import numpy as np
 
 from jaxinf.core.blocks import resolve_blocks, resolve_damping
 from jaxinf.core.data import Batches, add_example_axis, as_batches, weighted_mean
+from jaxinf.core.precision import compute_dtype_of, promote
 from jaxinf.core.tree import TreeSpec, check_finite, check_matches, check_params, is_tracer, tree_spec
 
 PyTree = Any
@@ -205,7 +206,13 @@ class CurvatureOperator:
 
     @property
     def dtype(self):
+        """The accumulate dtype: of every vector in and out (float32 for half-precision parameters)."""
         return self.spec.dtype
+
+    @property
+    def compute_dtype(self):
+        """The dtype the model runs in (:mod:`jaxinf.core.precision`): bfloat16 for bfloat16 parameters."""
+        return compute_dtype_of(self.model_fn if self.loss_fn is None else self.loss_fn, self.spec.dtype)
 
     @property
     def num_examples(self) -> int:
@@ -301,11 +308,15 @@ def curvature_operator(
 
     Returns:
       A :class:`CurvatureOperator`; ``op.matvec(v)`` gives ``(C + λ) v``.
+      For bfloat16/float16 ``params`` the operator holds a float32 master
+      copy and the functions wrapped to run the model in the parameters'
+      dtype (:func:`jaxinf.core.precision.promote`): ``op.dtype`` is float32,
+      and so is every vector a solver sees.
 
     Raises:
       ValueError: unknown ``kind``, missing functions, bad damping (also one
         that is not a real number) or blocks, malformed, empty or non-finite
-        data, params that are not all float32 or all float64 arrays
+        data, params that are not all of one float dtype
         (:func:`jaxinf.core.tree.check_params`), a loss that is not a scalar
         or is not finite on a training batch.
     """
@@ -313,6 +324,7 @@ def curvature_operator(
     check_params(params)
     check_finite(params, "params")
     block_ids, block_names = resolve_blocks(params, blocks)
+    params, loss_fn, model_fn = promote(params, loss_fn, model_fn)
     batches = as_batches(data, name="data")
     loss = loss_fn if kind != "gauss_newton" else SplitLoss(model_fn, output_loss)
     check_loss(loss, params, batches)

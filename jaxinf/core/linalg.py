@@ -67,15 +67,19 @@ def in_sequence(before, after):
 
 
 def eigh_in_sequence(matrices, after=None) -> list:
-    """``[(w, q)]`` of the symmetrised ``matrices``, one after another, all after ``after`` (:func:`in_sequence`)."""
+    """``[(w, q)]`` of the symmetrised ``matrices``, one after another, all after ``after`` (:func:`in_sequence`).
+
+    A ``[..., n, n]`` batch (a layer stacked along a scan: one factor per step) is decomposed by :func:`eigh`,
+    one matrix at a time on the CPU.
+    """
     out, previous = [], after
     for m in matrices:
         if previous is not None:
             previous, m = in_sequence(previous, m)
         if m.size == 0:  # a zero-size leaf or layer side: nothing to decompose
-            out.append((jnp.zeros(m.shape[:1], m.dtype), jnp.zeros(m.shape, m.dtype)))
+            out.append((jnp.zeros(m.shape[:-1], m.dtype), jnp.zeros(m.shape, m.dtype)))
             continue
-        w, q = eigh(0.5 * (m + m.T))
+        w, q = eigh(0.5 * (m + jnp.swapaxes(m, -1, -2)))
         out.append((w, q))
         previous = w
     return out

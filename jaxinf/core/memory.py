@@ -1,10 +1,17 @@
-"""How many bytes a computation may use: the free memory of a device (accelerator) or of the host (CPU)."""
+"""How many bytes a computation may use, and how to split a call's examples to stay within them.
+
+:func:`available_bytes` is the free memory of a device (accelerator) or of
+the host (CPU). :func:`plan_rows` sizes the chunks of examples of one jitted
+call from XLA's compiled memory analysis (:func:`extra_bytes`), as
+:class:`jaxinf.InfluenceModel` does for scoring; :func:`take_rows` cuts them.
+"""
 
 from __future__ import annotations
 
 import os
 
 import jax
+import numpy as np
 
 
 def available_bytes(device: jax.Device | None = None) -> int:
@@ -36,4 +43,79 @@ def available_bytes(device: jax.Device | None = None) -> int:
         ) from err
 
 
-__all__ = ["available_bytes"]
+# ----------------------------------------------------------------------------
+# Planning a call's memory: split its examples into chunks that fit a budget
+# ----------------------------------------------------------------------------
+
+
+def extra_bytes(jitted, *args, **kwargs) -> int | None:
+    """Bytes a call of ``jitted(*args, **kwargs)`` allocates beyond its arguments: XLA's temporaries + outputs.
+
+    Read from the compiled program's memory analysis, before anything runs
+    (the compiled program is the one the call itself then reuses). ``args``
+    may be arrays or ``jax.ShapeDtypeStruct``. ``None`` on a backend without
+    memory analysis.
+    """
+    try:
+        stats = jitted.lower(*args, **kwargs).compile().memory_analysis()
+    except NotImplementedError:  # pragma: no cover - backend without analysis
+        return None
+    if stats is None:  # pragma: no cover
+        return None
+    return int(stats.temp_size_in_bytes + stats.output_size_in_bytes)
+
+
+def take_rows(tree, start: int, rows: int):
+    """Examples ``start .. start + rows`` of ``tree`` (leading axis); past the end the last example repeats.
+
+    Padding keeps every chunk of one call the same shape (one compiled
+    program); the caller drops the outputs of the repeated examples.
+    """
+    n = jax.tree.leaves(tree)[0].shape[0]
+    if start == 0 and rows == n:
+        return tree
+    index = np.minimum(np.arange(start, start + rows), n - 1)
+    return jax.tree.map(lambda x: x[index], tree)
+
+
+def plan_rows(measure, n: int, budget: int, what: str, advice: str) -> int:
+    """The most examples (``<= n``) per call for which ``measure(rows)`` (bytes) stays within ``budget``.
+
+    ``measure(n)`` first: if it fits, ``n`` (one call, no extra compile). Else
+    the bytes are taken as affine in the rows, ``a + b·rows``, from
+    ``measure(1)`` and ``measure(n)``; the chunk is checked with ``measure``
+    and shrunk until it fits.
+
+    Raises:
+      ValueError: even one example needs more than ``budget``; the message
+        gives both numbers and ``advice``.
+    """
+    full = measure(n)
+    if full is None or full <= budget:
+        return n
+    one = measure(1)
+    if one > budget:
+        raise ValueError(
+            f"{what} needs {format_bytes(one)} even for one example at a time (all {n} at once: "
+            f"{format_bytes(full)}), over the memory budget of {format_bytes(budget)}. {advice}"
+        )
+    slope = max((full - one) / max(n - 1, 1), 1.0)
+    rows = max(1, min(n - 1, int((budget - one) / slope) + 1))
+    while rows > 1:
+        need = measure(rows)
+        if need <= budget:
+            break
+        rows = max(1, min(rows - 1, int(rows * budget / need)))
+    return rows
+
+
+def format_bytes(n: float) -> str:
+    """``n`` bytes in B, KiB, MiB, GiB or TiB."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024:
+            return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+__all__ = ["available_bytes", "extra_bytes", "format_bytes", "plan_rows", "take_rows"]

@@ -125,23 +125,23 @@ def tree_spec(tree: PyTree, name: str = "params") -> TreeSpec:
     )
 
 
-# Dtypes the curvature can be computed in: LAPACK's eigensolvers and the Krylov tolerances need at least float32.
-SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+# Parameter dtypes: float32/float64, and half precision, whose curvature is accumulated and factorised in float32
+# (the policy of jaxinf.core.precision).
+SUPPORTED_DTYPES = tuple(np.dtype(d) for d in (np.float32, np.float64, jnp.bfloat16, jnp.float16))
 
 
 def check_params(params: PyTree, name: str = "params") -> None:
     """Refuse parameters the curvature cannot be computed for, naming the leaf and the fix.
 
-    jaxinf computes in the one dtype of the parameters, float32 or float64:
-    half precision (float16, bfloat16) is refused rather than silently
-    promoted (LAPACK has no half-precision eigensolver, and half precision
-    cannot resolve a curvature), and so are leaves of mixed dtypes (an
-    iterative solver's state must have one dtype).
+    The model runs in the one dtype of the parameters: float32, float64, or
+    half precision (bfloat16, float16), whose factorisations and accumulations
+    then run in float32 (:mod:`jaxinf.core.precision`). Leaves of mixed
+    dtypes are refused (an iterative solver's state has one dtype).
 
     Raises:
       ValueError: no leaves, or only zero-size ones; a leaf that is not an
-        array; a leaf that is not float32/float64; leaves of more than one
-        dtype.
+        array; a leaf that is not float64/32/16 or bfloat16; leaves of more
+        than one dtype.
     """
     check_array_leaves(params, name)
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
@@ -157,8 +157,8 @@ def check_params(params: PyTree, name: str = "params") -> None:
             )
         if dtype not in SUPPORTED_DTYPES:
             raise ValueError(
-                f"{where} has dtype {dtype}; jaxinf computes the curvature in float32 or float64 and refuses "
-                f"half precision. Pass float32 parameters: jax.tree.map(lambda a: a.astype(jnp.float32), {name})."
+                f"{where} has dtype {dtype}; jaxinf takes float64, float32, bfloat16 or float16 parameters. Cast "
+                f"them, e.g. jax.tree.map(lambda a: a.astype(jnp.float32), {name})."
             )
         by_dtype.setdefault(dtype, []).append(where)
     if sum(math.prod(np.shape(leaf)) for _, leaf in flat) == 0:

@@ -32,7 +32,11 @@ gets them **without changing the user's model**:
    by pushing index probes through the broadcast. A zero-size weight is a
    fallback (nothing to fit). Layers inside ``lax.scan`` and weights used several times
    (shared layers) are *repeated layers*: their uses add locations, as the
-   spatial positions of a convolution do (Grosse & Martens 2016).
+   spatial positions of a convolution do (Grosse & Martens 2016). A weight
+   passed to ``lax.scan`` as a *scanned input* (stacked ``(L, ...)`` along a
+   scan over layers, as Flax's ``nn.scan`` and MaxText-style models build
+   them) is a *stacked layer*: one layer per step, whose matrices and K-FAC
+   factors carry a leading axis of ``L`` (its bias stacked the same way).
 3. Re-evaluate the traced graph with a zero perturbation ``δ`` added at each
    layer output and the layer inputs recorded. ``∂f/∂δ`` is the output
    gradient ``g``; the recorded inputs are ``a``. The per-example weight
@@ -53,7 +57,8 @@ The analysis, one module per step (each imports only the ones above it):
 * :mod:`jaxinf.layers.graph`: trace the function to a jaxpr and build a flat graph;
 * :mod:`jaxinf.layers.structures`: :class:`Canon`, :class:`Site`, :class:`Layer`, :class:`Fallback`;
 * :mod:`jaxinf.layers.report`: :class:`LayerTags`, the printable report;
-* :mod:`jaxinf.layers.match`: follow the parameter leaves to their uses, match dense/conv/bias uses;
+* :mod:`jaxinf.layers.match`: match one dense/conv/embedding/bias use of a parameter leaf;
+* :mod:`jaxinf.layers.walk`: follow the parameter leaves to their uses (into ``lax.scan`` bodies too);
 * :mod:`jaxinf.layers.find`: group the matched uses into layers and fallbacks (:func:`find_layers`);
 * :mod:`jaxinf.layers.tracer`: re-evaluate with perturbations at the layer outputs (:func:`trace_layers`);
 * :mod:`jaxinf.layers.statistics`: per-layer statistics of one example, from a :class:`Tracer`.

@@ -16,10 +16,10 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxinf.layers.graph import _trace_graph
-from jaxinf.layers.match import _Analysis, _Use
+from jaxinf.layers.graph import _trace_graph, split_at_slice
 from jaxinf.layers.report import LayerTags
 from jaxinf.layers.structures import Fallback, Layer, Site
+from jaxinf.layers.walk import _Analysis, _Use
 
 PyTree = Any
 
@@ -83,6 +83,8 @@ class _Grouping:
     bias_of: dict[int, int] = dataclasses.field(default_factory=dict)  # bias leaf -> weight leaf
     bias_row: dict[int, np.ndarray] = dataclasses.field(default_factory=dict)
     accepted_bias_uses: set[tuple] = dataclasses.field(default_factory=set)  # (add node uid, operand position)
+    uses_by_leaf: dict[int, list] = dataclasses.field(default_factory=dict)  # leaf -> its uses (_Use)
+    scan_xs: list = dataclasses.field(default_factory=list)  # (leaf, chain, scan uid, position): scanned leaves
 
 
 def _analyse(fn, params, batch, *, block_max_size=256, restrict_to=None):
@@ -102,7 +104,7 @@ def _analyse(fn, params, batch, *, block_max_size=256, restrict_to=None):
     allowed = None
     if restrict_to is not None:
         allowed = {layer.weight: layer for layer in restrict_to.layers}
-    gr = _Grouping(paths, allowed)
+    gr = _Grouping(paths, allowed, uses_by_leaf=uses_by_leaf, scan_xs=an.scan_xs)
     _claim_explicit(gr, an.explicit)
     _group_sites(gr, an.sites)
     _attach_biases(gr, an)
@@ -147,6 +149,10 @@ def _group_sites(gr: _Grouping, candidates: list[dict]) -> None:
         if math.prod(group[0]["canon"].shape) == 0:
             gr.reasons[w] = "zero size: no entries, so no curvature and no influence"
             continue
+        stray = _stray_slice_use(gr, w, {(g["node"].uid, g["w_pos"]) for g in group})
+        if stray is not None:
+            gr.reasons[w] = stray
+            continue
         if allowed is not None:
             if w not in allowed:
                 continue
@@ -184,6 +190,10 @@ def _attach_biases(gr: _Grouping, an: _Analysis) -> None:
         w = next(iter(owners))
         if gr.allowed is not None and gr.allowed[w].bias != b:
             continue
+        stray = _stray_slice_use(gr, b, {(c["node"].uid, c["pos"]) for c in cands})
+        if stray is not None:
+            gr.reasons.setdefault(b, stray)
+            continue
         rows = [an.bias_row(c) for c in cands]
         if any(r is None for r in rows) or any(not np.array_equal(r, rows[0]) for r in rows):
             gr.reasons.setdefault(b, "added to a layer's output, but not as one value per output feature")
@@ -199,6 +209,20 @@ def _attach_biases(gr: _Grouping, an: _Analysis) -> None:
         for c in cands:
             c["site"]["bias"] = (b, c["chain"], c["node"].uid, c["pos"], None)
             gr.accepted_bias_uses.add((c["node"].uid, c["pos"]))
+
+
+def _stray_slice_use(gr: _Grouping, leaf, layer_uses: set):
+    """Why a leaf scanned over (stacked) cannot be a layer leaf: a use of its slices outside ``layer_uses``.
+
+    The layer reads a stacked leaf's slices from the scan's input (replaced by the parameter value in the
+    traced re-evaluation), so every use of a slice inside the scan must be one of the layer's.
+    """
+    for u in gr.uses_by_leaf.get(leaf, []):
+        if split_at_slice(u.chain)[1] is None or u.what in ("scan-const", "scan-xs"):
+            continue
+        if u.node is None or (u.node.uid, u.pos) not in layer_uses:
+            return f"stacked along a lax.scan (scanned input), and its slices are also used by {u.what}"
+    return None
 
 
 def _check_restricted(gr: _Grouping) -> None:
@@ -237,6 +261,8 @@ def _assemble_layers(gr: _Grouping, flat, uses_by_leaf) -> list[Layer]:
         if gr.allowed is not None:
             name = gr.allowed[w].name
         other = [] if explicit else _other_uses(gr, w, b, uses_by_leaf, site_uses)
+        canon = group[0]["canon"]
+        scanned = tuple((uid, pos, leaf, chain) for leaf, chain, uid, pos in gr.scan_xs if leaf in (w, b))
         layers.append(
             Layer(
                 name,
@@ -244,10 +270,11 @@ def _assemble_layers(gr: _Grouping, flat, uses_by_leaf) -> list[Layer]:
                 w,
                 b,
                 tuple(sites),
-                group[0]["canon"],
+                canon,
                 bperm,
                 "explicit" if explicit else "auto",
                 tuple(dict.fromkeys(other)),
+                scanned if canon.stack else (),
             )
         )
     return layers
@@ -291,6 +318,7 @@ def _make_sites(w, group, b, sid, site_uses: set) -> list[Site]:
                 bias=bias,
                 heads=g.get("heads", 0),
                 embed=g.get("embed"),
+                sliced=g.get("sliced"),
             )
         )
         site_uses.add((g["node"].uid, g["w_pos"]))
@@ -303,7 +331,7 @@ def _bias_perm(gr: _Grouping, group, explicit, b):
         bperm = next((g["bias"][4] for g in group if g["bias"] is not None), None)
     else:
         row = gr.bias_row.get(b) if b is not None else None
-        bperm = None if row is None or np.array_equal(row, np.arange(row.size)) else row
+        bperm = None if row is None or np.array_equal(row, np.arange(row.size).reshape(row.shape)) else row
     return bperm
 
 
@@ -316,7 +344,7 @@ def _other_uses(gr: _Grouping, w, b, uses_by_leaf, site_uses) -> list[str]:
             key = (u.node.uid if u.node is not None else None, u.pos)
             if u.what in ("site", "bias") and (key in site_uses or key in gr.accepted_bias_uses):
                 continue
-            if u.what == "scan-const":
+            if u.what in ("scan-const", "scan-xs"):
                 continue
             other.append(f"{u.what} ({gr.paths[leaf]})" if leaf != w else u.what)
     return other
@@ -340,7 +368,7 @@ def _fallbacks(gr: _Grouping, layers, shapes, uses_by_leaf, block_max_size) -> l
 
 def _unmatched_reason(uses) -> str:
     """Why a leaf with no recorded reason falls back, from its uses."""
-    whats = [u.what for u in uses if u.what not in ("scan-const",)]
+    whats = [u.what for u in uses if u.what not in ("scan-const", "scan-xs")]
     kinds = list(dict.fromkeys(whats))
     if not kinds:
         reason = "not used by the function (zero gradient)"
@@ -356,7 +384,12 @@ def _notes(layers) -> tuple:
     """The report's notes on repeated layers (inside ``lax.scan``, or shared)."""
     notes: list[str] = []
     for layer in layers:
-        if any(s.stack for s in layer.sites):
+        if layer.steps:
+            notes.append(
+                f"{layer.name} is stacked along a lax.scan over {layer.steps} steps (scan over layers): one layer, "
+                "with its own Kronecker factors, per step."
+            )
+        if any(len(s.stack) > (s.sliced is not None) for s in layer.sites):
             notes.append(
                 f"{layer.name} is used inside lax.scan: each loop step counts as extra locations of one repeated layer."
             )

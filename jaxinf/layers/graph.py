@@ -127,12 +127,38 @@ def _bind(node: _Node, vals):
     return list(out) if node.prim.multiple_results else [out]
 
 
+class ScanSlice:
+    """A link of a chain: the slice of one step of a ``lax.scan`` scanned input (a stacked weight).
+
+    ``level`` is the index of that scan among the scans enclosing the use (outermost 0).
+    """
+
+    __slots__ = ("level",)
+    name = "scan-slice"
+
+    def __init__(self, level: int):
+        self.level = level
+
+
+def split_at_slice(chain) -> tuple:
+    """``(before, ScanSlice or None, after)``: a chain split at its scan slice (if it has one)."""
+    for i, link in enumerate(chain):
+        if isinstance(link, ScanSlice):
+            return tuple(chain[:i]), link, tuple(chain[i + 1 :])
+    return tuple(chain), None, ()
+
+
 def apply_chain(value, chain, *, probe: bool = False):
     """Apply a chain of layout operations (graph nodes) to ``value``.
 
     With ``probe=True`` dtype conversions are skipped, so an integer index
-    array can be pushed through to see where each entry lands.
+    array can be pushed through to see where each entry lands. A chain with a
+    :class:`ScanSlice` maps ``value`` to the stacked ``(L, ...)`` slices
+    (each step's slice pushed through the rest of the chain).
     """
+    before, cut, after = split_at_slice(chain)
+    if cut is not None:
+        return jax.vmap(lambda step: apply_chain(step, after, probe=probe))(apply_chain(value, before, probe=probe))
     for node in chain:
         if probe and node.name in _VALUE_ONLY:
             continue

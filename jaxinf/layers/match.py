@@ -1,9 +1,8 @@
-"""Step 2 of the analysis: follow every parameter leaf to its uses and match the dense/conv/bias uses.
+"""Step 2 of the analysis, matching: recognise one layer use of a parameter leaf and record it as a candidate.
 
-:class:`_Matcher` checks one use (a ``dot_general`` or ``conv_general_dilated`` with a parameter operand, an
-``add`` of a parameter to such an output, an explicit :func:`~jaxinf.layers.tag_dense`) and records it as a
-candidate; :class:`_Analysis` walks the graph, following each leaf through layout-only operations, and records
-every use it cannot match (for the fallback reasons and the "also used by" column of the report).
+:class:`_Matcher` checks one use (a ``dot_general``, ``conv_general_dilated`` or ``gather`` with a parameter
+operand, an ``add`` of a parameter to such an output, an explicit :func:`~jaxinf.layers.tag_dense`) and
+records it as a candidate; :class:`jaxinf.layers.walk._Analysis` walks the graph and calls it.
 """
 
 from __future__ import annotations
@@ -14,19 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinf.layers.graph import LAYOUT_PRIMITIVES, _Builder, _Graph, _Lit, apply_chain
-from jaxinf.layers.primitive import dense_tag_p
+from jaxinf.layers.graph import _Builder, _Lit, apply_chain, split_at_slice
 from jaxinf.layers.structures import Site, _canon_from_index
-
-# Layout operations that move the entries of a layer's output one to one (a bias may be added after them).
-_BIJECTIVE_LAYOUT = frozenset({"transpose", "reshape", "squeeze", "expand_dims", "convert_element_type", "copy"})
-
-
-class _Use:
-    __slots__ = ("leaf", "chain", "node", "pos", "what", "in_scan")
-
-    def __init__(self, leaf, chain, node, pos, what, in_scan):
-        self.leaf, self.chain, self.node, self.pos, self.what, self.in_scan = leaf, chain, node, pos, what, in_scan
 
 
 class _Matcher:
@@ -39,6 +27,7 @@ class _Matcher:
         self.biases: list[dict] = []  # bias candidates
         self.explicit: list[dict] = []
         self.rejected: dict[int, str] = {}  # node uid -> why a dot/conv with a parameter is not a layer
+        self.scan_xs: list[tuple] = []  # (leaf, chain, scan node uid, operand position): leaves scanned over
 
     def shape(self, ref):
         return tuple(ref.val.shape) if isinstance(ref, _Lit) else tuple(self.b.avals[ref].shape)
@@ -49,6 +38,16 @@ class _Matcher:
         dtype = jnp.int64 if jax.config.jax_enable_x64 else jnp.int32
         with jax.ensure_compile_time_eval():  # concrete even when fitting under an outer jit
             return np.asarray(apply_chain(jnp.asarray(base, dtype), chain, probe=True))
+
+    def _probe_matrix(self, org, axes, d_in, d_out) -> np.ndarray:
+        """The probe of a weight use with its axes ordered ``axes`` as a ``([L,] d_in, d_out)`` index matrix.
+
+        A weight sliced by a ``lax.scan`` (stacked) probes to one slice per step: a leading axis of ``L``.
+        """
+        probe = self._probe(*org)
+        lead = probe.ndim - len(axes)
+        probe = np.transpose(probe, tuple(range(lead)) + tuple(lead + a for a in axes))
+        return probe.reshape(probe.shape[:lead] + (d_in, d_out))
 
     def _dense(self, node, w_pos, org, stack):
         """A ``dot_general`` with a weight operand; batch dimensions (per-head weights) make heads locations.
@@ -70,7 +69,7 @@ class _Matcher:
         heads = math.prod(w_shape[i] for i in w_bat)
         d_in = heads * math.prod(w_shape[i] for i in w_con)
         d_out = math.prod(w_shape[i] for i in w_free)
-        probe = np.transpose(self._probe(*org), w_bat + w_con + w_free).reshape(d_in, d_out)
+        probe = self._probe_matrix(org, w_bat + w_con + w_free, d_in, d_out)
         canon = _canon_from_index(np.shape(self.params[org[0]]), probe)
         if canon is None:
             self._reject(org, node, "a dot_general after a broadcast of the weight", stack)
@@ -118,7 +117,7 @@ class _Matcher:
         perm = (rhs_spec[1], *rhs_spec[2:], rhs_spec[0])
         d_out = k_shape[rhs_spec[0]]
         d_in = math.prod(k_shape) // d_out
-        probe = np.transpose(self._probe(*org), perm).reshape(d_in, d_out)
+        probe = self._probe_matrix(org, perm, d_in, d_out)
         canon = _canon_from_index(np.shape(self.params[org[0]]), probe)
         if canon is None:
             self._reject(org, node, "a convolution after a broadcast of the kernel", stack)
@@ -135,6 +134,7 @@ class _Matcher:
         return self._site(node, "conv", org, 0, 1, canon, stack, conv=conv)
 
     def _site(self, node, kind, org, x_pos, w_pos, canon, stack, **kw):
+        cut = split_at_slice(org[1])[1]
         out_aval = self.b.avals[node.outputs[0]]
         cand = dict(
             node=node,
@@ -148,6 +148,7 @@ class _Matcher:
             out_dtype=out_aval.dtype,
             stack=stack,
             canon=canon,
+            sliced=None if cut is None else cut.level,
             **kw,
         )
         self.sites.append(cand)
@@ -165,6 +166,12 @@ class _Matcher:
             raise ValueError(
                 "tag_dense was given a weight that is not a parameter leaf (or a transpose/reshape of one); "
                 "pass the parameter array itself."
+            )
+        if split_at_slice(org[2][1])[1] is not None:
+            raise ValueError(
+                "tag_dense was given one step's slice of a weight stacked along a lax.scan (scan over layers); "
+                "drop the tag: a stacked weight used by dot_general, a convolution or a gather is tagged "
+                "automatically, one layer per step."
             )
         w_con = (1,) if transposed else (0,)
         w_free = (0,) if transposed else (1,)
@@ -205,12 +212,27 @@ class _Matcher:
 
         The add may come after layout operations on the layer's output (``cand["out_chain"]``: Equinox's
         ``W @ x + b`` under ``vmap`` transposes first); their index map takes the bias back to the output.
+        A bias stacked along a ``lax.scan`` (sliced by the scan that slices the weight) gives ``(L, d_out)``.
         """
-        site, out_chain = cand["site"], cand.get("out_chain", ())
-        shape = np.shape(self.params[cand["leaf"]])
-        probe = self._probe(cand["leaf"], cand["chain"])
-        if math.prod(shape) != site["canon"].d_out or site.get("heads"):
+        site = cand["site"]
+        cut = split_at_slice(cand["chain"])[1]
+        if (None if cut is None else cut.level) != site.get("sliced") or site.get("heads"):
             return None
+        probe = self._probe(cand["leaf"], cand["chain"])
+        steps = [probe] if cut is None else list(probe)
+        if math.prod(np.shape(self.params[cand["leaf"]])) != len(steps) * site["canon"].d_out:
+            return None
+        rows = [self._bias_step_row(cand, p) for p in steps]
+        if any(r is None for r in rows):
+            return None
+        row = rows[0] if cut is None else np.stack(rows)
+        if not np.array_equal(np.sort(row.ravel()), np.arange(row.size)):
+            return None
+        return row
+
+    def _bias_step_row(self, cand, probe) -> np.ndarray | None:
+        """The bias index at each output feature of one step (the same at every location), or ``None``."""
+        site, out_chain = cand["site"], cand.get("out_chain", ())
         added = self.shape(cand["node"].inputs[1 - cand["pos"]])
         try:  # `add` broadcasts size-1 axes (Flax's reshaped bias)
             probe = np.broadcast_to(probe, added)
@@ -247,123 +269,4 @@ class _Matcher:
             rows = np.asarray(tmp._canon_out(jnp.asarray(probe)))
         if not np.all(rows == rows[:1]):
             return None
-        row = rows[0]
-        if not np.array_equal(np.sort(row), np.arange(row.size)):
-            return None
-        return row
-
-
-class _Analysis(_Matcher):
-    """Walks the graph from the parameter leaves, matching layer uses and recording every use."""
-
-    def __init__(self, builder: _Builder, params_leaves):
-        super().__init__(builder, params_leaves)
-        self.uses: list[_Use] = []  # every non-layout use of a parameter-derived value
-
-    def walk(self, g: _Graph, origin: dict, stack: tuple) -> None:
-        site_out: dict[int, dict] = {}
-        for node in g.nodes:
-            org = [origin.get(r) if isinstance(r, int) else None for r in node.inputs]
-            if self._follow_layout(node, org, origin):
-                continue
-            if node.name in _BIJECTIVE_LAYOUT and node.inputs and node.inputs[0] in site_out:
-                cand, chain = site_out[node.inputs[0]]  # a layout operation on a layer output (a bias may follow)
-                site_out[node.outputs[0]] = (cand, chain + (node,))
-            handled = self._match(node, org, stack, site_out)
-            for i, o in enumerate(org):
-                if o is not None and i not in handled:
-                    self.uses.append(_Use(o[0], o[1], node, i, self._describe_use(node, i, stack), bool(stack)))
-        for ref in g.outputs:
-            if isinstance(ref, int) and ref in origin:
-                leaf, chain = origin[ref]
-                self.uses.append(_Use(leaf, chain, None, None, "the function's output", bool(stack)))
-
-    @staticmethod
-    def _follow_layout(node, org, origin) -> bool:
-        """Extend a leaf's chain through a layout-only operation on it; ``True`` if ``node`` is one."""
-        if node.name in LAYOUT_PRIMITIVES and org and org[0] is not None and all(o is None for o in org[1:]):
-            if len(node.outputs) == 1:
-                origin[node.outputs[0]] = (org[0][0], org[0][1] + (node,))
-                return True
-        return False
-
-    def _match(self, node, org, stack, site_out) -> set[int]:
-        """Match ``node`` as a tag, dense, conv or bias use (or walk into a scan); the operand positions it handled."""
-        name = node.name
-        if node.prim is dense_tag_p:
-            return self._match_tag(node, org, stack)
-        if name == "dot_general" and (org[0] is None) != (org[1] is None):
-            return self._match_dot(node, org, stack, site_out)
-        if name == "conv_general_dilated" and org[1] is not None and org[0] is None:
-            return self._match_conv(node, org, stack, site_out)
-        if name == "gather" and org[0] is not None and org[1] is None:
-            return self._match_site(node, 0, self._embed(node, org[0], stack), site_out, stack)
-        if name == "add" and len(node.inputs) == 2:
-            return self._match_add(node, org, stack, site_out)
-        if name == "scan" and node.body is not None:
-            return self._walk_scan(node, org, stack)
-        return set()
-
-    def _match_tag(self, node, org, stack) -> set[int]:
-        self._explicit(node, org, stack)
-        handled = {i for i in range(1, len(node.inputs))}
-        for i in range(2, len(node.inputs)):
-            if org[i] is not None:
-                self.uses.append(_Use(org[i][0], org[i][1], node, i, "tag", bool(stack)))
-        return handled
-
-    def _match_dot(self, node, org, stack, site_out) -> set[int]:
-        w_pos = 0 if org[0] is not None else 1
-        return self._match_site(node, w_pos, self._dense(node, w_pos, org[w_pos], stack), site_out, stack)
-
-    def _match_conv(self, node, org, stack, site_out) -> set[int]:
-        return self._match_site(node, 1, self._conv(node, org[1], stack), site_out, stack)
-
-    def _match_site(self, node, w_pos, cand, site_out, stack) -> set[int]:
-        """Record a matched site (``cand``, or ``None``: no match) whose weight is operand ``w_pos``."""
-        if cand is None:
-            return set()
-        site_out[node.outputs[0]] = (cand, ())
-        self.uses.append(_Use(cand["weight"], cand["chain"], node, w_pos, "site", bool(stack)))
-        return {w_pos}
-
-    def _match_add(self, node, org, stack, site_out) -> set[int]:
-        handled: set[int] = set()
-        for pos in (0, 1):
-            other = node.inputs[1 - pos]
-            if org[pos] is not None and isinstance(other, int) and other in site_out and org[1 - pos] is None:
-                site, out_chain = site_out[other]
-                self.biases.append(
-                    dict(site=site, leaf=org[pos][0], chain=org[pos][1], node=node, pos=pos, out_chain=out_chain)
-                )
-                self.uses.append(_Use(org[pos][0], org[pos][1], node, pos, "bias", bool(stack)))
-                handled = {pos}
-        return handled
-
-    def _walk_scan(self, node, org, stack) -> set[int]:
-        """Walk a ``lax.scan`` body with the leaves passed as loop constants; those positions are handled."""
-        handled: set[int] = set()
-        nc = node.params["num_consts"]
-        inner = {}
-        for i in range(nc):
-            if org[i] is not None:
-                inner[node.body.inputs[i]] = org[i]
-                self.uses.append(_Use(org[i][0], org[i][1], node, i, "scan-const", bool(stack)))
-                handled.add(i)
-        self.walk(node.body, inner, stack + (node.params["length"],))
-        return handled
-
-    def _describe_use(self, node, i, stack) -> str:
-        """How the report names an unmatched use of a leaf as operand ``i`` of ``node``."""
-        name = node.name
-        what = self.rejected.get(node.uid) or f"`{name}`" + (" inside lax.scan" if stack else "")
-        if name == "scan":
-            nc, ncar = node.params["num_consts"], node.params["num_carry"]
-            what = (
-                "a lax.scan loop carry"
-                if i < nc + ncar
-                else "lax.scan as a scanned input (stacked per-step weights, e.g. a scan over layers)"
-            )
-        elif name in ("custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr"):
-            what = f"an opaque `{name}`" + (" inside lax.scan" if stack else "")
-        return what
+        return rows[0]

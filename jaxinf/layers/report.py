@@ -35,13 +35,19 @@ class LayerTags:
             if layer.kind == "embedding":
                 where += ", one-hot inputs (diagonal input factor)"
             detail = f"{layer.name}: d_in={layer.d_in}{'+1' if layer.bias is not None else ''}, d_out={layer.d_out}, "
-            detail += f"{layer.locations} location(s), {where}"
+            if layer.steps:
+                detail += f"{layer.locations // layer.steps} location(s) per step, {where}"
+            else:
+                detail += f"{layer.locations} location(s), {where}"
             if layer.other_uses:
                 detail += "; also used by " + ", ".join(layer.other_uses) + " (exact gradient kept, not in factors)"
             what = "table" if layer.kind == "embedding" else "weight"
-            out[layer.weight] = (f"{layer.kind} {what} ({layer.source})", detail)
+            stacked = f", stacked ×{layer.steps} under lax.scan" if layer.steps else ""
+            if layer.steps:
+                detail += f"; one layer per scan step: {layer.steps} sets of Kronecker factors"
+            out[layer.weight] = (f"{layer.kind} {what}{stacked} ({layer.source})", detail)
             if layer.bias is not None:
-                out[layer.bias] = (f"{layer.kind} bias ({layer.source})", f"{layer.name}")
+                out[layer.bias] = (f"{layer.kind} bias{stacked} ({layer.source})", f"{layer.name}")
         for fb in self.fallbacks:
             out[fb.leaf] = (f"fallback: {fb.method}", fb.reason)
         return [(path, str(tuple(shape)), *out[i]) for i, (path, shape) in enumerate(zip(self.paths, self.shapes))]

@@ -53,34 +53,50 @@ def example_statistics(tracer: Tracer, params_leaves, batch1, cotangent_fn):
 
 
 def layer_matrices(layer, records, pert_grads, dtype):
-    """Per example: ``a`` ``(T, rows)`` and ``g`` ``(K, T, d_out)`` of a layer, sites concatenated."""
-    a_parts, g_parts = [], []
+    """Per example: ``a`` ``(T, rows)`` and ``g`` ``(K, T, d_out)`` of a layer, sites concatenated.
+
+    A layer stacked along a ``lax.scan`` (``layer.steps = L``) gives ``a`` ``(L, T, rows)`` and ``g``
+    ``(K, L, T, d_out)``: step ``l``'s inputs and output gradients, ``T`` the locations of one step.
+    """
+    a_parts = []
     for site in layer.sites:
         a = site.inputs_matrix(records[site.sid]).astype(dtype)
         if layer.bias is not None:
             beta = 1.0 if (site.bias is not None and site.bias[0] == layer.bias) else 0.0
-            a = jnp.concatenate([a, jnp.full((a.shape[0], 1), beta, dtype)], axis=1)
+            a = jnp.concatenate([a, jnp.full((*a.shape[:-1], 1), beta, dtype)], axis=-1)
         a_parts.append(a)
-        g_parts.append(jax.vmap(site.outputs_matrix)(pert_grads[site.sid]).astype(dtype))
-    return jnp.concatenate(a_parts, axis=0), jnp.concatenate(g_parts, axis=1)
+    return jnp.concatenate(a_parts, axis=-2), layer_output_grads(layer, pert_grads, dtype)
+
+
+def layer_output_grads(layer, pert_grads, dtype):
+    """Per example: the output gradients ``g`` ``(K, [L,] T, d_out)`` of a layer, sites concatenated."""
+    parts = [jax.vmap(site.outputs_matrix)(pert_grads[site.sid]).astype(dtype) for site in layer.sites]
+    return jnp.concatenate(parts, axis=-2)
+
+
+def layer_ids(layer, records):
+    """Per example, for a layer with one-hot inputs (:attr:`~jaxinf.layers.Layer.one_hot_inputs`): the id read
+    at each location, ``([L,] T)`` in the location order of :func:`layer_matrices` (``d_in``: no row read).
+
+    ``a_t = onehot(id_t)``, so ``Σ_t a_t g_tᵀ`` is a scatter-add of the rows ``g_t`` at ``id_t`` and
+    ``⟨F, Σ_t a_t g_tᵀ⟩ = Σ_t F[id_t] · g_t`` a gather: no ``(T, d_in)`` one-hot matrix is needed.
+    """
+    return jnp.concatenate([site.input_ids(records[site.sid]) for site in layer.sites], axis=-1)
 
 
 def rest_matrix(layer, diff_grads, dtype):
-    """Per example: gradients of a layer's non-layer uses as ``(K, rows, d_out)``, or ``None``."""
+    """Per example: gradients of a layer's non-layer uses as ``(K, [L,] rows, d_out)``, or ``None``."""
     if layer.weight not in diff_grads and (layer.bias is None or layer.bias not in diff_grads):
         return None
     k = next(iter(jax.tree.leaves(diff_grads))).shape[0]
+    shape = layer.canon.matrix_shape
     w = diff_grads.get(layer.weight)
-    wm = (
-        jax.vmap(layer.canon.to_matrix)(w).astype(dtype)
-        if w is not None
-        else jnp.zeros((k, layer.d_in, layer.d_out), dtype)
-    )
+    wm = jax.vmap(layer.canon.to_matrix)(w).astype(dtype) if w is not None else jnp.zeros((k, *shape), dtype)
     if layer.bias is None:
         return wm
     b = diff_grads.get(layer.bias)
-    row = jax.vmap(layer.bias_row)(b).astype(dtype) if b is not None else jnp.zeros((k, layer.d_out), dtype)
-    return jnp.concatenate([wm, row[:, None, :]], axis=1)
+    row = jax.vmap(layer.bias_row)(b).astype(dtype) if b is not None else jnp.zeros((k, *shape[:-2], shape[-1]), dtype)
+    return jnp.concatenate([wm, row[..., None, :]], axis=-2)
 
 
 def loss_tracer(loss_fn: Callable, params: PyTree, batch: PyTree, *, block_max_size: int = 0) -> Tracer:
@@ -93,4 +109,4 @@ def loss_tracer(loss_fn: Callable, params: PyTree, batch: PyTree, *, block_max_s
     return trace_layers(loss_fn, shapes, batch, block_max_size=block_max_size)
 
 
-__all__ = ["example_statistics", "layer_matrices", "loss_tracer", "rest_matrix"]
+__all__ = ["example_statistics", "layer_ids", "layer_matrices", "layer_output_grads", "loss_tracer", "rest_matrix"]

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxinf.layers.find import _analyse
-from jaxinf.layers.graph import _bind, _example, _Graph, _Lit, apply_chain
+from jaxinf.layers.graph import _bind, _example, _Graph, _Lit, apply_chain, split_at_slice
 from jaxinf.layers.primitive import dense_tag_p
 from jaxinf.layers.report import LayerTags
 
@@ -52,11 +52,14 @@ class Tracer:
         self.sites = {s.sid: s for layer in tags.layers for s in layer.sites}
         self.site_at = {s.node_uid: s for s in self.sites.values()}
         self.overrides: dict[int, dict[int, tuple]] = {}
-        for s in self.sites.values():
-            if s.w_pos is not None:
+        for s in self.sites.values():  # a stacked leaf's slices: the scan's input is replaced (below)
+            if s.w_pos is not None and s.sliced is None:
                 self.overrides.setdefault(s.node_uid, {})[s.w_pos] = (s.weight, s.w_chain)
-            if s.bias is not None and s.bias[2] is not None:
+            if s.bias is not None and s.bias[2] is not None and split_at_slice(s.bias[1])[1] is None:
                 leaf, chain, uid, pos, _ = s.bias
+                self.overrides.setdefault(uid, {})[pos] = (leaf, chain)
+        for layer in tags.layers:
+            for uid, pos, leaf, chain in layer.scan_inputs:
                 self.overrides.setdefault(uid, {})[pos] = (leaf, chain)
         explicit_leaves = set()
         for layer in tags.layers:

@@ -45,19 +45,14 @@ from jax.sharding import Mesh
 
 from jaxinf.core.data import batch_size as leading_size
 from jaxinf.core.data import is_single_batch
+from jaxinf.core.precision import refuse_half
 from jaxinf.model import check_mode
 from jaxinf.scale.distributed import agree, barrier, broadcast_from_first
 from jaxinf.scale.kernels import compile_kernels
 from jaxinf.scale.plan import MemoryPlan, plan_memory
 from jaxinf.scale.progress import progress_bar
-from jaxinf.scale.sharding import (
-    data_mesh,
-    data_sharding,
-    global_batch,
-    mesh_size,
-    pad_batch,
-    replicate,
-)
+from jaxinf.scale.query_rank import check_query_rank, compress_block
+from jaxinf.scale.sharding import data_mesh, data_sharding, global_batch, mesh_size, pad_batch, replicate
 from jaxinf.scale.sources import _Source, as_source
 from jaxinf.scale.store import (
     FORMAT,
@@ -85,6 +80,7 @@ from jaxinf.scale.tiles import (
     train_steps,
 )
 from jaxinf.scoring import SCORING_METHODS, check_measurement, resolve_input_leaf
+from jaxinf.scoring.query_compression import check_rank
 
 PyTree = Any
 
@@ -113,6 +109,10 @@ class InfluenceCalculator:
       progress: show a tqdm progress bar (throughput and ETA) on process 0.
       measurement: ``f(params, batch) -> scalar mean`` replacing the loss on
         the test side (default: the loss), as in :meth:`jaxinf.InfluenceModel.influences`.
+      query_rank: compress each test block's factors to this rank per tagged
+        layer (truncated SVD, :mod:`jaxinf.scale.query_rank`); the errors are
+        in ``compression_reports`` (one per block; the first also gives the
+        change in its first tile's scores). Recorded in the store's fingerprint.
 
     Examples:
       >>> import jax.numpy as jnp, numpy as np, jaxinf, tempfile
@@ -140,6 +140,7 @@ class InfluenceCalculator:
         max_memory: int | None = None,
         progress: bool = True,
         measurement: Callable | None = None,
+        query_rank: int | None = None,
     ):
         check_mode(mode)
         scoring = model.scoring if scoring is None else scoring
@@ -160,7 +161,9 @@ class InfluenceCalculator:
         self.max_memory = max_memory
         self.progress = progress
         self.measurement = measurement
+        self.query_rank, self.compression_reports = None if query_rank is None else check_rank(query_rank), []
         self.spec = model._spec
+        refuse_half(model.params, "jaxinf.scale.InfluenceCalculator")
         self.params = replicate(model.params, self.mesh)
         self.state = on_mesh(state, self.mesh)
         self._compiled: dict = {}
@@ -263,7 +266,7 @@ class InfluenceCalculator:
           ConvergenceError: the solver did not converge for some test point
             (strict models; else a warning).
         """
-        path = os.fspath(path)
+        path, self.compression_reports = os.fspath(path), []
         job, fingerprint = self._job(test_data, train_data, batch_size, path, resume, overwrite)
         root, lock = self._open(job, fingerprint, path, resume, overwrite)
         try:
@@ -310,6 +313,7 @@ class InfluenceCalculator:
             raise ValueError("Every process must pass all the test points (the rows); shard only the training data.")
         if self.measurement is not None:
             check_measurement(self.measurement, self.model.params, [test_source.first()])
+        check_query_rank(self, train_source.first())
         processes = self.devices // self.local_devices
         per = process_split(train_source, processes)
         layout = self._layout(test_source, train_source)
@@ -355,6 +359,8 @@ class InfluenceCalculator:
         job, path, out, seen, bar, callback = ctx
         r0, r1 = job.row_range(i)
         factors = solve_factors(self, job, slice_rows(job.test_source, r0, r1))
+        if self.query_rank is not None:
+            factors = compress_block(self, job, factors, r1 - r0)
         source, b, pid = job.train_source, job.train_batch, jax.process_index()
         for j, batch, found in train_steps(job, start, seen):
             if done_row[j]:
@@ -385,7 +391,7 @@ def compute_influences(model, test_data, train_data, path, **kwargs):
     """One call: ``InfluenceCalculator(model, ...).run(test_data, train_data, path, ...)``.
 
     Keyword arguments go to the constructor (``state``, ``mesh``, ``test_block``,
-    ``mode``, ``scoring``, ``max_memory``, ``progress``, ``measurement``) or to
+    ``mode``, ``scoring``, ``max_memory``, ``progress``, ``measurement``, ``query_rank``) or to
     :meth:`InfluenceCalculator.run` (``batch_size``, ``resume``,
     ``overwrite``, ``callback``).
     """

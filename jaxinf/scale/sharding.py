@@ -42,8 +42,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxinf.core.curvature import CurvatureOperator
-from jaxinf.core.data import Batches, as_batches
-from jaxinf.core.data import batch_size as leading_size
+from jaxinf.core.data import Batches, as_batches, batch_size
+from jaxinf.core.precision import refuse_half
 from jaxinf.scale.distributed import agreed, exchange
 
 PyTree = Any
@@ -146,7 +146,7 @@ def pad_batch(batch: PyTree, size: int) -> PyTree:
     The copies are real examples, so every computation on them stays finite;
     callers discard their results.
     """
-    n = leading_size(batch)
+    n = batch_size(batch)
     if n > size:
         raise ValueError(f"Cannot pad a batch of {n} examples to {size}.")
     if n == size:
@@ -199,7 +199,7 @@ def shard_operator(operator: CurvatureOperator, mesh: Mesh) -> CurvatureOperator
                 f"devices. Use a batch size that is a multiple of {size}."
             )
         stacked = jax.tree.map(lambda x: _place(x, data_sharding(mesh, 1)), stacked)
-    rest = tuple(shard_batch(b, mesh) if leading_size(b) % size == 0 else replicate(b, mesh) for b in data.rest)
+    rest = tuple(shard_batch(b, mesh) if batch_size(b) % size == 0 else replicate(b, mesh) for b in data.rest)
     return dataclasses.replace(
         operator,
         params=replicate(operator.params, mesh),
@@ -278,6 +278,7 @@ def fit(model, train_data: Any, mesh: Mesh, *, key: jax.Array | None = None):
         that is not a finite mean over the examples, a zero or non-finite
         curvature: :mod:`jaxinf.core.checks`), on every process at once.
     """
+    refuse_half(model.params, "jaxinf.scale.fit")
     if jax.process_count() > 1:
         # each process checks its own part; all stop together, with one error, before the first collective
         local = agreed("scale.fit: train_data", lambda: _checked_local(train_data, mesh))
@@ -348,7 +349,7 @@ class _GlobalPasses:
         del desc
         start = jax.process_index() * self.local.num_examples
         for index, batch in enumerate(self.local.batches()):
-            size = leading_size(batch)
+            size = batch_size(batch)
             placed = global_batch(jax.tree.map(np.asarray, batch), self.mesh)
             weight = size * jax.process_count() / self.num_examples
             if with_indices:
@@ -378,9 +379,9 @@ def _checked_local(train_data: Any, mesh: Mesh) -> Batches:
     local = as_batches(train_data, name="train_data")
     devices = mesh.local_mesh.size
     for i, b in enumerate(local.batches()):
-        if leading_size(b) % devices:
+        if batch_size(b) % devices:
             raise ValueError(
-                f"train_data[batch {i}] holds {leading_size(b)} examples on process {jax.process_index()} for its "
+                f"train_data[batch {i}] holds {batch_size(b)} examples on process {jax.process_index()} for its "
                 f"{devices} local devices; use batches of a multiple of {devices} examples on every process."
             )
     return local
@@ -390,7 +391,7 @@ def _check_same_layout(local: Batches) -> None:
     """Every process must hold the same batch layout (exchanged with :func:`jaxinf.scale.distributed.exchange`)."""
     stacked = None if local.stacked is None else np.shape(jax.tree.leaves(local.stacked)[0])[:2]
     layout = [-1 if stacked is None else stacked[0], -1 if stacked is None else stacked[1], len(local.rest)]
-    layout += [leading_size(b) for b in local.rest]
+    layout += [batch_size(b) for b in local.rest]
     everyone = [[int(v) for v in text.split(",")] for text in exchange(",".join(map(str, layout)), step="fit layout")]
     if any(other != everyone[0] for other in everyone):
         raise ValueError(

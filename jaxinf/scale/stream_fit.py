@@ -39,6 +39,7 @@ import jax.numpy as jnp
 
 from jaxinf.core.checks import check_fit
 from jaxinf.core.curvature import CurvatureOperator, curvature_operator
+from jaxinf.core.precision import refuse_half
 from jaxinf.core.tree import check_finite, ravel_batched, unravel
 from jaxinf.model import InfluenceModel
 from jaxinf.scale.distributed import agreed
@@ -257,6 +258,7 @@ def _fit_state(solver, loss_fn, params, data, options: dict, *, key, validate: b
     """The functional form of :func:`fit_from_stream`; ``check(operator)``: the fit-time checks (default: loss's)."""
     if not isinstance(solver, Solver):
         raise TypeError(f"fit_from_stream needs a jaxinf Solver (e.g. jaxinf.ekfac()), got {type(solver).__name__}.")
+    refuse_half(params, "jaxinf.scale.fit_from_stream")
     if solver.stream_init is None:
         why = _NOT_STREAMABLE.get(solver.name, f"{solver.name} has no streamed fit (Solver.stream_init)")
         raise ValueError(

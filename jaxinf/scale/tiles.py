@@ -321,8 +321,8 @@ def run_fingerprint(calc, job: Tiling, dtype) -> dict:
 
     ``calc`` is the :class:`~jaxinf.scale.InfluenceCalculator`: its model
     (params, loss, damping, curvature, blocks, solver configuration), fitted
-    state, measurement (``None`` for the loss), mode and block sizes; ``job`` gives the data's sizes, shapes and
-    dtypes. The contents of every test block and training batch are recorded
+    state, measurement (``None`` for the loss), query rank, mode and block sizes; ``job`` gives the data's
+    sizes, shapes and dtypes. The contents of every test block and training batch are recorded
     per cell in the store's done-marks.
     """
     model = calc.model
@@ -356,6 +356,7 @@ def run_fingerprint(calc, job: Tiling, dtype) -> dict:
         "solver": solver.config if isinstance(solver.config, dict) else {"name": solver.name},
         "loss": loss_digest(model.loss_fn, model.params, first),
         "measurement": None if calc.measurement is None else loss_digest(calc.measurement, model.params, test_first),
+        "query_rank": getattr(calc, "query_rank", None),
         "test_data": _data_spec(test_first, job.n_test),
         "train_data": _data_spec(first, job.n_train),
     }

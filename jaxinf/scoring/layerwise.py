@@ -45,7 +45,7 @@ import jax.numpy as jnp
 
 from jaxinf.core.data import add_example_axis
 from jaxinf.layers import Tracer
-from jaxinf.layers.statistics import example_statistics, layer_matrices, rest_matrix
+from jaxinf.layers.statistics import example_statistics, layer_ids, layer_matrices, layer_output_grads, rest_matrix
 from jaxinf.scoring.cost_model import LayerProfile, direct_is_cheaper
 
 PyTree = Any
@@ -83,13 +83,15 @@ def contract_by_layer(tracer: Tracer, params: PyTree, factors: PyTree, batch: Py
     out = {}
     for layer in tracer.tags.layers:
         fm = jax.vmap(lambda *ls, L=layer: L.to_matrix(list(ls)))(*[x.astype(dtype) for x in f_leaves])
-        if native_conv(layer):
+        if layer.one_hot_inputs:
+            s = _id_scores(layer, records, pert, fm, dtype)
+        elif native_conv(layer):
             s = sum(_conv_site_scores(layer, site, records, pert, fm, dtype) for site in layer.sites)
         else:
             s = _matrix_scores(layer, records, pert, fm, dtype)
         if layer.weight in diff or (layer.bias is not None and layer.bias in diff):
             rest = jax.vmap(lambda d, L=layer: rest_matrix(L, d, dtype))(diff)
-            s = s + jnp.einsum("fio,nio->fn", fm, rest[:, 0])
+            s = s + jnp.einsum("f...io,n...io->fn", fm, rest[:, 0])
         out[layer.name] = s
     for fb in tracer.tags.fallbacks:
         x = jnp.reshape(f_leaves[fb.leaf], (n_factors, -1)).astype(dtype)
@@ -99,10 +101,34 @@ def contract_by_layer(tracer: Tracer, params: PyTree, factors: PyTree, batch: Py
 
 
 def _matrix_scores(layer, records, pert, fm, dtype):
-    """``(n_factors, n)`` scores of a layer from its ``(T, rows)`` inputs and ``(T, d_out)`` output gradients."""
-    n_factors = fm.shape[0]
+    """``(n_factors, n)`` scores of a layer from its ``(T, rows)`` inputs and ``(T, d_out)`` output gradients.
+
+    A layer stacked along a scan (``fm`` ``(F, L, rows, d_out)``): the sum over its steps of each step's scores.
+    """
     a, g = jax.vmap(lambda r, p: layer_matrices(layer, r, p, dtype))(records, pert)
-    g = g[:, 0]  # (n, T, d_out)
+    g = g[:, 0]  # (n, [L,] T, d_out)
+    if layer.steps:
+        per_step = jax.vmap(_step_scores, in_axes=(1, 1, 1))(a, g, fm)
+        return jnp.sum(per_step, axis=0)
+    return _step_scores(a, g, fm)
+
+
+def _id_scores(layer, records, pert, fm, dtype):
+    """``(n_factors, n)`` scores of a layer with one-hot inputs: ``Σ_t F[id_t] · g_t``, a gather of factor rows."""
+    ids, g = jax.vmap(lambda r, p: (layer_ids(layer, r), layer_output_grads(layer, p, dtype)))(records, pert)
+    g = g[:, 0]  # (n, [L,] T, d_out)
+
+    def one(i, gs, f):  # (n, T), (n, T, d_out), (F, V, d_out); id V (no row read) gathers zeros
+        return jnp.einsum("fnto,nto->fn", jnp.take(f, i, axis=1, mode="fill", fill_value=0), gs)
+
+    if layer.steps:
+        return jnp.sum(jax.vmap(one, in_axes=(1, 1, 1))(ids, g, fm), axis=0)
+    return one(ids, g, fm)
+
+
+def _step_scores(a, g, fm):
+    """``(n_factors, n)`` from ``a`` ``(n, T, rows)``, ``g`` ``(n, T, d_out)``, ``fm`` ``(F, rows, d_out)``."""
+    n_factors = fm.shape[0]
     n, t_loc, rows = a.shape
     d_out = g.shape[-1]
     if not direct_is_cheaper(n_factors, rows, d_out, t_loc):
@@ -188,11 +214,17 @@ def layer_profile(tracer: Tracer) -> LayerProfile:
     tags = tracer.tags
 
     def stored(layer):
+        if layer.one_hot_inputs:  # the ids
+            return layer.locations
         if native_conv(layer):
             return sum(math.prod(site.x_shape) for site in layer.sites)
         return layer.locations * layer.rows
 
-    layers = tuple((layer.rows, layer.d_out, layer.locations, stored(layer)) for layer in tags.layers)
+    layers = []
+    for layer in tags.layers:  # a layer stacked along a scan: one entry per step
+        steps = max(layer.steps, 1)
+        layers += [(layer.rows, layer.d_out, layer.locations // steps, stored(layer) // steps)] * steps
+    layers = tuple(layers)
     other = {fb.leaf for fb in tags.fallbacks} | set(tracer.diff_leaves)
     return LayerProfile(layers, sum(math.prod(tags.shapes[leaf]) for leaf in other))
 

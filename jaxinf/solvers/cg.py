@@ -108,10 +108,12 @@ def cg(
 
     Args:
       rtol: relative tolerance on the residual, ``‖r‖ ≤ rtol·‖v‖``; ``None``
-        (default): :func:`default_rtol` of the parameters' dtype, ``1e-6``
-        in float64 and ``1e-4`` in float32 (float32 rounding alone leaves a
-        relative residual of about ``1e-7`` times the condition number, so
-        ``1e-6`` would be out of reach at ordinary condition numbers).
+        (default): :func:`default_rtol` of the dtype the model computes in,
+        ``1e-6`` in float64, ``1e-4`` in float32 (float32 rounding alone
+        leaves a relative residual of about ``1e-7`` times the condition
+        number, so ``1e-6`` would be out of reach at ordinary condition
+        numbers) and ``1e-2`` for bfloat16/float16 parameters, whose
+        products carry half-precision rounding though CG runs in float32.
       atol: absolute tolerance; the criterion is ``‖r‖ ≤ max(rtol‖v‖, atol)``.
       maxiter: iterations per solve (one product each); default
         ``min(10·p, 1000)`` for ``p`` parameters (in exact arithmetic CG
@@ -188,13 +190,13 @@ def cg(
     def solve(state: CGState, v: PyTree) -> tuple[PyTree, SolveInfo]:
         op = state.operator
         check_matches(v, op.spec, "v")
-        pre, tolerance, steps = precond_fn(state), rtol_for(op.dtype), iterations_for(op.size)
+        pre, tolerance, steps = precond_fn(state), rtol_for(op.compute_dtype), iterations_for(op.size)
         return symmetric_solve(op.matvec, lambda b: pcg(op.matvec, pre, b, tolerance, atol, steps), v)
 
     def solve_many(state: CGState, vs: PyTree) -> tuple[PyTree, SolveInfo]:
         op = state.operator
         check_matches(vs, op.spec, "V", leading=1)
-        pre, tolerance, steps = precond_fn(state), rtol_for(op.dtype), iterations_for(op.size)
+        pre, tolerance, steps = precond_fn(state), rtol_for(op.compute_dtype), iterations_for(op.size)
         block_solve = lambda b: _block_solve(op, pre, b, block_size, tolerance, atol, steps)  # noqa: E731
         return symmetric_solve(jax.vmap(op.matvec), block_solve, vs)
 

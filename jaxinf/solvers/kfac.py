@@ -8,7 +8,11 @@ convolutions: Grosse & Martens 2016; repeated layers summed over locations)::
 
 with ``t`` over the ``T`` locations of the layer (positions of a
 convolution, steps of a ``lax.scan``, uses of a shared weight) and ``g`` the
-gradient with respect to the layer output. With ``A = Q_A diag(λ_A) Q_Aᵀ``
+gradient with respect to the layer output. A weight stacked along a
+``lax.scan`` over layers (sliced per step) is one layer per step, each with
+its own ``A``, ``G``, eigenbases and damping (a leading axis of ``L``).
+An embedding (one-hot inputs) has a diagonal ``A`` (the id counts): it is
+kept as a vector with the identity as its eigenbasis. With ``A = Q_A diag(λ_A) Q_Aᵀ``
 and ``G = Q_G diag(λ_G) Q_Gᵀ``, the solve is::
 
     (C_W + λI)⁻¹ v = Q_A [ (Q_Aᵀ V Q_G) / (Λ + λ) ] Q_Gᵀ,
@@ -238,12 +242,14 @@ def _apply(state: KFACState, v: PyTree, power: int, damped: bool = True) -> PyTr
     out = list(leaves)
     dtype = state.plan.factor_dtype
     for i, layer in enumerate(tags.layers):
-        lam = state.damping[i] if damped else jnp.zeros((), dtype)
+        lam = state.damping[i] if damped else jnp.zeros_like(state.damping[i])
+        lam = lam[..., None, None]  # stacked along a scan: one damping per step
         vm = layer.to_matrix([x.astype(dtype) if x is not None else None for x in leaves])
-        qa, qg = state.eigvecs_a[i], state.eigvecs_g[i]
-        rot = qa.T @ vm @ qg
+        qa, qg = state.eigvecs_a[i], state.eigvecs_g[i]  # stacked: (L, ·, ·), the products batched over steps
+        rot = vm @ qg if qa is None else jnp.swapaxes(qa, -1, -2) @ vm @ qg  # None: one-hot inputs, Q_A = I
         scale = _inverse(state.eigvals[i], lam) if power < 0 else state.eigvals[i] + lam
-        xm = qa @ (rot * scale) @ qg.T
+        xm = (rot * scale) @ jnp.swapaxes(qg, -1, -2)
+        xm = xm if qa is None else qa @ xm
         w, b = layer.from_matrix(xm, tags.shapes[layer.bias] if layer.bias is not None else None)
         out[layer.weight] = w.astype(leaves[layer.weight].dtype)
         if layer.bias is not None:

@@ -30,7 +30,8 @@ import numpy as np
 from jaxinf.core.curvature import CurvatureOperator
 from jaxinf.core.data import Batches, add_example_axis, batch_size
 from jaxinf.core.linalg import eigh, eigh_in_sequence, in_sequence
-from jaxinf.layers.statistics import example_statistics, layer_matrices, rest_matrix
+from jaxinf.layers.statistics import example_statistics, layer_ids, layer_matrices, layer_output_grads, rest_matrix
+from jaxinf.solvers.kfac_onehot import id_counts, rotated_squares, scatter_rows
 from jaxinf.solvers.kfac_plan import KFACPlan, KFACState
 
 # ----------------------------------------------------------------------------
@@ -180,10 +181,14 @@ def _pass1(plan: KFACPlan, output_loss, params_leaves, batch, key, indices) -> d
     n = batch_size(batch)
     out = {"A": [], "G": [], "F": []}
     for layer in tags.layers:
-        a, g = jax.vmap(lambda r, p, L=layer: layer_matrices(L, r, p, dtype))(records, pert)
-        t = a.shape[1]
-        out["A"].append(jnp.einsum("nti,ntj->ij", a, a) / n)
-        out["G"].append(jnp.einsum("nkto,nktp->op", g, g) / (n * t))
+        if layer.one_hot_inputs:  # A diagonal: the id counts, kept as a vector (kfac_onehot)
+            ids, g = jax.vmap(lambda r, p, L=layer: (layer_ids(L, r), layer_output_grads(L, p, dtype)))(records, pert)
+            out["A"].append(id_counts(ids, layer.d_in, dtype) / n)
+        else:
+            a, g = jax.vmap(lambda r, p, L=layer: layer_matrices(L, r, p, dtype))(records, pert)
+            out["A"].append(jnp.einsum("n...ti,n...tj->...ij", a, a) / n)
+        t = g.shape[-2]  # locations (of one step, for a layer stacked along a scan: factors per step)
+        out["G"].append(jnp.einsum("nk...to,nk...tp->...op", g, g) / (n * t))
     for fb in tags.fallbacks:
         size = math.prod(tags.shapes[fb.leaf])
         if size == 0:  # a zero-size leaf: no parameters, no curvature
@@ -201,14 +206,20 @@ def _eigenbases(stats: dict) -> tuple:
     """Eigendecompositions of the summed ``A`` and ``G``: ``(λ_A, Q_A, λ_G, Q_G)``, lists per layer.
 
     One decomposition after another (:func:`jaxinf.core.linalg.eigh_in_sequence`), never all
-    layers' at once.
+    layers' at once. A diagonal ``A`` (one-hot inputs, held as a vector) is not decomposed: its
+    eigenvalues are its entries and ``Q_A`` the identity (``None``).
     """
-    pairs = [m for a, g in zip(stats["A"], stats["G"]) for m in (a, g)]
-    decomposed = eigh_in_sequence(pairs, after=stats)  # after every statistic (and the eigh that some need)
-    eig_a = [jnp.clip(w, 0.0) for w, _ in decomposed[0::2]]
-    vec_a = [q for _, q in decomposed[0::2]]
-    eig_g = [jnp.clip(w, 0.0) for w, _ in decomposed[1::2]]
-    vec_g = [q for _, q in decomposed[1::2]]
+    diagonal = [a.ndim < g.ndim for a, g in zip(stats["A"], stats["G"])]
+    dense_a = [a for a, diag in zip(stats["A"], diagonal) if not diag]
+    decomposed = eigh_in_sequence([*dense_a, *stats["G"]], after=stats)  # after every statistic
+    eig_g = [jnp.clip(w, 0.0) for w, _ in decomposed[len(dense_a) :]]
+    vec_g = [q for _, q in decomposed[len(dense_a) :]]
+    pending = iter(decomposed[: len(dense_a)])
+    eig_a, vec_a = [], []
+    for a, diag in zip(stats["A"], diagonal):
+        w, q = (a, None) if diag else next(pending)
+        eig_a.append(jnp.clip(w, 0.0))
+        vec_a.append(q)
     return eig_a, vec_a, eig_g, vec_g
 
 
@@ -248,13 +259,21 @@ def _pass2(plan: KFACPlan, output_loss, params_leaves, vec_a, vec_g, batch, key,
         records, pert, diff = _batch_statistics(plan, output_loss, params_leaves, part, key, part_indices)
         out = []
         for layer, qa, qg in zip(plan.tags.layers, vec_a, vec_g):
+            if qa is None:  # one-hot inputs, Q_A = I: squares by token id, scattered into the table's rows
+
+                def by_id(r, p, d, L=layer, qg=qg):
+                    rest = rest_matrix(L, d, dtype)
+                    return rotated_squares(L, layer_ids(L, r), layer_output_grads(L, p, dtype), rest, qg)
+
+                out.append(scatter_rows(*jax.vmap(by_id)(records, pert, diff), layer.d_in))
+                continue
 
             def rotated(r, p, d, L=layer, qa=qa, qg=qg):
-                a, g = layer_matrices(L, r, p, dtype)
-                m = jnp.einsum("ti,kto->kio", a @ qa, g @ qg)
+                a, g = layer_matrices(L, r, p, dtype)  # stacked along a scan: a leading step axis (...)
+                m = jnp.einsum("...ti,k...to->k...io", a @ qa, g @ qg)
                 rest = rest_matrix(L, d, dtype)
                 if rest is not None:
-                    m = m + jnp.einsum("ij,kjl,lo->kio", qa.T, rest, qg)
+                    m = m + jnp.einsum("...ji,k...jl,...lo->k...io", qa, rest, qg)
                 return jnp.sum(m * m, axis=0)
 
             out.append(jnp.sum(jax.vmap(rotated)(records, pert, diff), axis=0))
@@ -272,15 +291,16 @@ def _finish(plan: KFACPlan, stats: dict, bases: tuple, corrected, operator_dampi
     if plan.update_diagonal:
         eigvals = list(corrected) if tags.layers else []
     else:
-        eigvals = [wa[:, None] * wg[None, :] for wa, wg in zip(eig_a, eig_g)]
+        eigvals = [wa[..., :, None] * wg[..., None, :] for wa, wg in zip(eig_a, eig_g)]
 
-    def effective(leaf, values):
+    def effective(leaf, values, steps=0):
+        """The damping of a leaf's block; per step ``(L,)`` for a layer stacked along a scan."""
         lam = operator_damping[leaf].astype(dtype)
         if heuristic is None or values.size == 0:  # zero-size: nothing to damp (and no mean to take)
-            return lam
-        return jnp.where(lam > 0, lam, heuristic * jnp.mean(values))
+            return jnp.broadcast_to(lam, (steps,)) if steps else lam
+        return jnp.where(lam > 0, lam, heuristic * jnp.mean(values, axis=(-2, -1) if steps else None))
 
-    damping = tuple(effective(layer.weight, ev) for layer, ev in zip(tags.layers, eigvals))
+    damping = tuple(effective(layer.weight, ev, layer.steps) for layer, ev in zip(tags.layers, eigvals))
     fb_vecs, fb_vals, fb_damp = [], [], []
     blocks = [f for fb, f in zip(tags.fallbacks, stats["F"]) if fb.method == "block"]
     # after the layers' decompositions and the EK-FAC pass, never beside them

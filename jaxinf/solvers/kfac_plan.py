@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinf.core.curvature import CurvatureOperator
+from jaxinf.core.precision import check_accumulate_dtype
 from jaxinf.core.tree import TreeSpec
 from jaxinf.layers import LayerTags, Tracer, trace_layers
 
@@ -71,7 +72,12 @@ class KFACState:
     ``(d_in+1, d_in+1)``, ``factors_g[l]`` ``G`` ``(d_out, d_out)``, their
     eigenvectors ``eigvecs_a[l]``, ``eigvecs_g[l]``, the eigenvalues
     ``eigvals[l]`` ``(d_in+1, d_out)`` used by the solve (EK-FAC corrected or
-    ``λ_A λ_Gᵀ``) and the effective damping ``damping[l]``. Per fallback leaf
+    ``λ_A λ_Gᵀ``) and the effective damping ``damping[l]``. A layer stacked
+    along a ``lax.scan`` over ``L`` steps (``layer.steps = L``) has one set per
+    step: every one of these with a leading axis of ``L`` (damping ``(L,)``).
+    A layer with one-hot inputs (an embedding, ``layer.one_hot_inputs``) keeps
+    its diagonal ``A`` as the vector of id counts ``(V,)`` and
+    ``eigvecs_a[l] = None`` (the identity): no ``V × V`` array. Per fallback leaf
     (``plan.tags.fallbacks`` order): eigenvectors (``None`` for a diagonal),
     eigenvalues and damping. ``plan`` (static) holds the traced layers;
     ``print(state.plan.tags)`` shows the report.
@@ -138,8 +144,8 @@ def check_options(
         raise ValueError(f"damping_heuristic must be >= 0 or None, got {damping_heuristic!r}.")
     if block_max_size < 0:
         raise ValueError(f"block_max_size must be >= 0, got {block_max_size}.")
-    if factor_dtype is not None and not jnp.issubdtype(jnp.dtype(factor_dtype), jnp.floating):
-        raise ValueError(f"factor_dtype must be a float dtype such as jnp.float64, got {factor_dtype!r}.")
+    if factor_dtype is not None and factor_dtype not in (jnp.float64, "float64"):  # float64 checked in make_plan
+        check_accumulate_dtype(factor_dtype, "factor_dtype")  # float32/float64 only: no half-precision eigh
     if (model_fn is None) != (output_loss is None) and likelihood is None:
         raise ValueError("Give both model_fn and output_loss (or model_fn with a likelihood), not one of them.")
 
@@ -197,18 +203,6 @@ def _resolve_fisher(operator: CurvatureOperator, fisher: str, likelihood, num_sa
     return mode
 
 
-def _check_no_empty_layer(tags: LayerTags) -> None:
-    """Zero-size fallback leaves are skipped by the fit (no curvature); a zero-size *layer* cannot be factored."""
-    for layer in tags.layers:
-        for leaf in (layer.weight, layer.bias):
-            if leaf is not None and math.prod(tags.shapes[leaf]) == 0:
-                raise ValueError(
-                    f"The parameter leaf {tags.paths[leaf]} has shape {tuple(tags.shapes[leaf])} (zero size) but is "
-                    f"traced as part of the layer {layer.name}, whose Kronecker factors would be empty. Remove the "
-                    "zero-size parameter from params (it has no curvature and no influence), or give it a nonzero size."
-                )
-
-
 def make_plan(
     operator: CurvatureOperator,
     *,
@@ -250,7 +244,6 @@ def make_plan(
     shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.result_type(a)), operator.params)
     fit_fn = loss_fn if mode == "empirical" else m_fn
     fit = trace_layers(fit_fn, shapes, example, block_max_size=block_max_size)
-    _check_no_empty_layer(fit.tags)
     if mode == "empirical":
         score = fit
     else:
@@ -280,7 +273,13 @@ def make_plan(
 def validate_state(state: KFACState) -> None:
     """``ValueError`` if a layer's or fallback block's fitted eigenvalues hold NaN/inf, or are singular at damping 0."""
     tags = state.tags
-    items = [(layer.name, ev, lam) for layer, ev, lam in zip(tags.layers, state.eigvals, state.damping)]
+    items = []
+    for layer, ev, lam in zip(tags.layers, state.eigvals, state.damping):
+        if layer.steps:  # stacked along a scan: one layer (and one damping) per step
+            ev, lam = np.asarray(ev), np.asarray(lam)
+            items += [(f"{layer.name} (scan step {step})", ev[step], lam[step]) for step in range(layer.steps)]
+        else:
+            items.append((layer.name, ev, lam))
     items += [
         (tags.paths[fb.leaf], vals, lam)
         for fb, vals, lam in zip(tags.fallbacks, state.fallback_vals, state.fallback_damping)
