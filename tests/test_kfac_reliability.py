@@ -307,3 +307,26 @@ def test_sequential_eigh_equals_the_batched_one_under_vmap_and_jit():
     for w, q in (eigh(a), jax.jit(eigh)(a), jax.vmap(jax.vmap(eigh))(a), jax.jit(jax.vmap(eigh))(a)):
         np.testing.assert_allclose(w, w_ref, atol=1e-12)
         np.testing.assert_allclose(jnp.abs(q), jnp.abs(q_ref), atol=1e-10)  # eigenvectors up to sign
+
+
+def test_a_large_generic_output_hessian_warns_and_names_the_likelihood():
+    """A generic output loss over many outputs (a sequence's T x V logits) forms an m x m Hessian per example: warn."""
+    from jaxinf.solvers import kfac_plan
+
+    m = kfac_plan.LARGE_OUTPUT + 1
+    params = {"w": jnp.zeros((3, m))}
+    data = (jnp.ones((2, 3)), jnp.ones((2, m)))
+
+    def model_fn(p, b):
+        return b[0] @ p["w"]
+
+    def output_loss(out, b):
+        return jnp.mean(jnp.sum(jnp.cosh(out - b[1]), -1))  # not a likelihood jaxinf knows
+
+    op = jaxinf.curvature_operator(None, params, data, kind="gauss_newton", model_fn=model_fn, output_loss=output_loss)
+    kfac_plan._WARNED_OUTPUT.discard(m)
+    with pytest.warns(UserWarning, match=rf"{m} x {m} Hessian of the output loss.*likelihood='categorical'"):
+        jax.eval_shape(lambda o: jaxinf.ekfac().init(o, key=jax.random.key(0)), op)  # traced only: nothing runs
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per size
+        jax.eval_shape(lambda o: jaxinf.ekfac(fisher="exact").init(o), op)

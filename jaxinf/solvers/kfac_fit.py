@@ -32,7 +32,7 @@ from jaxinf.core.data import Batches, add_example_axis, batch_size
 from jaxinf.core.linalg import eigh, eigh_in_sequence, in_sequence
 from jaxinf.layers.statistics import example_statistics, layer_ids, layer_matrices, layer_output_grads, rest_matrix
 from jaxinf.solvers.kfac_onehot import id_counts, rotated_squares, scatter_rows
-from jaxinf.solvers.kfac_plan import KFACPlan, KFACState
+from jaxinf.solvers.kfac_plan import KFACPlan, KFACState, warn_dense_output_hessian
 
 # ----------------------------------------------------------------------------
 # Per-example layer statistics
@@ -82,6 +82,7 @@ def _output_cotangents(plan: KFACPlan, output_loss, outs, batch1, key):
         def nll(vec):
             return output_loss(jax.tree.unflatten(tracer.out_tree, split(vec)), batch1)
 
+    warn_dense_output_hessian(m)
     hess = jax.hessian(nll)(flat)
     # the Hessian may not depend on the data (a squared error): tie it to this example's outputs, so that its
     # eigh runs in this batch's turn and never beside another one's (see jaxinf.core.linalg.in_sequence)

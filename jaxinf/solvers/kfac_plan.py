@@ -155,6 +155,23 @@ _HOW_TO_SAMPLE = (
     "ekfac(model_fn=..., output_loss=...) or ekfac(model_fn=..., likelihood='categorical'|'gaussian')"
 )
 _WARNED_EMPIRICAL = weakref.WeakSet()  # the loss functions warned about (once each)
+#: Outputs per example above which the generic output-loss Hessian (m × m, an eigh per example) warns.
+LARGE_OUTPUT = 2048
+_WARNED_OUTPUT: set = set()
+
+
+def warn_dense_output_hessian(m: int) -> None:
+    """Warn once per size when the Fisher of a generic output loss forms an ``m × m`` Hessian for every example."""
+    if m > LARGE_OUTPUT and m not in _WARNED_OUTPUT:
+        _WARNED_OUTPUT.add(m)
+        warnings.warn(
+            f"ekfac()/kfac() forms the {m} x {m} Hessian of the output loss and its eigendecomposition for every "
+            "example (a generic output_loss: O(m^3) per example, e.g. a sequence of T positions over V classes has "
+            "m = T*V). For a softmax cross-entropy pass likelihood='categorical' (closed form, no Hessian); for a "
+            "squared error likelihood='gaussian'; or fisher='empirical'.",
+            UserWarning,
+            stacklevel=2,
+        )
 
 
 def _resolve_fisher(operator: CurvatureOperator, fisher: str, likelihood, num_samples: int, m_fn, o_loss) -> str:
