@@ -17,6 +17,7 @@ import pytest
 
 import jaxinf
 from jaxinf import scale
+from jaxinf.scoring import per_example_grads
 from tests import _distributed_worker as worker
 from tests import models
 
@@ -69,7 +70,7 @@ def test_two_processes_match_one(tmp_path):
     state = scale.load_state(
         tmp_path / "state.npz", scale.state_skeleton(model.solver, model.operator), solver=model.solver
     )
-    x = jax.tree.map(lambda a: a[0], model._fn_grads(model.loss_fn, model.params, problem.test))
+    x = jax.tree.map(lambda a: a[0], per_example_grads(model.loss_fn, model.params, problem.test))
     np.testing.assert_allclose(
         np.asarray(jax.flatten_util.ravel_pytree(model.solver.solve(state, x)[0])[0]),
         np.asarray(jax.flatten_util.ravel_pytree(model.solver.solve(model.state, x)[0])[0]),
