@@ -93,6 +93,13 @@ def contract_by_layer(tracer: Tracer, params: PyTree, factors: PyTree, batch: Py
             rest = jax.vmap(lambda d, L=layer: rest_matrix(L, d, dtype))(diff)
             s = s + jnp.einsum("f...io,n...io->fn", fm, rest[:, 0])
         out[layer.name] = s
+    out.update(fallback_scores(tracer, f_leaves, diff, n_factors, dtype))
+    return out
+
+
+def fallback_scores(tracer: Tracer, f_leaves, diff, n_factors: int, dtype) -> dict:
+    """``{path: (n_factors, n)}``: each fallback leaf's factors against its per-example gradients ``diff``."""
+    out = {}
     for fb in tracer.tags.fallbacks:
         x = jnp.reshape(f_leaves[fb.leaf], (n_factors, -1)).astype(dtype)
         d = diff[fb.leaf][:, 0]

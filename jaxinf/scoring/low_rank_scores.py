@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from jaxinf.core.data import add_example_axis
 from jaxinf.layers import Tracer
 from jaxinf.layers.statistics import example_statistics, layer_ids, layer_matrices, layer_output_grads, rest_matrix
+from jaxinf.scoring.layerwise import fallback_scores
 from jaxinf.scoring.query_compression import check_rank
 
 PyTree = Any
@@ -103,10 +104,7 @@ def contract_low_rank(tracer: Tracer, params: PyTree, low: LowRankFactors, batch
             rest = jax.vmap(lambda d, L=layer: rest_matrix(L, d, dtype))(diff)
             s = s + jnp.einsum("f...io,n...io->fn", fm, rest[:, 0])
         out[layer.name] = s
-    for fb in tracer.tags.fallbacks:
-        x = jnp.reshape(w_leaves[fb.leaf], (n_factors, -1)).astype(dtype)
-        d = diff[fb.leaf][:, 0]
-        out[tracer.tags.paths[fb.leaf]] = x @ jnp.reshape(d, (d.shape[0], -1)).astype(dtype).T
+    out.update(fallback_scores(tracer, w_leaves, diff, n_factors, dtype))
     return out
 
 
