@@ -67,7 +67,7 @@ def main(process_id: int, num_processes: int, port: int, out_dir: str) -> None:
 
 if __name__ == "__main__":
     # Read when the backend starts (at the first computation), so setting them here is early enough.
-    fast = "" if os.environ.get("JAXINF_TEST_XLA_OPT") else " --xla_backend_optimization_level=0"  # as conftest
+    fast = " --xla_backend_optimization_level=0" if os.environ.get("JAXINF_TEST_FAST_COMPILE") else ""  # as conftest
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2" + fast
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     jax.config.update("jax_enable_x64", True)

@@ -2,13 +2,14 @@
 
 import os
 
-# Tests compile hundreds of small programs: XLA's CPU backend at LLVM -O0, without its expensive passes, compiles
-# them about a third faster (CPU-s: tests/test_tagging_lm.py 61 -> 38, test_kfac*.py 357 -> 221). Only code generation:
-# XLA's graph passes and IEEE semantics (no fast-math) are the same, so results agree to rounding.
-# JAXINF_TEST_XLA_OPT=1 tests the fully optimised code instead. Subprocesses started by tests inherit the flags.
-FAST_COMPILE = "" if os.environ.get("JAXINF_TEST_XLA_OPT") else (
-    " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-)
+# XLA's CPU backend at LLVM -O0 compiles the suite's hundreds of small programs about a third faster, but twice in
+# three full CI runs a pytest-xdist worker died of a segmentation fault inside XLA's CPU compiler with these flags
+# (backend_compile_and_load; never reproduced alone). So the suite compiles at XLA's default optimisation, as users
+# do; JAXINF_TEST_FAST_COMPILE=1 opts into the -O0 flags for quick local runs. Subprocesses started by tests take
+# the same choice through the same environment variable.
+FAST_COMPILE = " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true" if os.environ.get(
+    "JAXINF_TEST_FAST_COMPILE"
+) else ""
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8" + FAST_COMPILE)
 
 import jax  # noqa: E402

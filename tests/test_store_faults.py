@@ -279,7 +279,7 @@ def test_two_concurrent_writers_do_not_both_succeed(problem, fitted, tmp_path):
 
 KILLED_JOB = """
 import os, sys
-fast = "" if os.environ.get("JAXINF_TEST_XLA_OPT") else " --xla_backend_optimization_level=0"  # as conftest
+fast = " --xla_backend_optimization_level=0" if os.environ.get("JAXINF_TEST_FAST_COMPILE") else ""  # as conftest
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1" + fast
 import jax
 jax.config.update("jax_enable_x64", True)
