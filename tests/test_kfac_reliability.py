@@ -287,14 +287,14 @@ def test_cpu_fit_holds_no_batched_lapack_eigh(likelihood):
 
 def test_categorical_root_squares_to_the_softmax_hessian():
     """R Rᵀ = ∂²(-log softmax(z)_y)/∂z² for logits with a position axis (block diagonal over positions)."""
-    from jaxinf.solvers.kfac_fit import _categorical_root
+    from jaxinf.solvers.kfac_outputs import categorical_root
 
     logits = jax.random.normal(jax.random.key(3), (3, 5), jnp.float64)
 
     def nll(flat):
         return -jnp.sum(jax.nn.log_softmax(flat.reshape(3, 5), axis=-1)[:, 2])
 
-    root = _categorical_root(logits)
+    root = categorical_root(logits)
     np.testing.assert_allclose(root @ root.T, jax.hessian(nll)(logits.ravel()), atol=1e-14)
 
 

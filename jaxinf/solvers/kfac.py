@@ -121,7 +121,13 @@ def ekfac(
         with the covariance ``H_out`` of the output loss), ``"categorical"``
         (labels drawn from ``softmax(outputs)``, the outputs being logits) or
         ``"gaussian"`` (``y ~ N(outputs, I)``). With a likelihood, the output
-        loss is not needed.
+        loss is not needed; where there is one (the operator's or
+        ``output_loss``), the likelihood's output Hessian is scaled to the
+        loss's own curvature per example, so a loss that averages over
+        positions or outputs gets the Fisher of that average. Without one the
+        loss is read as the negative log-likelihood summed over positions and
+        outputs (``-Σ_t log p(y_t)``, ``½‖outputs - y‖²``): a loss that averages
+        over ``T`` positions would get a curvature ``T`` times too large.
       num_samples: draws per example for ``"sampled"``.
       model_fn, output_loss: ``model_fn(params, batch) -> outputs`` and
         ``output_loss(outputs, batch) -> mean loss``, overriding the

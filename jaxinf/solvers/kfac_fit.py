@@ -29,86 +29,15 @@ import numpy as np
 
 from jaxinf.core.curvature import CurvatureOperator
 from jaxinf.core.data import Batches, add_example_axis, batch_size
-from jaxinf.core.linalg import eigh, eigh_in_sequence, in_sequence
+from jaxinf.core.linalg import eigh_in_sequence, in_sequence
 from jaxinf.layers.statistics import example_statistics, layer_ids, layer_matrices, layer_output_grads, rest_matrix
 from jaxinf.solvers.kfac_onehot import id_counts, rotated_squares, scatter_rows
-from jaxinf.solvers.kfac_plan import KFACPlan, KFACState, warn_dense_output_hessian
+from jaxinf.solvers.kfac_outputs import output_cotangents
+from jaxinf.solvers.kfac_plan import KFACPlan, KFACState
 
 # ----------------------------------------------------------------------------
 # Per-example layer statistics
 # ----------------------------------------------------------------------------
-
-
-def _output_cotangents(plan: KFACPlan, output_loss, outs, batch1, key):
-    """Cotangents ``r`` (leading axis K) at the traced function's outputs, pre-scaled by √weight."""
-    tracer = plan.fit
-    if plan.fisher == "empirical":
-        return [jnp.ones((1, *o.shape), o.dtype) for o in outs], 1
-    flat = jnp.concatenate([jnp.ravel(o) for o in outs])
-    shapes = [o.shape for o in outs]
-    sizes = [math.prod(s) for s in shapes]
-
-    def split(vec):
-        parts, start = [], 0
-        for s, n in zip(shapes, sizes):
-            parts.append(jnp.reshape(vec[..., start : start + n], (*vec.shape[:-1], *s)))
-            start += n
-        return parts
-
-    m = flat.shape[0]
-    s_count = plan.num_samples
-    if plan.fisher == "sampled" and plan.likelihood == "categorical":
-        logits = outs[0]
-        probs = jax.nn.softmax(logits, axis=-1)
-        labels = jax.random.categorical(key, logits, axis=-1, shape=(s_count, *logits.shape[:-1]))
-        r = (probs[None] - jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)) / math.sqrt(s_count)
-        return [r], s_count
-    if plan.fisher == "sampled" and plan.likelihood == "gaussian":
-        eps = jax.random.normal(key, (s_count, m), flat.dtype) / math.sqrt(s_count)
-        return split(eps), s_count
-    if plan.likelihood == "gaussian":  # exact, H_out = I
-        return split(jnp.eye(m, dtype=flat.dtype)), m
-
-    if plan.likelihood == "categorical" and len(outs) == 1:  # exact: H = diag(p) - p pᵀ per position
-        return split(_categorical_root(outs[0]).T), m
-    if plan.likelihood == "categorical":
-
-        def nll(vec):
-            logits = split(vec)[0]
-            return -jnp.sum(jax.nn.log_softmax(logits, axis=-1)[..., 0])
-
-    else:
-
-        def nll(vec):
-            return output_loss(jax.tree.unflatten(tracer.out_tree, split(vec)), batch1)
-
-    warn_dense_output_hessian(m)
-    hess = jax.hessian(nll)(flat)
-    # the Hessian may not depend on the data (a squared error): tie it to this example's outputs, so that its
-    # eigh runs in this batch's turn and never beside another one's (see jaxinf.core.linalg.in_sequence)
-    hess, _ = jax.lax.optimization_barrier((0.5 * (hess + hess.T), flat))
-    w, u = eigh(hess)  # one example at a time under vmap on the CPU (jaxinf.core.linalg)
-    root = u * jnp.sqrt(jnp.clip(w, 0.0))[None, :]  # H = root rootᵀ
-    if plan.fisher == "exact":
-        return split(root.T), m
-    eps = jax.random.normal(key, (s_count, m), flat.dtype) / math.sqrt(s_count)
-    return split(eps @ root.T), s_count
-
-
-def _categorical_root(logits):
-    """``R`` with ``R Rᵀ = H``, the Hessian of ``-log softmax(z)_y`` in the logits (any ``y``), without ``eigh``.
-
-    Per position ``H = diag(p) - p pᵀ`` with ``p = softmax(z)``, and
-    ``R = diag(√p) - p √pᵀ`` gives ``R Rᵀ = diag(p) - 2 p pᵀ + p pᵀ (Σ p) = H``;
-    positions (leading axes of ``logits``) are independent: ``R`` is block diagonal.
-    """
-    classes = logits.shape[-1]
-    p = jax.nn.softmax(logits.reshape(-1, classes), axis=-1)
-    root_p = jnp.sqrt(p)
-    blocks = jax.vmap(jnp.diag)(root_p) - p[:, :, None] * root_p[:, None, :]
-    positions = p.shape[0]
-    full = jnp.einsum("ts,tij->tisj", jnp.eye(positions, dtype=p.dtype), blocks)
-    return full.reshape(positions * classes, positions * classes)
 
 
 def _weighted_sum(fn: Callable, data: Batches):
@@ -168,7 +97,7 @@ def _batch_statistics(plan: KFACPlan, output_loss, params_leaves, batch, key, in
     def one(example, k):
         batch1 = add_example_axis(example)
         return example_statistics(
-            tracer, params_leaves, batch1, lambda outs, b1: _output_cotangents(plan, output_loss, outs, b1, k)
+            tracer, params_leaves, batch1, lambda outs, b1: output_cotangents(plan, output_loss, outs, b1, k)
         )
 
     return jax.vmap(one)(batch, keys)
