@@ -41,7 +41,7 @@ from jaxinf.core.tree import check_finite, check_matches, check_params, placed_l
 from jaxinf.scoring import SCORING_METHODS, check_measurement, choose_method, layer_profile, resolve_input_leaf
 from jaxinf.solvers import compiled
 from jaxinf.solvers.base import Solver, check_solve
-from jaxinf.solvers.planned import Planner
+from jaxinf.solvers.planned import Planner, common_rows, host_rows, join
 
 PyTree = Any
 MODES = ("up", "perturbation")
@@ -276,9 +276,8 @@ class InfluenceModel:
           A params-shaped pytree whose leaves carry a leading ``n_test`` axis.
         """
         self._require_fit()
-        fn = self._test_fn(measurement, test_data)
-        parts = [factors for _, factors in self._solved(test_data, "test_data", fn)]
-        return jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts) if len(parts) > 1 else parts[0]
+        parts = list(self._solved(test_data, "test_data", self._test_fn(measurement, test_data)))
+        return join([factors for _, factors, _ in parts], [valid for *_, valid in parts], axis=0)
 
     def _test_fn(self, measurement: Callable | None, test_data: Any) -> Callable:
         """The test side's function: the loss, or the checked measurement."""
@@ -286,15 +285,16 @@ class InfluenceModel:
         return self.loss_fn if measurement is None else check_measurement(measurement, self._params, batches)
 
     def _solved(self, data: Any, name: str, fn: Callable):
-        """Per batch of ``data``: the per-example gradients of ``fn`` and their checked factors."""
-        what = "loss_fn" if fn is self.loss_fn else "measurement"
-        params, fn = self._in_compute(fn)
-        for i, batch in enumerate(self._batches(data, name)):
-            for grads, factors, info in self._planner.solved(self.solver, self.state, fn, params, batch):
+        """Per chunk of ``data``: ``(gradients of fn, checked factors, valid rows)``, padded (:mod:`.planned`)."""
+        what, batches = "loss_fn" if fn is self.loss_fn else "measurement", self._batches(data, name)
+        (params, fn), size = self._in_compute(fn), common_rows(batches)  # a ragged batch runs padded: one program
+        for i, batch in enumerate(batches):
+            for grads, factors, info, valid in self._planner.solved(self.solver, self.state, fn, params, batch, size):
                 advice = f"{what} is not finite here though the data is finite; check it for log(0) or labels."
-                check_finite(grads, f"the {what} gradient on {name}[batch {i}]", per_example=True, advice=advice)
+                where = f"the {what} gradient on {name}[batch {i}]"
+                check_finite(host_rows(grads, valid), where, per_example=True, advice=advice)  # the padding left out
                 check_solve(self.solver, info, factors, "right-hand sides", strict=self.strict)
-                yield grads, factors
+                yield grads, factors, valid
 
     def scoring_method(self, num_factors: int, batch: PyTree) -> str:
         """The contraction used for ``num_factors`` factors against ``batch``: ``scoring``, or the cost model's pick.
@@ -327,8 +327,9 @@ class InfluenceModel:
         """``factorsᵀ ∇θfn(z_j)`` (or its perturbation) for each ``z_j`` of ``data``; ``fn``: loss or measurement."""
         check_matches(factors, self._spec, "factors", leading=1)
         n_factors = jax.tree.leaves(factors)[0].shape[0]
-        columns, params, fn_c = [], *self._in_compute(fn)
-        for batch in self._batches(data, "train_data" if fn is self.loss_fn else "test_data"):
+        columns, valid, params, fn_c = [], [], *self._in_compute(fn)
+        batches = self._batches(data, "train_data" if fn is self.loss_fn else "test_data")
+        for batch in batches:
             step, what = compiled.contract_columns, "scoring"
             if mode == "perturbation":
                 step, what = compiled.perturbation_columns, "perturbation"
@@ -338,8 +339,9 @@ class InfluenceModel:
             else:  # a measurement: its layers are not traced, so "auto" weighs gradients and JVPs only
                 last = self.scoring if self.scoring != "auto" else choose_method(n_factors, 0, self._spec.size)
             args = (fn_c, params, factors, batch, last)
-            columns.append(self._planner.map(f"{what} ({last})", step, args, row_arg=3, out_axis=1))
-        return jnp.concatenate(columns, axis=1)
+            got = self._planner.map_parts(f"{what} ({last})", step, args, row_arg=3, size=common_rows(batches))
+            columns, valid = columns + got[0], valid + got[1]
+        return join(columns, valid, axis=1)
 
     def influences(self, test_data: Any, train_data: Any = None, mode: str = "up", *, measurement=None):
         """``I[i, j] = ∇θf(test_i)ᵀ (C + λI)⁻¹ ∇θℓ(train_j)`` (mode ``"up"``), ``f = ℓ`` by default.
@@ -369,9 +371,8 @@ class InfluenceModel:
         test_data = as_batches(test_data, name="test_data")
         train_data = as_batches(train_data, name="train_data")
         if mode == "up" and self.solver.scorer is not None and measurement is None:
-            run = functools.partial(self._planner.scored, self.solver.scorer, self.state, self.operator)
-            train = self._batches(train_data, "train_data")
-            return jnp.concatenate([run(tb, train) for tb in self._batches(test_data, "test_data")])
+            test, train = self._batches(test_data, "test_data"), self._batches(train_data, "train_data")
+            return self._planner.scored(self.solver.scorer, self.state, self.operator, test, train)
         if mode == "up" and train_data.num_examples < test_data.num_examples:
             fn = self._test_fn(measurement, test_data)  # checked before the training side is solved
             return self._columns(self.influence_factors(train_data), test_data, mode, fn).T
@@ -386,8 +387,8 @@ class InfluenceModel:
         ``influences(data, data, measurement=f)``.
         """
         self._require_fit()
-        out = [rowwise_dot(factors, grads) for grads, factors in self._solved(data, "data", self.loss_fn)]
-        return jnp.concatenate(out)
+        parts = list(self._solved(data, "data", self.loss_fn))
+        return join([rowwise_dot(factors, grads) for grads, factors, _ in parts], [v for *_, v in parts], axis=0)
 
 
 def check_mode(mode: str) -> None:

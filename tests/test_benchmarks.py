@@ -56,6 +56,7 @@ SCRIPTS = [
     "bench_scale",
     "bench_slow_paths",
     "bench_stream_fit",
+    "cold_warm",
     "damping",
     "loo",
     "preconditioners",

@@ -77,7 +77,32 @@ def layer_profile(loss_fn: Callable, params: PyTree, batch: PyTree) -> LayerProf
     that is not a parameter leaf); ``"layerwise"`` then leaves the choice,
     with one ``UserWarning`` per reason naming it. Every other error (a loss
     that fails on a batch of one example, a bug) propagates.
+
+    The profile is kept per loss function, parameter shapes and per-example
+    batch shapes (``_PROFILES``): a second :class:`jaxinf.InfluenceModel` of
+    the same loss does not trace it again (as it compiles nothing again).
     """
+    key = _profile_key(loss_fn, params, batch)
+    if key is not None and key in _PROFILES:
+        return _PROFILES[key]
+    profile = _traced_profile(loss_fn, params, batch)
+    if key is not None:
+        _PROFILES[key] = profile
+    return profile
+
+
+def _profile_key(loss_fn: Callable, params: PyTree, batch: PyTree) -> tuple | None:
+    """What a layer profile depends on: the loss, the params' and the examples' shapes; ``None``: unhashable."""
+    try:
+        hash(loss_fn)
+    except TypeError:
+        return None
+    shapes = tuple((jnp.shape(x), jnp.result_type(x)) for x in jax.tree.leaves(params))
+    examples = tuple((jnp.shape(x)[1:], jnp.result_type(x)) for x in jax.tree.leaves(batch))
+    return loss_fn, jax.tree.structure(params), shapes, jax.tree.structure(batch), examples
+
+
+def _traced_profile(loss_fn: Callable, params: PyTree, batch: PyTree) -> LayerProfile | None:
     try:
         return profile_of(loss_tracer(loss_fn, params, batch))
     except ValueError as error:
@@ -95,6 +120,7 @@ def layer_profile(loss_fn: Callable, params: PyTree, batch: PyTree) -> LayerProf
 
 
 _DROPPED: set[str] = set()  # reasons already warned about (warn once each)
+_PROFILES: dict = {}  # (loss, params layout, example shapes) -> LayerProfile or None, shared by every model
 
 
 def contract(loss_fn: Callable, params: PyTree, factors: PyTree, batch: PyTree, method: str = "gradients"):

@@ -15,10 +15,20 @@ test examples for the factors and a scorer's ``prepare`` — padded to one
 shape so that one program serves every chunk; if one example does not fit,
 it raises with the number. Chunking changes no number: every output column
 (or row) depends on its own example only.
+
+The same holds across the batches of a list: a ragged batch (the last 40 of
+1,000 examples in batches of 64) is padded to the size of the largest batch
+of the call (:func:`pad_rows`, repeating its last example) and runs the
+programs of the full batches, instead of compiling every step again for its
+shape. The padded rows' outputs are dropped when the parts are joined, once,
+at the end (:func:`join`), so padding changes no number either. Only
+per-example steps are padded; a mean over a batch (the loss, a curvature
+product in a fit) is never padded here.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -28,7 +38,7 @@ import numpy as np
 from jaxinf.core.memory import available_bytes, extra_bytes, plan_rows, take_rows
 from jaxinf.solvers import compiled
 
-__all__ = ["ADVICE", "FREE_FRACTION", "Planner", "check_budget"]
+__all__ = ["ADVICE", "FREE_FRACTION", "Planner", "check_budget", "common_rows", "host_rows", "join", "pad_rows"]
 
 #: The share of the free memory a step may plan for when no ``memory_budget_bytes`` is given.
 FREE_FRACTION = 0.75
@@ -57,19 +67,57 @@ def _rows_of(tree) -> int:
     return jax.tree.leaves(tree)[0].shape[0]
 
 
-def _trim(tree, axis: int, rows: int, valid: int):
-    """Drop the padded examples: leaves whose ``axis`` has ``rows`` entries keep the first ``valid``."""
-    if valid == rows:
-        return tree
-
-    def cut(x):
-        return jax.lax.slice_in_dim(x, 0, valid, axis=axis) if np.ndim(x) > axis and x.shape[axis] == rows else x
-
-    return jax.tree.map(cut, tree)
+def common_rows(batches: list) -> int:
+    """The rows every batch of a call is padded to: the largest batch's (one program for all of them)."""
+    return max(_rows_of(b) for b in batches)
 
 
-def _concat(parts: list, axis: int):
-    return parts[0] if len(parts) == 1 else jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=axis), *parts)
+def pad_rows(batch, rows: int):
+    """``batch`` with its last example repeated up to ``rows`` examples (``batch`` itself if it has them).
+
+    Host arrays are padded on the host, and arrays on one device through the
+    host too, so that padding compiles nothing; arrays spread over several
+    devices are padded on them (:func:`jaxinf.core.memory.take_rows`).
+    """
+    n = _rows_of(batch)
+    if n >= rows:
+        return batch
+    index = np.minimum(np.arange(rows), n - 1)
+
+    def pad(x):
+        if isinstance(x, np.ndarray):
+            return x[index]
+        if isinstance(x, jax.Array) and x.is_fully_addressable and len(x.sharding.device_set) == 1:
+            padded = np.asarray(x)[index]
+            return jax.device_put(padded, x.sharding if x.committed else None)  # a transfer: no compile
+        return take_rows(x, 0, rows)
+
+    return jax.tree.map(pad, batch)
+
+
+def host_rows(tree, valid: int):
+    """The first ``valid`` rows of every leaf of ``tree``, as host arrays (no compile; e.g. to check or report)."""
+    return jax.tree.map(lambda x: np.asarray(x)[:valid], tree)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _join(parts: tuple, valid: tuple, axis: int):
+    def cut(x, v):
+        return jax.lax.slice_in_dim(x, 0, v, axis=axis) if np.ndim(x) > axis else x
+
+    return jax.tree.map(lambda *xs: jnp.concatenate([cut(x, v) for x, v in zip(xs, valid)], axis=axis), *parts)
+
+
+def join(parts: list, valid: list, axis: int):
+    """The ``parts`` (pytrees) joined along ``axis``, keeping the first ``valid[k]`` entries of part ``k``.
+
+    One compiled program per layout of parts: a list whose last batch is
+    ragged (padded to the full size) joins with the program's count of a
+    list of equal batches.
+    """
+    if len(parts) == 1 and valid[0] == jax.tree.leaves(parts[0])[0].shape[axis]:
+        return parts[0]
+    return _join(tuple(parts), tuple(int(v) for v in valid), axis)
 
 
 # Planned chunk sizes, shared by every model (as the compiled programs are): a second model of the same loss, solver,
@@ -97,28 +145,41 @@ class Planner:
         self.last_rows[what] = _ROWS[key]
         return _ROWS[key]
 
-    def map(self, what: str, jitted, args: tuple, *, row_arg: int, out_axis: int):
+    def map(self, what: str, jitted, args: tuple, *, row_arg: int, out_axis: int, size: int | None = None):
         """``jitted(*args)`` with ``args[row_arg]`` cut into chunks of examples; outputs joined along ``out_axis``."""
-        batch = args[row_arg]
-        n = _rows_of(batch)
+        return join(*self.map_parts(what, jitted, args, row_arg=row_arg, size=size), out_axis)
+
+    def map_parts(self, what: str, jitted, args: tuple, *, row_arg: int, size: int | None = None):
+        """``(parts, valid)`` of :meth:`map`, not joined (their padded entries kept: :func:`join` drops them);
+        ``size``: pad the batch to that many examples first (:func:`pad_rows`)."""
+        n = _rows_of(args[row_arg])
+        batch = pad_rows(args[row_arg], size or n)
 
         def at(start, rows):
             return (*args[:row_arg], take_rows(batch, start, rows), *args[row_arg + 1 :])
 
-        rows = self.rows(what, (jitted, _signature(args)), lambda r: extra_bytes(jitted, *at(0, r)), n)
-        parts = [_trim(jitted(*at(s, rows)), out_axis, rows, min(rows, n - s)) for s in range(0, n, rows)]
-        return _concat(parts, out_axis)
+        args = at(0, _rows_of(batch))
+        rows = self.rows(what, (jitted, _signature(args)), lambda r: extra_bytes(jitted, *at(0, r)), _rows_of(batch))
+        return [jitted(*at(s, rows)) for s in range(0, n, rows)], [min(rows, n - s) for s in range(0, n, rows)]
 
-    def chunks(self, what: str, batch, key, measure):
-        """The examples of ``batch`` in chunks of planned size: ``(chunk padded to the size, valid examples)``."""
-        n = _rows_of(batch)
-        rows = self.rows(what, (key, _signature(batch)), measure, n)
+    def chunks(self, what: str, batch, key, measure, n: int | None = None):
+        """The first ``n`` (default: all) examples of ``batch`` in chunks of planned size: ``(chunk padded to the
+        size, valid examples)``."""
+        n = _rows_of(batch) if n is None else n
+        rows = self.rows(what, (key, _signature(batch)), measure, _rows_of(batch))
         for start in range(0, n, rows):
             yield take_rows(batch, start, rows), min(rows, n - start)
 
     # ----------------------------------------------------------- the model's steps
-    def solved(self, solver, state, fn, params, batch):
-        """Per chunk of test examples: ``(gradients of fn, factors, info)``, padding dropped."""
+    def solved(self, solver, state, fn, params, batch, size: int | None = None):
+        """Per chunk of test examples: ``(gradients of fn, factors, info, valid)``.
+
+        ``batch`` is padded to ``size`` examples first (:func:`pad_rows`);
+        gradients and factors keep the padded rows (join them with
+        :func:`join`), ``info`` (host arrays) has the ``valid`` rows only.
+        """
+        n = _rows_of(batch)
+        batch = pad_rows(batch, size or n)
 
         def measure(r):
             part = take_rows(batch, 0, r)
@@ -127,25 +188,34 @@ class Planner:
                 compiled.solve_all, state, grads, solver=solver
             )
 
-        for part, valid in self.chunks("test gradients and factors", batch, (fn, solver), measure):
-            rows = _rows_of(part)
+        for part, valid in self.chunks("test gradients and factors", batch, (fn, solver), measure, n):
             grads = compiled.example_grads(fn, params, part)
             factors, info = compiled.solve_all(state, grads, solver=solver)
-            yield _trim(grads, 0, rows, valid), _trim(factors, 0, rows, valid), _trim(info, 0, rows, valid)
+            yield grads, factors, host_rows(info, valid), valid
 
-    def scored(self, scorer, state, operator, test_batch, train_batches: list):
-        """A scorer's ``(n_test, n_train)``: ``prepare`` per chunk of test examples, ``finish`` per training chunk."""
+    def scored(self, scorer, state, operator, test_batches: list, train_batches: list):
+        """A scorer's ``(n_test, n_train)``: ``prepare`` per chunk of test examples, ``finish`` per training chunk.
 
-        def measure(r):
-            return extra_bytes(compiled.call, scorer.prepare, state, operator, take_rows(test_batch, 0, r))
+        Every batch of each side runs at the size of that side's largest
+        (:func:`pad_rows`); the padded rows and columns are dropped at the end.
+        """
+        test_size, train_size = common_rows(test_batches), common_rows(train_batches)
+        rows, row_valid = [], []
+        for test_batch in test_batches:
+            n, test_batch = _rows_of(test_batch), pad_rows(test_batch, test_size)
 
-        rows = []
-        for part, valid in self.chunks("scorer.prepare (test side)", test_batch, scorer.prepare, measure):
-            prepared = compiled.call(scorer.prepare, state, operator, part)
-            cols = [
-                self.map("scorer.finish (training side)", compiled.call, (scorer.finish, state, operator, prepared, rb),
-                         row_arg=4, out_axis=1)
-                for rb in train_batches
-            ]
-            rows.append(jnp.concatenate(cols, axis=1)[:valid])
-        return jnp.concatenate(rows, axis=0)
+            def measure(r, test_batch=test_batch):
+                return extra_bytes(compiled.call, scorer.prepare, state, operator, take_rows(test_batch, 0, r))
+
+            for part, valid in self.chunks("scorer.prepare (test side)", test_batch, scorer.prepare, measure, n):
+                prepared = compiled.call(scorer.prepare, state, operator, part)
+                cols, col_valid = [], []
+                for train_batch in train_batches:
+                    args = (scorer.finish, state, operator, prepared, train_batch)
+                    got = self.map_parts(
+                        "scorer.finish (training side)", compiled.call, args, row_arg=4, size=train_size
+                    )
+                    cols, col_valid = cols + got[0], col_valid + got[1]
+                rows.append(join(cols, col_valid, axis=1))
+                row_valid.append(valid)
+        return join(rows, row_valid, axis=0)
