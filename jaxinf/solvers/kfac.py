@@ -64,7 +64,6 @@ References:
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -79,7 +78,7 @@ from jaxinf.scoring.layerwise import contract_by_layer
 from jaxinf.solvers.autodiff import frozen
 from jaxinf.solvers.base import Scorer, Solver, make_info, records_config
 from jaxinf.solvers.kfac_fit import fit, fit_stream
-from jaxinf.solvers.kfac_plan import FISHER_MODES, KFACPlan, KFACState, check_options, make_plan, validate_state
+from jaxinf.solvers.kfac_plan import FISHER_MODES, KFACPlan, KFACState, PlanCache, check_options, validate_state
 
 PyTree = Any
 EXAMPLE_CHUNK = 128  # examples whose EK-FAC pass-2 temporaries are formed at once (read by each fit)
@@ -88,6 +87,10 @@ EXAMPLE_CHUNK = 128  # examples whose EK-FAC pass-2 temporaries are formed at on
 # ----------------------------------------------------------------------------
 # The factory
 # ----------------------------------------------------------------------------
+
+
+# (plan, output_loss, operator, key, heuristic, chunk): one program per plan (one per problem signature) and shapes
+_jitted_fit = jax.jit(fit, static_argnums=(0, 1, 4, 5))
 
 
 @records_config
@@ -178,14 +181,14 @@ def ekfac(
         "block_max_size": block_max_size,
     }
     check_options(damping_heuristic=damping_heuristic, **options)
-    make = functools.partial(make_plan, update_diagonal=update_diagonal, **options)  # operator -> (plan, loss)
+    make = PlanCache(update_diagonal=update_diagonal, **options)  # operator -> (plan, loss), one per problem signature
 
     def init(operator: CurvatureOperator, *, key=None) -> KFACState:
         plan, o_loss = make(operator)
         key = jax.random.key(0) if key is None else key
         chunk = EXAMPLE_CHUNK
         operator = dataclasses.replace(operator, params=frozen(operator.params, _not_differentiable(name)))
-        return jax.jit(lambda op, k: fit(plan, o_loss, op, k, damping_heuristic, chunk))(operator, key)
+        return _jitted_fit(plan, o_loss, operator, key, damping_heuristic, chunk)
 
     def stream_init(stream, *, key=None) -> KFACState:
         """The same state from a stream: pass 1 (and, for EK-FAC, pass 2) as host loops over its batches."""

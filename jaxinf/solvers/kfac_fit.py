@@ -20,6 +20,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -281,6 +282,28 @@ def fit(plan: KFACPlan, output_loss, operator: CurvatureOperator, key, heuristic
     return _finish(plan, stats, bases, corrected, operator.damping, heuristic)
 
 
+def _stream_term(plan, output_loss, chunk, leaves, batch, key, indices, bases):
+    """One batch's pass statistics: pass 1 when ``bases`` is ``None``, else EK-FAC's pass 2 in ``(Q_A, Q_G)``."""
+    if bases is None:
+        return _pass1(plan, output_loss, leaves, batch, key, indices)
+    return _pass2(plan, output_loss, leaves, bases[0], bases[1], batch, key, indices, chunk)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=3)
+def _stream_step(plan, output_loss, chunk, total, leaves, batch, key, indices, weight, bases):
+    """``total + weight * (the batch's pass statistics)``, one program per plan and batch shape."""
+    term = _stream_term(plan, output_loss, chunk, leaves, batch, key, indices, bases)
+    return jax.tree.map(lambda s, t: s + weight * t, total, term)
+
+
+_stream_eigenbases = jax.jit(_eigenbases)
+
+
+@functools.partial(jax.jit, static_argnames=("plan", "heuristic"))
+def _stream_finish(stats, bases, corrected, damping, *, plan, heuristic):
+    return _finish(plan, stats, bases, corrected, damping, heuristic)
+
+
 def fit_stream(plan: KFACPlan, output_loss, stream, key, heuristic, chunk: int) -> KFACState:
     """The streamed fit: the passes of :func:`fit` as host loops, one jitted call per batch.
 
@@ -289,40 +312,32 @@ def fit_stream(plan: KFACPlan, output_loss, stream, key, heuristic, chunk: int) 
     ``fold_in(key, i)``, ``i`` its index in the whole dataset (the stream
     gives it, across processes too), so the state equals the in-memory fit on
     the same examples, however they are batched, sharded or split over
-    processes. Compiled once per batch shape (a ragged last batch compiles
-    once more). Each call waits for the previous one's sum, so no two
-    batches' eigendecompositions run at once.
+    processes. The per-batch programs are module-level, keyed on the plan
+    (one per problem signature, :class:`~jaxinf.solvers.kfac_plan.PlanCache`):
+    compiled once per batch shape (a ragged last batch once more), and not
+    again by a later fit of the same problem. Each call waits for the
+    previous one's sum, so no two batches' eigendecompositions run at once.
     """
     operator = stream.operator
     params_leaves = stream.replicate(jax.tree.leaves(operator.params))
+    static = (plan, output_loss, chunk)
 
-    def first_pass(leaves, batch, k, indices):
-        return _pass1(plan, output_loss, leaves, batch, k, indices)
-
-    def second_pass(leaves, batch, k, indices, vec_a, vec_g):
-        return _pass2(plan, output_loss, leaves, vec_a, vec_g, batch, k, indices, chunk)
-
-    def run(fn, desc, *args):
-        def step(total, leaves, batch, key, indices, weight, *args):
-            term = fn(leaves, batch, key, indices, *args)
-            return jax.tree.map(lambda s, t: s + weight * t, total, term)
-
-        step = jax.jit(step, donate_argnums=0)
+    def run(desc, bases):
         first_indices = jnp.arange(batch_size(stream.first), dtype=jnp.uint32)
-        total = stream.zeros(jax.eval_shape(fn, params_leaves, stream.first, key, first_indices, *args))
+        term = functools.partial(_stream_term, *static)
+        total = stream.zeros(jax.eval_shape(term, params_leaves, stream.first, key, first_indices, bases))
         for _, batch, weight, indices in stream.batches(desc, with_indices=True):
-            total = step(total, params_leaves, batch, key, indices, weight, *args)
+            total = _stream_step(*static, total, params_leaves, batch, key, indices, weight, bases)
         return total
 
     passes = 2 if plan.update_diagonal and plan.tags.layers else 1
-    stats = run(first_pass, f"K-FAC factors, pass 1/{passes}")
-    bases = jax.jit(_eigenbases)(stats)
+    stats = run(f"K-FAC factors, pass 1/{passes}", None)
+    bases = _stream_eigenbases(stats)
     corrected = None
     if passes == 2:
         _, vec_a, _, vec_g = bases
-        corrected = run(second_pass, "EK-FAC eigenvalues, pass 2/2", vec_a, vec_g)
-    finish = jax.jit(lambda s, b, c, d: _finish(plan, s, b, c, d, heuristic))
-    return finish(stats, bases, corrected, operator.damping)
+        corrected = run("EK-FAC eigenvalues, pass 2/2", (vec_a, vec_g))
+    return _stream_finish(stats, bases, corrected, operator.damping, plan=plan, heuristic=heuristic)
 
 
 __all__ = ["fit", "fit_stream"]

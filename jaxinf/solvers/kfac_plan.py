@@ -18,6 +18,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import warnings
 import weakref
@@ -287,6 +288,42 @@ def make_plan(
     return plan, o_loss
 
 
+def _abstract(tree) -> tuple:
+    """``(treedef, ((shape, dtype), ...))`` of a pytree: what a traced plan depends on, not the values."""
+    leaves, treedef = jax.tree.flatten(tree)
+    return treedef, tuple((tuple(np.shape(x)), str(jnp.result_type(x))) for x in leaves)
+
+
+class PlanCache:
+    """One plan per problem signature, for one solver configuration.
+
+    :func:`make_plan` traces the layers anew on every call, and a plan is a
+    static argument of the fit's jitted programs (compared by identity): a
+    new plan for the same problem compiles every program again. This cache
+    returns the same plan for an operator with the same curvature kind, loss
+    functions, parameter and batch shapes and dtypes (the values do not
+    enter a plan), holding the last ``size`` of them.
+    """
+
+    def __init__(self, *, size: int = 8, **options):
+        self.make = functools.partial(make_plan, **options)  # the options of make_plan, checked by check_options
+        self.size, self.entries = size, {}
+
+    def __call__(self, operator: CurvatureOperator) -> tuple:
+        example = next(operator.data.batches())
+        key = (operator.kind, operator.loss_fn, operator.model_fn, operator.output_loss, str(operator.dtype))
+        key += (_abstract(operator.params), _abstract(example), bool(jax.config.jax_enable_x64))
+        try:
+            hit = self.entries.get(key)
+        except TypeError:  # an unhashable loss function: no sharing, a plan per call
+            return self.make(operator)
+        if hit is None:
+            hit = self.entries[key] = self.make(operator)
+            if len(self.entries) > self.size:
+                self.entries.pop(next(iter(self.entries)))
+        return hit
+
+
 def validate_state(state: KFACState) -> None:
     """``ValueError`` if a layer's or fallback block's fitted eigenvalues hold NaN/inf, or are singular at damping 0."""
     tags = state.tags
@@ -325,6 +362,7 @@ __all__ = [
     "MAX_EXACT_OUTPUTS",
     "KFACPlan",
     "KFACState",
+    "PlanCache",
     "check_options",
     "make_plan",
     "validate_state",

@@ -1,0 +1,70 @@
+"""A second K-FAC/EK-FAC fit of the same problem compiles nothing: in memory and from a stream (issue 15).
+
+The plan (the traced layers) is a static argument of the fit's programs; one plan per problem signature
+(``kfac_plan.PlanCache``) and module-level programs keep a later fit — a new operator, new parameter values, a
+new stream of the same shapes — from compiling again. Counted with JAX's backend-compile events, not timed.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import monitoring
+
+import jaxinf
+from jaxinf import scale
+from tests import models
+
+COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+_compiles: list[str] = []
+monitoring.register_event_duration_secs_listener(
+    lambda event, duration, **kw: _compiles.append(event) if event == COMPILE_EVENT else None
+)
+
+
+def _count(fn):
+    before = len(_compiles)
+    out = fn()
+    jax.block_until_ready(out)
+    return out, len(_compiles) - before
+
+
+@pytest.fixture(scope="module")
+def problem():
+    return models.mlp_problem("plain", n_train=40, n_test=2, d_in=3, hidden=4, out=2)
+
+
+@pytest.mark.parametrize("update_diagonal", [False, True])
+def test_a_second_streamed_fit_compiles_nothing(problem, update_diagonal):
+    solver = jaxinf.ekfac(update_diagonal=update_diagonal, fisher="empirical")
+    x, y = problem.train
+
+    def fit(params):
+        source = scale.ArraySource((np.asarray(x), np.asarray(y)), batch_size=16)  # 16, 16, ragged 8
+        return scale.fit_from_stream(solver, problem.loss_fn, params, source, damping=1e-3)
+
+    first, compiled_first = _count(lambda: fit(problem.params))
+    assert compiled_first > 0
+    moved = jax.tree.map(lambda p: p * 1.5, problem.params)  # new values, same shapes
+    second, compiled_second = _count(lambda: fit(moved))
+    assert compiled_second == 0
+    again, _ = _count(lambda: fit(problem.params))
+    for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(again)):
+        np.testing.assert_array_equal(a, b)
+    assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(second)))
+
+
+def test_a_second_in_memory_init_compiles_nothing(problem):
+    solver = jaxinf.ekfac(fisher="empirical")
+
+    def init(params):
+        op = jaxinf.curvature_operator(problem.loss_fn, params, problem.train, damping=1e-3)
+        return solver.init(op)
+
+    _, compiled_first = _count(lambda: init(problem.params))
+    assert compiled_first > 0
+    flipped = jax.tree.map(jnp.negative, problem.params)  # new values, same shapes (the negation compiles, here)
+    _, compiled_second = _count(lambda: init(flipped))
+    assert compiled_second == 0
