@@ -200,3 +200,65 @@ def test_options_pass_through_and_ineffective_ones_raise():
     state = jaxinf.cg(preconditioner=pre).init(hess)
     assert state.preconditioner.kfac.plan.fisher == "exact"
     assert pre.config["fisher"] == "exact" and pre.config["factory"] == "ekfac_preconditioner"
+
+
+def _dense_of(fn, spec):
+    return np.asarray(jax.vmap(lambda e: ravel(fn(unravel(spec, e))))(jnp.eye(spec.size)))
+
+
+def test_exact_fisher_ekfac_is_the_gauss_newton_projected_on_its_eigenbasis():
+    """The curvature the pre-conditioner fits is the one CG solves, at the same scale (mean over examples).
+
+    With ``fisher="exact"`` EK-FAC's eigenvalues are ``diag(Qᵀ C_l Q)`` for each layer block ``C_l`` of the
+    Gauss-Newton (George et al. 2018), so ``K`` is the orthogonal projection of ``C_l`` on the matrices
+    diagonal in ``Q``: ``⟨K, C_blk − K⟩ = 0`` and ``tr K = tr C_blk``. A sum instead of a mean over examples, the
+    empirical Fisher or a wrong damping in ``M`` breaks one of these.
+    """
+    _, op = _mlp()
+    from jaxinf.solvers.kfac import approx_curvature_vp
+
+    state = jax.jit(jaxinf.ekfac_preconditioner(fisher="exact").init)(op, jax.random.key(0)).kfac
+    k = _dense_of(lambda v: approx_curvature_vp(state, v), op.spec)
+    c = np.asarray(_dense(op.with_damping(0.0)))
+    block = np.abs(k) > 0  # the layer blocks (weight with bias) and the fallback blocks
+    c_blk = np.where(block, c, 0.0)
+    assert block.sum() < 0.8 * block.size  # really block-diagonal: two layers
+    np.testing.assert_allclose(np.trace(k), np.trace(c), rtol=1e-10)
+    assert abs(np.sum(k * (c_blk - k))) < 1e-10 * np.sum(k * k)
+    # ... and the pre-conditioner's M⁻¹ is (K + λI)⁻¹ with the operator's λ
+    inv = _dense_of(lambda v: jaxinf.ekfac_preconditioner().apply(
+        jaxinf.solvers.kfac_preconditioner.KFACPreconditionerState(state, jnp.asarray(True)), v), op.spec)
+    lam = float(op.damping[0])
+    np.testing.assert_allclose(inv, np.linalg.inv(k + lam * np.eye(op.size)), rtol=1e-8, atol=1e-10 * np.abs(inv).max())
+    # the empirical Fisher is not the Gauss-Newton: the same check fails by far
+    emp = jax.jit(jaxinf.ekfac_preconditioner(fisher="empirical").init)(op, jax.random.key(0)).kfac
+    k_emp = _dense_of(lambda v: approx_curvature_vp(emp, v), op.spec)
+    assert abs(np.sum(k_emp * (c_blk - k_emp))) > 1e-3 * np.sum(k_emp * k_emp)
+
+
+@pytest.mark.parametrize("name", ["kfac", "ekfac"])
+def test_damping_multiple_damps_only_the_preconditioner(name):
+    _, op = _mlp()
+    multiple = 10.0
+    pre = PRECONDITIONERS[name](fisher="exact", damping_multiple=multiple)
+    assert pre.name == f"{name}(damping×10)" and pre.config["damping_multiple"] == multiple
+    state = jax.jit(pre.init)(op, jax.random.key(0))
+    from jaxinf.solvers.kfac import approx_curvature_vp
+
+    k = _dense_of(lambda v: approx_curvature_vp(state.kfac, v), op.spec)  # undamped K
+    inv = _dense_of(lambda v: pre.apply(state, v), op.spec)
+    lam = float(op.damping[0])
+    ref = np.linalg.inv(k + multiple * lam * np.eye(op.size))
+    np.testing.assert_allclose(inv, ref, rtol=1e-8, atol=1e-10 * np.abs(ref).max())
+    # CG's answer is still (C + λI)⁻¹ v, under jit
+    solver = jaxinf.cg(rtol=1e-11, preconditioner=pre)
+    v = unravel(op.spec, jnp.linspace(-1.0, 1.0, op.size))
+    x, info = jax.jit(lambda o, b: solver.solve(solver.init(o), b))(op, v)
+    assert bool(info.converged)
+    np.testing.assert_allclose(ravel(x), np.linalg.solve(np.asarray(_dense(op)), np.asarray(ravel(v))), rtol=1e-8)
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf"), True, "10"])
+def test_bad_damping_multiple_raises(bad):
+    with pytest.raises(ValueError, match="damping_multiple must be a finite number > 0"):
+        jaxinf.kfac_preconditioner(damping_multiple=bad)

@@ -124,8 +124,9 @@ def cg(
       block_size: right-hand sides solved together by ``solve_many``
         (capped at ``p``); more are processed block after block with
         ``lax.map``.
-      preconditioner: ``None``, :func:`jaxinf.jacobi_preconditioner` or
-        :func:`jaxinf.nystrom_preconditioner`; fitted in ``init`` (with the
+      preconditioner: ``None``, :func:`jaxinf.jacobi_preconditioner`,
+        :func:`jaxinf.nystrom_preconditioner`, :func:`jaxinf.kfac_preconditioner`
+        or :func:`jaxinf.ekfac_preconditioner`; fitted in ``init`` (with the
         ``key`` given to ``init``) and applied in every iteration.
 
     Returns:
@@ -165,7 +166,8 @@ def cg(
         raise ValueError(f"block_size must be a positive integer, got {block_size!r}.")
     if preconditioner is not None and not isinstance(preconditioner, Preconditioner):
         raise ValueError(
-            "preconditioner must be None, jaxinf.jacobi_preconditioner(...) or jaxinf.nystrom_preconditioner(...), "
+            "preconditioner must be None or a jaxinf Preconditioner (jaxinf.jacobi_preconditioner, "
+            "nystrom_preconditioner, kfac_preconditioner or ekfac_preconditioner), "
             f"got {type(preconditioner).__name__}."
         )
     block_size = int(block_size)
