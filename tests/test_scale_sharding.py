@@ -101,10 +101,41 @@ def test_sharded_fit_equals_single_device(problem, name):
     solve = jax.jit(lambda state, v: jax.vmap(solver.solve, in_axes=(None, 0))(state, v)[0])
     expected = solve(solver.init(op, key=key), rhs)
     mesh = scale.data_mesh()
-    got = solve(solver.init(scale.shard_operator(op, mesh), key=key), scale.replicate(rhs, mesh))
+    state = solver.init(scale.shard_operator(op, mesh), key=key)
+    if name == "ekfac":
+        assert fitted_state_is_replicated(state)  # the rule a pre-conditioner's state follows (test below)
+    got = solve(state, scale.replicate(rhs, mesh))
     tol = 1e-6 if name == "cg" else 1e-9
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=tol, atol=tol * float(np.abs(b).max()))
+
+
+def fitted_state_is_replicated(state) -> bool:
+    """Every array the fit made (not the operator, whose data is sharded) is on all 8 devices, whole."""
+    fitted = {k: v for k, v in state._asdict().items() if k != "operator"} if hasattr(state, "_asdict") else state
+    leaves = [x for x in jax.tree.leaves(fitted) if isinstance(x, jax.Array)]
+    return bool(leaves) and all(x.sharding.is_fully_replicated and len(x.sharding.device_set) == 8 for x in leaves)
+
+
+PRECONDITIONERS = {
+    "ekfac": lambda: jaxinf.ekfac_preconditioner(),  # sampled Fisher: per-example draws
+    "kfac": lambda: jaxinf.kfac_preconditioner(fisher="exact"),
+    "nystrom": lambda: jaxinf.nystrom_preconditioner(8),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PRECONDITIONERS))
+def test_fit_with_preconditioned_cg(problem, name):
+    """scale.fit of a cg(preconditioner=...) model: the factors of one device; the state replicated like ekfac's.
+
+    (Equal factors give equal influences: the scoring is the same code; test_fit_helper scores on the mesh.)
+    """
+    solver, key = jaxinf.cg(rtol=1e-10, preconditioner=PRECONDITIONERS[name]()), jax.random.key(2)
+    single = make_model(problem, solver).fit(batches(problem), key=key).influence_factors(problem.test)
+    model = scale.fit(make_model(problem, solver), batches(problem), scale.data_mesh(), key=key)
+    assert fitted_state_is_replicated(model.state.preconditioner)
+    for a, b in zip(jax.tree.leaves(model.influence_factors(problem.test)), jax.tree.leaves(single)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-8, atol=1e-8 * float(np.abs(b).max()))
 
 
 def test_fit_helper(problem, tmp_path):
@@ -173,3 +204,28 @@ def test_sampled_fisher_is_the_same_on_any_number_of_devices():
     local = jaxinf.as_batches(train)
     sharding._fit_by_passes(model, model.operator_for(local), local, scale.data_mesh(), key)
     assert_same(model.state, expected)
+
+
+def test_preconditioner_fitted_by_global_passes_is_the_in_memory_one():
+    """cg with a sampled-Fisher EK-FAC pre-conditioner takes the multi-process path of scale.fit (passes over global
+    batches, each example drawing by its global index), run here in one process: the state of model.fit."""
+    from jaxinf.scale import sharding
+    from jaxinf.scale.preconditioner_stream import draws_per_example
+
+    p = models.logistic_problem(n_train=24, n_test=2)
+    train = [jax.tree.map(lambda a, i=i: a[i : i + BATCH], p.train) for i in range(0, 24, BATCH)]
+    key = jax.random.key(5)
+    solver = jaxinf.cg(preconditioner=jaxinf.ekfac_preconditioner(fisher="sampled", likelihood="categorical"))
+    assert draws_per_example(solver) and draws_per_example(jaxinf.ekfac())
+    assert not draws_per_example(jaxinf.cg(preconditioner=jaxinf.nystrom_preconditioner(4)))
+    assert not draws_per_example(jaxinf.cg())
+    expected = make_model(p, solver).fit(train, key=key).state.preconditioner
+    model = make_model(p, solver)
+    local = jaxinf.as_batches(train)
+    sharding._fit_by_passes(model, model.operator_for(local), local, scale.data_mesh(), key)
+    got = model.state.preconditioner
+    assert bool(got.positive) and model.state.operator.num_examples == 24
+    for field in ("factors_a", "factors_g", "eigvals"):
+        for a, b in zip(jax.tree.leaves(getattr(got.kfac, field)), jax.tree.leaves(getattr(expected.kfac, field))):
+            a, b = np.asarray(a), np.asarray(b)
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12 * np.abs(b).max(), err_msg=field)

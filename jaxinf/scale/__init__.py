@@ -7,6 +7,7 @@
 * :mod:`~jaxinf.scale.distributed` — multi-process runs with ``jax.distributed``.
 * :mod:`~jaxinf.scale.streaming` — curvature products and exact dense fits from a stream.
 * :mod:`~jaxinf.scale.stream_fit` — fit direct, Nyström, Arnoldi, K-FAC and EK-FAC from a stream.
+* :mod:`~jaxinf.scale.stream_cg` — pre-conditioned CG with the training data streamed (one pass per iteration).
 """
 
 from jaxinf.scale.calculator import InfluenceCalculator, MemoryPlan, compute_influences, open_influences
@@ -23,6 +24,7 @@ from jaxinf.scale.sharding import (
 )
 from jaxinf.scale.sources import ArraySource, IterableSource, ListSource, as_source, process_range
 from jaxinf.scale.storage import load_state, read_header, save_state, state_skeleton
+from jaxinf.scale.stream_cg import StreamCGResult, cg_from_stream, influences_from_stream
 from jaxinf.scale.stream_fit import BatchStream, fit_from_stream
 from jaxinf.scale.streaming import StreamingCurvature, direct_from_stream
 
@@ -33,13 +35,16 @@ __all__ = [
     "IterableSource",
     "ListSource",
     "MemoryPlan",
+    "StreamCGResult",
     "as_source",
+    "cg_from_stream",
     "compute_influences",
     "data_mesh",
     "fit",
     "fit_from_stream",
     "global_batch",
     "host_view",
+    "influences_from_stream",
     "initialize",
     "load_state",
     "open_influences",

@@ -45,6 +45,7 @@ from jaxinf.core.curvature import CurvatureOperator
 from jaxinf.core.data import Batches, as_batches, batch_size
 from jaxinf.core.precision import refuse_half
 from jaxinf.scale.distributed import agreed, exchange
+from jaxinf.scale.preconditioner_stream import cg_state_from_passes, draws_per_example
 
 PyTree = Any
 AXIS = "data"
@@ -262,13 +263,13 @@ def fit(model, train_data: Any, mesh: Mesh, *, key: jax.Array | None = None):
         layout on every process; the curvature is that of the mean loss over
         all processes' examples.
       mesh: a data mesh (:func:`data_mesh`).
-      key: PRNG key for randomised solvers. Per-example draws (K-FAC/EK-FAC
-        with ``fisher="sampled"``) are keyed by the example's index in the
-        whole dataset, process ``p``'s examples numbered after those of
-        processes ``0 … p−1``, so the state is the same on any number of
-        processes and devices (multi-process K-FAC/EK-FAC fits run as passes
-        over the batches, one jitted call per batch, as
-        :func:`jaxinf.scale.fit_from_stream` does).
+      key: PRNG key for randomised solvers. Per-example draws (K-FAC/EK-FAC,
+        also as CG pre-conditioners, with ``fisher="sampled"``) are keyed by
+        the example's index in the whole dataset, process ``p``'s examples
+        after those of processes ``0 … p−1``, so the state is the same on any
+        number of processes and devices (multi-process, these fits run as
+        passes over the batches, one jitted call per batch, as
+        :func:`jaxinf.scale.fit_from_stream` does). Fitted states are replicated.
 
     Returns:
       ``model``, fitted; its operator and state live on ``mesh``.
@@ -287,7 +288,9 @@ def fit(model, train_data: Any, mesh: Mesh, *, key: jax.Array | None = None):
         agreed("scale.fit: loss and curvature", lambda: model._check_loss(model.operator_for(local)))
         data = _global_batches(local, mesh)
         operator = model.operator_for(data)
-        if model.solver.name in _DRAWS_PER_EXAMPLE and model.solver.stream_init is not None:
+        # fits that key per-example draws by position (K-FAC/EK-FAC, also as CG pre-conditioners) go by passes:
+        # the global batches interleave the processes' examples, so positions are not global indices there
+        if draws_per_example(model.solver):
             return _fit_by_passes(model, operator, local, mesh, key)
     else:
         data = as_batches(train_data, name="train_data")  # checks shapes and finiteness on the host
@@ -304,13 +307,6 @@ def fit(model, train_data: Any, mesh: Mesh, *, key: jax.Array | None = None):
     return model
 
 
-#: Solvers whose in-memory fit keys per-example draws (sampled Fisher labels) by the example's position in the
-#: concatenated batches (``jaxinf.solvers.kfac_fit.fit``). In a multi-process fit the global batches interleave the
-#: processes' examples, so positions there are not the examples' global indices; these solvers are fitted by passes
-#: (their ``stream_init``), which key every draw by the global index.
-_DRAWS_PER_EXAMPLE = ("kfac", "ekfac")
-
-
 def _fit_by_passes(model, operator: CurvatureOperator, local: Batches, mesh: Mesh, key):
     """Fit ``model`` by the solver's passes over the global batches, each example drawing by its global index.
 
@@ -320,12 +316,16 @@ def _fit_by_passes(model, operator: CurvatureOperator, local: Batches, mesh: Mes
     fits number them so), on any number of processes and devices.
     """
     passes = _GlobalPasses(model.operator_for(next(iter(local.batches()))), local, mesh)
-    state = model.solver.stream_init(passes, key=key)
+    operator = _replicate_rest(operator, mesh)
+    if model.solver.stream_init is None:  # cg with a K-FAC/EK-FAC pre-conditioner
+        state = cg_state_from_passes(model.solver, operator, passes, key)
+    else:
+        state = model.solver.stream_init(passes, key=key)
     if model.solver.validate is not None:
         model.solver.validate(host_view(state))
     model._fit_key = key
     model._refit_stream = None
-    model.operator, model.state = _replicate_rest(operator, mesh), state
+    model.operator, model.state = operator, state
     model.n_train = operator.num_examples
     return model
 

@@ -260,7 +260,10 @@ def _fit_state(solver, loss_fn, params, data, options: dict, *, key, validate: b
         raise TypeError(f"fit_from_stream needs a jaxinf Solver (e.g. jaxinf.ekfac()), got {type(solver).__name__}.")
     refuse_half(params, "jaxinf.scale.fit_from_stream")
     if solver.stream_init is None:
-        why = _NOT_STREAMABLE.get(solver.name, f"{solver.name} has no streamed fit (Solver.stream_init)")
+        base = solver.name.split("+")[0].removeprefix("block_")  # cg+ekfac, block_cg: cg
+        why = _NOT_STREAMABLE.get(base, f"{solver.name} has no streamed fit (Solver.stream_init)")
+        if base == "cg":  # its iterations can stream instead: one pass each
+            why += " (solve over the stream instead: jaxinf.scale.cg_from_stream(model, test_data, source))"
         raise ValueError(
             f"{why}, so it cannot be fitted from a stream. Fit it on an in-memory subset "
             "(jaxinf.InfluenceModel(...).fit(subset)) or on data sharded over devices (jaxinf.scale.fit / "

@@ -26,7 +26,9 @@ nystrom       yes, one pass: the sketch ``Y = C Ω`` from :meth:`StreamingCurvat
 arnoldi       yes, ``krylov_dim`` sequential passes (one product each).
 kfac / ekfac  yes, one / two passes of per-batch factor statistics.
 cg / lissa    no: they iterate inside ``lax`` loops. Fit on an in-memory subset
-              (LiSSA samples minibatches anyway) or on a sharded in-memory dataset.
+              (LiSSA samples minibatches anyway) or on a sharded in-memory dataset;
+              or solve with CG over the stream: :func:`jaxinf.scale.cg_from_stream`
+              (one pass per iteration, its pre-conditioner fitted from the stream).
 ============  =====================================================================
 
 Many processes (``jax.distributed``): with ``mesh=scale.data_mesh()`` each
@@ -47,8 +49,9 @@ Scoring never needs the training data in memory: see
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -131,30 +134,10 @@ class StreamingCurvature:
         self.params = params if mesh is None else replicate(params, mesh)
         self.spec = tree_spec(params)
 
-        def product(params, batch, v):
-            if kind == "hessian":
-                return hessian_vp(loss_fn, params, batch, v)
-            if kind == "gauss_newton":
-                return gauss_newton_vp(model_fn, output_loss, params, batch, v)
-            return fisher_vp(loss_fn, params, batch, v)
-
-        def block_sum(params, batch, vectors, weight):
-            out = jax.vmap(lambda v: product(params, batch, v))(vectors)
-            return jax.tree.map(lambda x: weight * x, out)
-
-        def dense_sum(params, batch, weight, acc, column_batch):
-            p = self.spec.size
-            dtype = self.spec.dtype
-
-            def column(j):
-                e = jax.nn.one_hot(j, p, dtype=dtype)
-                return ravel(product(params, batch, unravel(self.spec, e)), dtype)
-
-            cols = jax.lax.map(column, jnp.arange(p), batch_size=column_batch)
-            return acc + weight * cols
-
-        self._block_sum = jax.jit(block_sum)
-        self._dense_sum = jax.jit(dense_sum, static_argnums=4, donate_argnums=3)
+        # module-level jitted sums with the functions static: every stream of one loss and shapes shares their programs
+        functions = _Product(kind, loss_fn, model_fn, output_loss)
+        self._block_sum = functools.partial(_block_sum, functions)
+        self._dense_sum = functools.partial(_dense_sum, functions, self.spec)
 
     @property
     def num_examples(self) -> int:
@@ -257,6 +240,41 @@ class StreamingCurvature:
         for _, batch, weight in self.batches("dense curvature"):
             acc = self._dense_sum(self.params, batch, jnp.asarray(weight, self.spec.dtype), acc, cb)
         return 0.5 * (acc + acc.T)
+
+
+class _Product(NamedTuple):
+    """``C v`` on one batch for a curvature ``kind`` (hashable: a static argument of the jitted sums)."""
+
+    kind: str
+    loss_fn: Callable | None
+    model_fn: Callable | None
+    output_loss: Callable | None
+
+    def __call__(self, params, batch, v):
+        if self.kind == "hessian":
+            return hessian_vp(self.loss_fn, params, batch, v)
+        if self.kind == "gauss_newton":
+            return gauss_newton_vp(self.model_fn, self.output_loss, params, batch, v)
+        return fisher_vp(self.loss_fn, params, batch, v)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _block_sum(product: _Product, params, batch, vectors, weight):
+    """``weight · C_batch v`` for every ``v`` along the leading axis of ``vectors``."""
+    out = jax.vmap(lambda v: product(params, batch, v))(vectors)
+    return jax.tree.map(lambda x: weight * x, out)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 6), donate_argnums=5)
+def _dense_sum(product: _Product, spec, params, batch, weight, acc, column_batch: int):
+    """``acc + weight · C_batch`` (dense, ``p × p``), ``column_batch`` columns at a time."""
+    p, dtype = spec.size, spec.dtype
+
+    def column(j):
+        e = jax.nn.one_hot(j, p, dtype=dtype)
+        return ravel(product(params, batch, unravel(spec, e)), dtype)
+
+    return acc + weight * jax.lax.map(column, jnp.arange(p), batch_size=column_batch)
 
 
 def direct_from_stream(
