@@ -12,7 +12,6 @@ At the end it records how many coordinator keys ``agree`` left behind.
 
 import os
 import re
-import sys
 import time
 
 import jax
@@ -25,6 +24,7 @@ from jaxinf import scale
 from jaxinf.core.data import add_example_axis
 from jaxinf.scale import distributed
 from tests import models
+from tests.processes import worker_main
 
 N_TRAIN, N_TEST, BATCH, DAMPING = 24, 5, 4, 0.05
 
@@ -210,10 +210,4 @@ def main(process_id: int, num_processes: int, port: int, out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    # Read when the backend starts (at the first computation), so setting them here is early enough;
-    # importing this module from a test changes nothing.
-    fast = " --xla_backend_optimization_level=0" if os.environ.get("JAXINF_TEST_FAST_COMPILE") else ""  # as conftest
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2" + fast
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    jax.config.update("jax_enable_x64", True)
-    main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
+    worker_main(main)

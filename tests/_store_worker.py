@@ -10,7 +10,6 @@ the store is completed (OUT_DIR/ok-K marks success).
 """
 
 import os
-import sys
 
 import jax
 import numpy as np
@@ -18,6 +17,7 @@ import numpy as np
 import jaxinf
 from jaxinf import scale
 from tests import models
+from tests.processes import worker_main
 
 N_TRAIN, N_TEST, BATCH, DAMPING = 24, 5, 4, 0.05
 
@@ -66,9 +66,4 @@ def main(process_id: int, num_processes: int, port: int, out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    # Read when the backend starts (at the first computation), so setting them here is early enough.
-    fast = " --xla_backend_optimization_level=0" if os.environ.get("JAXINF_TEST_FAST_COMPILE") else ""  # as conftest
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2" + fast
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    jax.config.update("jax_enable_x64", True)
-    main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
+    worker_main(main)

@@ -5,10 +5,6 @@ fitted state and the influence matrix (written by both processes into one
 zarr store, interrupted and resumed) equal the single-process ones.
 """
 
-import os
-import socket
-import subprocess
-import sys
 
 import jax
 import jax.flatten_util
@@ -20,45 +16,13 @@ from jaxinf import scale
 from jaxinf.scoring import per_example_grads
 from tests import _distributed_worker as worker
 from tests import models
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.processes import run_workers
 
 
 @pytest.mark.multiprocess
 def test_two_processes_match_one(tmp_path):
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "JAX_PLATFORMS": "cpu"}
-    env.pop("XLA_FLAGS", None)
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "tests._distributed_worker", str(k), "2", str(port), str(tmp_path)],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for k in range(2)
-    ]
-    logs = []
-    try:
-        for p in procs:
-            out, _ = p.communicate(timeout=240)
-            logs.append(out)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for k, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"process {k} failed:\n{log[-4000:]}"
-        assert (tmp_path / f"ok-{k}").exists()
+    run_workers("tests._distributed_worker", tmp_path)
+    assert all((tmp_path / f"ok-{k}").exists() for k in range(2))
 
     problem = models.mlp_problem("plain", n_train=worker.N_TRAIN, n_test=worker.N_TEST)
     model = worker.reference_model(problem).fit(problem.train)

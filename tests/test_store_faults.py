@@ -336,34 +336,9 @@ def test_lissa_model(problem, tmp_path):
 @pytest.mark.multiprocess
 def test_two_processes_stop_together_on_nan(tmp_path):
     from tests import _store_worker as worker
-    from tests.test_scale_distributed import free_port
+    from tests.processes import run_workers
 
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "JAX_PLATFORMS": "cpu"}
-    env.pop("XLA_FLAGS", None)
-    command = [sys.executable, "-m", "tests._store_worker"]
-    procs = [
-        subprocess.Popen(
-            [*command, str(k), "2", str(port), str(tmp_path)],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for k in range(2)
-    ]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=300)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for k, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"process {k} failed:\n{log[-4000:]}"
+    run_workers("tests._store_worker", tmp_path, timeout=300)
     errors = [(tmp_path / f"error-{k}.txt").read_text() for k in range(2)]
     assert errors[0] == errors[1]  # the same error on both processes
     assert "process 1: training batch 1 (examples 16..19) holds NaN or inf: training example 17" in errors[0]
