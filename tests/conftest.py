@@ -1,5 +1,6 @@
 """Shared fixtures: float64 by default (dense references), small Flax and plain-JAX models."""
 
+import gc
 import os
 
 # XLA's CPU backend at LLVM -O0 compiles the suite's hundreds of small programs about a third faster, but twice in
@@ -19,6 +20,19 @@ jax.config.update("jax_enable_x64", True)
 import pytest  # noqa: E402
 
 from tests import models  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_programs():
+    """Drop every compiled program after each test module.
+
+    jaxinf keeps its jitted steps at module level (shared by every model of the same loss, solver and shapes), so a
+    pytest-xdist worker that runs hundreds of test modules would otherwise hold every module's programs to the end:
+    a CI worker ran out of memory (MemoryError inside a jitted fit, then a segfault) late in the run.
+    """
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 @pytest.fixture(params=["linen", "nnx", "plain"])

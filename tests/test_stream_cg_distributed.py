@@ -33,5 +33,7 @@ def test_two_processes_match_one(tmp_path):
         # the pre-conditioner's own state (factors do not show it: any M gives the same CG answer)
         np.testing.assert_allclose(np.load(tmp_path / f"fit-eigvals-{k}.npy"), eigvals, rtol=1e-10, atol=1e-12)
         np.testing.assert_allclose(np.load(tmp_path / f"stream-{k}.npy"), expected, **tol)
-        # the same pre-conditioner (same draws): the same iteration counts as one process
-        np.testing.assert_array_equal(np.load(tmp_path / f"stream-iterations-{k}.npy"), streamed.iterations)
+        # the same pre-conditioner (same draws): the iteration counts of one process, give or take the one iteration
+        # that another order of the cross-process sums can move across rtol (CI measured 42 against 43)
+        iterations = np.load(tmp_path / f"stream-iterations-{k}.npy")
+        assert np.abs(iterations - np.asarray(streamed.iterations)).max() <= 1, (iterations, streamed.iterations)

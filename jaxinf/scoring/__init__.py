@@ -88,6 +88,8 @@ def layer_profile(loss_fn: Callable, params: PyTree, batch: PyTree) -> LayerProf
     profile = _traced_profile(loss_fn, params, batch)
     if key is not None:
         _PROFILES[key] = profile
+        if len(_PROFILES) > _MAX_PROFILES:  # the oldest first: a long process holds a bounded number of losses
+            _PROFILES.pop(next(iter(_PROFILES)))
     return profile
 
 
@@ -121,6 +123,7 @@ def _traced_profile(loss_fn: Callable, params: PyTree, batch: PyTree) -> LayerPr
 
 _DROPPED: set[str] = set()  # reasons already warned about (warn once each)
 _PROFILES: dict = {}  # (loss, params layout, example shapes) -> LayerProfile or None, shared by every model
+_MAX_PROFILES = 32
 
 
 def contract(loss_fn: Callable, params: PyTree, factors: PyTree, batch: PyTree, method: str = "gradients"):
