@@ -155,6 +155,19 @@ def cnn_problem(*, n_train=10, n_test=3, size=4, channels=1, classes=3, dtype=jn
     )
 
 
+def tanh_model_fn(p, batch):
+    """A one-hidden-layer tanh network, ``tanh(x W1) w2``: the toy model of the compile and damping tests."""
+    return jnp.tanh(batch[0] @ p["w1"]) @ p["w2"]
+
+
+def mse_output_loss(out, batch):
+    return jnp.mean((out - batch[1]) ** 2)
+
+
+def tanh_loss_fn(p, batch):
+    return mse_output_loss(tanh_model_fn(p, batch), batch)
+
+
 def dense_hessian(loss_fn, params, batch):
     """Reference: ``jax.hessian`` of the loss on the raveled parameters (one batch = full data)."""
     flat, unravel = jax.flatten_util.ravel_pytree(params)

@@ -10,15 +10,9 @@ import pytest
 import jaxinf
 from jaxinf.core import checks
 from jaxinf.solvers import compiled
+from tests import models
 
-
-def model_fn(p, batch):
-    return jnp.tanh(batch[0] @ p["w1"]) @ p["w2"]
-
-
-def output_loss(out, batch):
-    return jnp.mean((out - batch[1]) ** 2)
-
+model_fn, output_loss = models.tanh_model_fn, models.mse_output_loss
 
 @pytest.fixture(scope="module")
 def data():

@@ -10,18 +10,9 @@ import pytest
 import jaxinf
 from jaxinf.core.curvature import curvature_operator, to_dense
 from jaxinf.core.damping import AUTO_SCALE, auto_damping, mean_eigenvalue
+from tests import models
 
-
-def model_fn(p, batch):
-    return jnp.tanh(batch[0] @ p["w1"]) @ p["w2"]
-
-
-def output_loss(out, batch):
-    return jnp.mean((out - batch[1]) ** 2)
-
-
-def loss_fn(p, batch):
-    return output_loss(model_fn(p, batch), batch)
+model_fn, output_loss, loss_fn = models.tanh_model_fn, models.mse_output_loss, models.tanh_loss_fn
 
 
 @pytest.fixture(scope="module")

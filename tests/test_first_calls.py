@@ -19,6 +19,7 @@ from jax import monitoring
 
 import jaxinf
 from jaxinf.solvers import compiled, planned
+from tests import models
 
 BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
 _COUNT = {"on": False, "n": 0}
@@ -32,16 +33,7 @@ def _listen(event: str, duration: float, **kwargs) -> None:
 monitoring.register_event_duration_secs_listener(_listen)
 
 
-def model_fn(p, batch):
-    return jnp.tanh(batch[0] @ p["w1"]) @ p["w2"]
-
-
-def output_loss(out, batch):
-    return jnp.mean((out - batch[1]) ** 2)
-
-
-def loss_fn(p, batch):
-    return output_loss(model_fn(p, batch), batch)
+model_fn, output_loss, loss_fn = models.tanh_model_fn, models.mse_output_loss, models.tanh_loss_fn
 
 
 @pytest.fixture(scope="module")
