@@ -5,8 +5,8 @@
     python benchmarks/cold_warm.py --quick                            # smoke test: MLP, two solvers, toy sizes
 
 One fresh process per row and mode (``disk``: two), so a run is long: on a
-2-core machine shared with other jobs (load average about 12) the MLP's nine
-rows of ``--modes cold`` took 16 minutes, nearly all of it compilation.
+2-core machine shared with other jobs (load average 9-10) the MLP's nine rows
+of ``--modes cold`` took 7 minutes, nearly all of it compilation.
 
 For each model and solver, fresh Python processes (``subprocess``) each time
 ``InfluenceModel(...).fit(train)`` followed by ``influences(test, train)``,

@@ -121,7 +121,7 @@ def test_by_token_matches_per_position_weight_copies(lm, measured):
     f = last_logprob if measured else None
     factors = model.influence_factors(test, measurement=f)
     got = breakdown.influences_by_token(model, test, train, sequence_axis=1, measurement=f)
-    by_token, rest = _brute(graphdef, params, factors, train)
+    by_token, rest = jax.jit(_brute, static_argnums=0)(graphdef, params, factors, train)  # one program, not op by op
     assert got.by_token.shape == (3, 7, T) and got.unattributed.shape == (3, 7)
     np.testing.assert_allclose(got.by_token, by_token, atol=TOL, rtol=0)
     np.testing.assert_allclose(got.unattributed, rest, atol=TOL, rtol=0)
@@ -242,7 +242,7 @@ def test_scan_over_layers_by_token_matches_per_position_copies():
     factors = jax.tree.map(lambda a: jax.random.normal(jax.random.key(9), (2, *a.shape)), p)
     got = jax.jit(contract_by_token, static_argnums=(0, 1))(tracer, tm, p, factors, batch)
     zeros = jax.tree.map(lambda a: jnp.zeros((seq, *a.shape)), p)
-    grads = jax.vmap(lambda ex: jax.grad(lambda d: loss(p, (ex[0][None], ex[1][None]), d))(zeros))(batch)
+    grads = jax.jit(jax.vmap(lambda ex: jax.grad(lambda d: loss(p, (ex[0][None], ex[1][None]), d))(zeros)))(batch)
     brute = sum(jnp.einsum("f...,nt...->fnt", factors[n], grads[n]) for n in p)
     np.testing.assert_allclose(got.by_token, brute, atol=TOL, rtol=0)
     np.testing.assert_allclose(got.unattributed, 0.0, atol=TOL)  # every leaf is in a layer

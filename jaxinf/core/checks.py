@@ -25,6 +25,7 @@ model on a loaded two-core machine).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -42,6 +43,10 @@ PyTree = Any
 
 #: Examples of the first training batch (with at least two) on which the loss and curvature checks run.
 CHECK_EXAMPLES = 16
+
+#: XLA options of the two check programs that run once on :data:`CHECK_EXAMPLES` examples (the loss values and
+#: the curvature probes): unoptimised code compiles about 4x faster, and on so few examples it runs as fast.
+CHECK_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 __all__ = [
     "CHECK_EXAMPLES",
@@ -129,30 +134,31 @@ def check_like_training(batch: PyTree, reference: PyTree, name: str) -> None:
 # ----------------------------------------------------------------------------
 
 
-def _check_batch(batches) -> tuple[PyTree, int] | None:
-    """The first ``CHECK_EXAMPLES`` examples of the first batch with at least two, and that batch's index."""
+def _check_batch(batches) -> tuple[PyTree, int, int] | None:
+    """The first batch with at least two examples, how many of its first examples to check, and its index."""
     for index, batch in enumerate(batches):
         n = batch_size(batch)
         if n >= 2:
-            return take(batch, slice(0, min(n, CHECK_EXAMPLES))), index
+            return batch, min(n, CHECK_EXAMPLES), index
     return None
 
 
-def _values(loss_fn, params, batch, half: int):
-    """The loss on ``batch``, on each of its examples alone, and on its first ``half`` examples (compiled)."""
+def _values_eager(loss_fns: tuple, params, batch, k: int):
+    """Per loss: its value on the first ``k`` examples, on each of them alone, and on the first ``k // 2``."""
+    head, first = take(batch, slice(0, k)), take(batch, slice(0, k // 2))
+    return tuple((fn(params, head), per_example_losses(fn, params, head), fn(params, first)) for fn in loss_fns)
+
+
+_values_jit = jax.jit(_values_eager, static_argnums=(0, 3), compiler_options=CHECK_COMPILER_OPTIONS)  # 1 program
+
+
+def _values(loss_fns: tuple, params, batch, k: int):
+    """:func:`_values_eager`, compiled when every loss is hashable (an unhashable one runs op by op)."""
     try:
-        hash(loss_fn)
-    except TypeError:  # an unhashable callable cannot be a static argument: run it op by op
-        return _values_eager(loss_fn, params, batch, half)
-    return _values_jit(loss_fn, params, batch, half)
-
-
-def _values_eager(loss_fn, params, batch, half: int):
-    first = take(batch, slice(0, half))
-    return loss_fn(params, batch), per_example_losses(loss_fn, params, batch), loss_fn(params, first)
-
-
-_values_jit = jax.jit(_values_eager, static_argnums=(0, 3))
+        hash(loss_fns)
+    except TypeError:  # an unhashable callable cannot be a static argument
+        return _values_eager(loss_fns, params, batch, k)
+    return _values_jit(loss_fns, params, batch, k)
 
 
 def check_loss(loss_fn: Callable, params: PyTree, batches, *, name: str = "loss_fn") -> None:
@@ -178,30 +184,46 @@ def check_loss(loss_fn: Callable, params: PyTree, batches, *, name: str = "loss_
         of a mean, or any other loss that is not the mean over axis 0 (e.g.
         time-major data, batch statistics).
     """
+    check_losses(((loss_fn, name),), params, batches)
+
+
+def check_losses(forms, params: PyTree, batches) -> None:
+    """:func:`check_loss` for each ``(loss_fn, name)`` of ``forms`` in turn, their values in one compiled program."""
     found = _check_batch(batches)
     if found is None:
         return  # batches of one example: the mean and the sum coincide
-    batch, index = found
-    k = batch_size(batch)
-    out = jax.eval_shape(loss_fn, params, batch)
-    if not hasattr(out, "shape") or out.shape != () or not jnp.issubdtype(out.dtype, jnp.floating):
-        got = f"shape {out.shape}, dtype {out.dtype}" if hasattr(out, "shape") else type(out).__name__
-        raise ValueError(
-            f"{name} must return the mean loss over the batch, a float scalar; on a batch of {k} it returns {got}. "
-            "Average the per-example losses (jnp.mean)."
-        )
-    total, each, half = (np.asarray(x, np.float64) for x in _values(loss_fn, params, batch, k // 2))
-    where = f"the first {k} examples of training batch {index}"
-    if not (np.isfinite(total) and np.all(np.isfinite(each))):
-        raise ValueError(
-            f"{name} is NaN or inf on {where} (value {float(total):.6g}): check the params, the data and the loss "
-            "(log of 0, division by zero, overflow)."
-        )
-    rtol = 10 * math.sqrt(float(jnp.finfo(out.dtype).eps))
-    mean = float(np.mean(each))
-    if abs(total - mean) <= rtol * max(abs(total), float(np.mean(np.abs(each)))) + float(jnp.finfo(out.dtype).tiny):
+    batch, k, index = found
+    checked = []
+    for loss_fn, name in forms:
+        out = jax.eval_shape(lambda p, b, fn=loss_fn: fn(p, take(b, slice(0, k))), params, batch)
+        if not hasattr(out, "shape") or out.shape != () or not jnp.issubdtype(out.dtype, jnp.floating):
+            _check_values(checked, params, batch, k, index)  # the earlier forms first, as they come
+            got = f"shape {out.shape}, dtype {out.dtype}" if hasattr(out, "shape") else type(out).__name__
+            raise ValueError(
+                f"{name} must return the mean loss over the batch, a float scalar; on a batch of {k} it returns "
+                f"{got}. Average the per-example losses (jnp.mean)."
+            )
+        checked.append((loss_fn, name, out.dtype))
+    _check_values(checked, params, batch, k, index)
+
+
+def _check_values(checked: list, params: PyTree, batch, k: int, index: int) -> None:
+    """Raise for the first ``(loss_fn, name, dtype)`` of ``checked`` whose values are not finite or not a mean."""
+    if not checked:
         return
-    raise ValueError(_not_a_mean(name, where, k, float(total), each, float(half), rtol))
+    values = _values(tuple(fn for fn, _, _ in checked), params, batch, k)
+    where = f"the first {k} examples of training batch {index}"
+    for (_, name, dtype), triple in zip(checked, values):
+        total, each, half = (np.asarray(x, np.float64) for x in triple)
+        if not (np.isfinite(total) and np.all(np.isfinite(each))):
+            raise ValueError(
+                f"{name} is NaN or inf on {where} (value {float(total):.6g}): check the params, the data and the "
+                "loss (log of 0, division by zero, overflow)."
+            )
+        rtol = 10 * math.sqrt(float(jnp.finfo(dtype).eps))
+        mean, scale = float(np.mean(each)), max(abs(total), float(np.mean(np.abs(each))))
+        if abs(total - mean) > rtol * scale + float(jnp.finfo(dtype).tiny):
+            raise ValueError(_not_a_mean(name, where, k, float(total), each, float(half), rtol))
 
 
 def _not_a_mean(name: str, where: str, k: int, total: float, each: np.ndarray, half: float, rtol: float) -> str:
@@ -233,8 +255,11 @@ def _not_a_mean(name: str, where: str, k: int, total: float, each: np.ndarray, h
 # ----------------------------------------------------------------------------
 
 
-@jax.jit
-def _probe_norms(operator: CurvatureOperator, batch, probes):
+@functools.partial(jax.jit, static_argnums=3, compiler_options=CHECK_COMPILER_OPTIONS)
+def _probe_norms(operator: CurvatureOperator, batch, probes, k: int = 0):
+    """``(‖C v‖, ‖v‖, finite)`` per probe ``v``: on the first ``k`` examples of ``batch``, or on all data (``None``)."""
+    batch = None if batch is None else take(batch, slice(0, k))
+
     def one(v):
         if batch is None:
             cv = tree_sub(operator.matvec(v), operator.damping_vp(v))
@@ -275,9 +300,9 @@ def check_curvature(operator: CurvatureOperator, *, name: str | None = None) -> 
         the fix.
     """
     found = _check_batch(operator.data.batches())
-    batch = found[0] if found is not None else None
+    batch, k = (found[0], found[1]) if found is not None else (None, 0)
     probes = _probes(operator)
-    norms, sizes, finite = (np.asarray(x) for x in _probe_norms(operator, batch, probes))
+    norms, sizes, finite = (np.asarray(x) for x in _probe_norms(operator, batch, probes, k))
     where = "the first training batch" if found is not None else "the training data"
     if not np.all(finite):
         raise ValueError(
@@ -331,10 +356,9 @@ def check_fit(
     ``loss_fn`` (when given) and the split ``output_loss(model_fn(params, batch), batch)`` (when both halves are
     given) must each pass :func:`check_loss`; the curvature must pass :func:`check_curvature`.
     """
-    if loss_fn is not None:
-        check_loss(loss_fn, operator.params, operator.data.batches(), name="loss_fn")
+    forms = [] if loss_fn is None else [(loss_fn, "loss_fn")]
     if model_fn is not None and output_loss is not None:
         composed = SplitLoss(model_fn, output_loss)  # hashable by the pair: compiled once, not at every fit
-        split = "output_loss(model_fn(params, batch), batch)"
-        check_loss(composed, operator.params, operator.data.batches(), name=split)
+        forms.append((composed, "output_loss(model_fn(params, batch), batch)"))
+    check_losses(forms, operator.params, operator.data.batches())  # both forms in one compiled program
     check_curvature(operator)

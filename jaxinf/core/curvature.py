@@ -136,8 +136,8 @@ def check_loss(loss_fn: Callable, params: PyTree, data: Batches) -> None:
     leaves = jax.tree.leaves((params, data))
     if any(is_tracer(x) or not getattr(x, "is_fully_addressable", True) for x in leaves):
         return
-    values = [] if data.stacked is None else list(np.asarray(_stacked_losses(loss_fn, params, data.stacked)))
-    values += [float(_stacked_losses(loss_fn, params, add_example_axis(b))[0]) for b in data.rest]
+    stacked, rest = _all_losses(loss_fn, params, data.stacked, data.rest)
+    values = [*([] if stacked is None else np.asarray(stacked).tolist()), *(float(v) for v in rest)]
     bad_batches = [i for i, v in enumerate(values) if not np.isfinite(v)]
     if not bad_batches:
         return
@@ -155,8 +155,10 @@ def check_loss(loss_fn: Callable, params: PyTree, data: Batches) -> None:
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _stacked_losses(loss_fn, params, stacked):
-    return jax.lax.map(lambda batch: loss_fn(params, batch), stacked)
+def _all_losses(loss_fn, params, stacked, rest):
+    """The loss on every batch: the stacked ones (``lax.map``) and the others, in one compiled program."""
+    values = None if stacked is None else jax.lax.map(lambda batch: loss_fn(params, batch), stacked)
+    return values, tuple(loss_fn(params, b) for b in rest)
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -121,7 +121,13 @@ class Batches:
         """Yield the batches one by one in the order given (host-side; used by non-jitted sweeps)."""
         k = self.num_stacked
         for i in self.order or range(k + len(self.rest)):
-            yield jax.tree.map(lambda a, i=i: a[i], self.stacked) if i < k else self.rest[i - k]
+            yield _batch_at(self.stacked, i) if i < k else self.rest[i - k]
+
+
+@jax.jit
+def _batch_at(stacked: PyTree, i):
+    """Batch ``i`` of a stack: one compiled program for every leaf and index (eagerly, two per leaf)."""
+    return jax.tree.map(lambda a: a[i], stacked)
 
 
 def as_batches(data: Any, *, name: str = "data", check_values: bool = True) -> Batches:
@@ -184,8 +190,19 @@ def as_batches(data: Any, *, name: str = "data", check_values: bool = True) -> B
     rest = tuple(batches[i] for i in other)
     if not same:
         return Batches(None, rest, order)
-    stacked = jax.tree.map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]), *(batches[i] for i in same))
-    return Batches(stacked, rest, order)
+    return Batches(_stack([batches[i] for i in same]), rest, order)
+
+
+def _stack(batches: list) -> PyTree:
+    """The batches stacked leaf by leaf: NumPy data on the host (nothing to compile), else one compiled program."""
+    if all(isinstance(x, np.ndarray) for x in jax.tree.leaves(batches)):
+        return jax.tree.map(lambda *xs: jax.device_put(np.stack(xs)), *batches)  # dtypes as jnp.asarray gives
+    return _stack_jit(batches)
+
+
+@jax.jit
+def _stack_jit(batches: list) -> PyTree:
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *batches)
 
 
 def weighted_mean(fn: Callable[[PyTree], PyTree], data: Batches) -> PyTree:

@@ -267,5 +267,11 @@ def check_solve(solver: Solver, info: SolveInfo, factors, what: str, *, strict: 
         if strict:
             raise ConvergenceError(message + " Pass strict=False to get the results with a warning.")
         warnings.warn(message, RuntimeWarning, stacklevel=4)
-    if factors is not None and not all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(factors)):
+    if factors is not None and not bool(_all_finite(factors)):
         raise ConvergenceError(f"{solver.name} returned NaN or inf influence factors.{advice}")
+
+
+@jax.jit
+def _all_finite(tree):
+    """Whether every entry of every leaf of ``tree`` is finite: one compiled program (eagerly, two per leaf)."""
+    return jnp.all(jnp.stack([jnp.bool_(True), *(jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree))]))

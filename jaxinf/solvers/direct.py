@@ -299,6 +299,9 @@ def _extremes(state: DirectState, i: int):
     return jnp.where(chol, bounds[0], jnp.min(shifted)), jnp.where(chol, bounds[1], jnp.max(shifted))
 
 
+_all_extremes = jax.jit(lambda state: tuple(_extremes(state, i) for i in range(len(state.eigvals))))  # 1 program
+
+
 def _trouble(state: DirectState):
     """Whether a block is singular, a failed Cholesky, or a Cholesky factor held at another damping."""
     flags = []
@@ -326,8 +329,9 @@ def _check_cholesky(state: DirectState) -> None:
 def validate(state: DirectState) -> None:
     """Host-side checks of a fitted state: raise on singular blocks or failed Cholesky, warn on negative ones."""
     _check_cholesky(state)
+    extremes = _all_extremes(state)
     for i, (name, w, lam) in enumerate(zip(state.block_names, state.eigvals, state.damping)):
-        small, top = (float(e) for e in _extremes(state, i))
+        small, top = (float(e) for e in extremes[i])
         tol = w.size * np.finfo(np.asarray(w).dtype).eps * max(top, 1e-300)
         held = np.asarray(state.factored_damping[i])
         if bool(state.cholesky[i]) and np.asarray(lam).astype(held.dtype) != held:
