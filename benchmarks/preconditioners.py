@@ -4,6 +4,7 @@
     python benchmarks/preconditioners.py --quick         # smoke test at toy sizes
     python benchmarks/preconditioners.py --models cnn --damping-rel 1e-2
     python benchmarks/preconditioners.py --budgets 4 8 16 32 64 --nystrom-rank 50 200 --kfac-damping-multiple 1 10
+    python benchmarks/preconditioners.py --block --models cnn transformer --arnoldi-rank 0   # + block CG rows
 
 Three Flax Linen classifiers (a tanh MLP; a CNN: conv, average pool, dense,
 dense; a transformer block: embedding, self-attention, layer norms, MLP, mean
@@ -42,6 +43,10 @@ condition numbers 6.8e4 instead of 680–810). For each model and method it prin
   (agreement after ``k`` iterations, per row) is in
   ``preconditioners.budgets.json`` / ``.md``.
 
+``--block`` adds a ``block_cg+...`` row per CG row: :func:`jaxinf.cg` with ``block=True`` and
+``block_size = --n-test``, all test gradients one block sharing one block Krylov space (Ji & Li 2017);
+one product per test point per block iteration, so the products are counted as for plain CG.
+
 Several ``--nystrom-rank`` values give one row each (a high rank is the
 issue's alternative to deflation); ``--kfac-damping-multiple c`` gives K-FAC/
 EK-FAC rows with ``M = K + c·λ`` (the pre-conditioner damped ``c`` times
@@ -71,6 +76,7 @@ import optax  # noqa: E402
 import jaxinf  # noqa: E402
 from jaxinf.core.tree import ravel_batched  # noqa: E402
 from jaxinf.scoring import per_example_grads  # noqa: E402
+from jaxinf.solvers.cg import _block_solve as block_solve  # noqa: E402
 from jaxinf.solvers.krylov import pcg  # noqa: E402
 from jaxinf.solvers.preconditioners import hutchinson_diagonal  # noqa: E402
 
@@ -187,8 +193,10 @@ def methods(args, n_classes: int) -> list[tuple[str, jaxinf.Solver, str, object,
                                 ("ekfac", jaxinf.ekfac_preconditioner, "2 passes")):
         pre[name] = [(factory(damping_multiple=c, **fisher), f"{cost}{passes}", 0) for c in args.kfac_damping_multiple]
     rows = [
-        (f"cg+{p.name if p is not None else name}", jaxinf.cg(rtol=args.rtol, maxiter=args.maxiter, preconditioner=p),
+        (f"{'block_' if block else ''}cg+{p.name if p is not None else name}",
+         jaxinf.cg(rtol=args.rtol, maxiter=args.maxiter, preconditioner=p, block=block, block_size=args.n_test),
          cost, p, products)
+        for block in ((False, True) if args.block else (False,))
         for name in args.preconditioners
         for p, cost, products in pre[name]
     ]
@@ -207,18 +215,23 @@ def methods(args, n_classes: int) -> list[tuple[str, jaxinf.Solver, str, object,
     return rows
 
 
-def truncated_cg(pre, state, test_grads, train_grads, exact, budgets) -> list[dict]:
+def truncated_cg(pre, state, test_grads, train_grads, exact, budgets, block=False) -> list[dict]:
     """Influence agreement of CG stopped after ``k`` iterations, for each ``k`` in ``budgets``.
 
     Runs jaxinf's own kernel (:func:`jaxinf.solvers.krylov.pcg`, from ``x₀ = 0``) with a zero tolerance and
     ``maxiter = k`` (traced: one compiled program for every ``k``), pre-conditioned by ``pre`` (``None``: plain);
-    it costs ``k`` products plus one for the true residual, as ``jaxinf.cg(maxiter=k)`` would.
+    it costs ``k`` products plus one for the true residual, as ``jaxinf.cg(maxiter=k)`` would. ``block``: the
+    block kernel (:func:`jaxinf.solvers.krylov.block_pcg`) on all test points as one block, ``k`` block
+    iterations (``k`` products per test point, plus one for the true residuals).
     """
 
     def solve(st, g, k):
         precond = (lambda r: r) if pre is None else (lambda r: pre.apply(st.preconditioner, r))  # noqa: E731
+        if block:
+            return block_solve(st.operator, precond, g, g_count, 0.0, 0.0, k)
         return jax.vmap(lambda b: pcg(st.operator.matvec, precond, b, 0.0, 0.0, k))(g)
 
+    g_count = jax.tree.leaves(test_grads)[0].shape[0]
     solve = jax.jit(solve)
     out = []
     for k in budgets:
@@ -239,11 +252,12 @@ def run_method(solver, operator, test_grads, train_grads, exact, repeats: int, p
     fit_t, state = common.time_call(lambda: init(operator, key), repeats)
     if solver.validate is not None:
         solver.validate(state)
-    solve = jax.jit(lambda s, g: jax.vmap(solver.solve, in_axes=(None, 0))(s, g))
+    many = solver.solve_many or jax.vmap(solver.solve, in_axes=(None, 0))
+    solve = jax.jit(lambda s, g: many(s, g))
     solve_t, (factors, info) = common.time_call(lambda: solve(state, test_grads), repeats)
     influences = np.asarray(ravel_batched(factors)) @ train_grads.T
     iterations = np.asarray(info.iterations, np.float64)
-    is_cg = solver.name.startswith("cg")
+    is_cg = solver.name.startswith(("cg", "block_cg"))
     norms = np.linalg.norm(np.asarray(ravel_batched(test_grads)), axis=1)
     row = {
         "iters": float(iterations.mean()) if is_cg else "",
@@ -256,7 +270,7 @@ def run_method(solver, operator, test_grads, train_grads, exact, repeats: int, p
         "solve_warm_s": solve_t.median,
     }
     if is_cg and budgets:
-        row["curve"] = truncated_cg(pre, state, test_grads, train_grads, exact, budgets)
+        row["curve"] = truncated_cg(pre, state, test_grads, train_grads, exact, budgets, solver.solve_many is not None)
     return {**row, **_metrics.agreement(influences, exact, ks=(10, 100))}
 
 
@@ -345,6 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="K-FAC/EK-FAC pre-conditioners M = K + c·λ, one row per c (damping_multiple)")
     add("--budgets", type=int, nargs="+", default=[2, 4, 8, 16, 32, 64],
         help="CG iterations k at which pre-conditioned CG is stopped and its influences compared with exact")
+    add("--block", action="store_true",
+        help="also block CG rows (block_cg+...): all test points one block (block_size = --n-test)")
     add("--target", type=float, nargs=2, default=[0.99, 0.98], metavar=("PEARSON", "SPEARMAN"),
         help="agreement target of products_to_target (issue 15: 0.99 0.98)")
     add("--arnoldi-rank", type=int, default=100,
