@@ -267,3 +267,17 @@ def test_kfac_influences_by_layer_iterates_over_batches():
     )
     with pytest.raises(ValueError, match="test_batch must be one batch"):
         kfac_module.prepare_scores(model.state, model.operator, split(p.test, 2))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_factors_raise_even_when_the_solver_says_converged(bad):
+    """``check_solve`` reads the factors of every leaf (one compiled check): a NaN/inf in any leaf raises."""
+    from jaxinf.solvers.base import check_solve, make_info
+
+    solver = jaxinf.cg()
+    info = make_info(jnp.ones(2), jnp.zeros(2), jnp.ones(2, bool))
+    fine = {"w": jnp.ones((2, 3)), "b": jnp.zeros((2,))}
+    check_solve(solver, info, fine, "test points")  # finite: nothing raised
+    broken = {"w": jnp.ones((2, 3)).at[1, 2].set(bad), "b": jnp.zeros((2,))}  # in the last leaf ("b" < "w")
+    with pytest.raises(jaxinf.ConvergenceError, match="cg returned NaN or inf influence factors"):
+        check_solve(solver, info, broken, "test points")

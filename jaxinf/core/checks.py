@@ -37,7 +37,7 @@ import numpy as np
 from jaxinf.core.curvature import CurvatureOperator, SplitLoss, per_example_losses, resolve_damping
 from jaxinf.core.damping import is_auto
 from jaxinf.core.data import batch_size, take
-from jaxinf.core.tree import tree_norm, tree_sub
+from jaxinf.core.tree import tree_all_finite, tree_norm, tree_sub
 
 PyTree = Any
 
@@ -265,9 +265,7 @@ def _probe_norms(operator: CurvatureOperator, batch, probes, k: int = 0):
             cv = tree_sub(operator.matvec(v), operator.damping_vp(v))
         else:
             cv = tree_sub(operator.batch_matvec(batch, v), operator.damping_vp(v))
-        leaves = jax.tree.leaves(cv)
-        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
-        return tree_norm(cv), tree_norm(v), finite
+        return tree_norm(cv), tree_norm(v), tree_all_finite(cv)
 
     return jax.vmap(one)(probes)
 

@@ -49,6 +49,11 @@ def tree_norm(a: PyTree):
     return jnp.sqrt(tree_vdot(a, a))
 
 
+def tree_all_finite(a: PyTree):
+    """Whether every entry of every leaf is finite, as one traced boolean (``True`` for an empty tree)."""
+    return jnp.all(jnp.stack([jnp.bool_(True), *(jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(a))]))
+
+
 def tree_zeros_like(a: PyTree) -> PyTree:
     return jax.tree.map(jnp.zeros_like, a)
 

@@ -33,6 +33,7 @@ import numpy as np
 from jaxinf.core.data import batch_size
 from jaxinf.core.errors import ConvergenceError
 from jaxinf.core.fingerprint import tree_digest
+from jaxinf.core.tree import tree_all_finite
 
 
 class SolveInfo(NamedTuple):
@@ -267,11 +268,8 @@ def check_solve(solver: Solver, info: SolveInfo, factors, what: str, *, strict: 
         if strict:
             raise ConvergenceError(message + " Pass strict=False to get the results with a warning.")
         warnings.warn(message, RuntimeWarning, stacklevel=4)
-    if factors is not None and not bool(_all_finite(factors)):
+    if factors is not None and not bool(_all_finite(factors)):  # one compiled program (eagerly: two per leaf)
         raise ConvergenceError(f"{solver.name} returned NaN or inf influence factors.{advice}")
 
 
-@jax.jit
-def _all_finite(tree):
-    """Whether every entry of every leaf of ``tree`` is finite: one compiled program (eagerly, two per leaf)."""
-    return jnp.all(jnp.stack([jnp.bool_(True), *(jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree))]))
+_all_finite = jax.jit(tree_all_finite)
