@@ -82,9 +82,22 @@ from jaxinf.solvers.preconditioners import hutchinson_diagonal  # noqa: E402
 
 MODELS = ("mlp", "cnn", "transformer")
 PRECONDITIONERS = ("none", "jacobi", "nystrom", "kfac", "ekfac")
-QUICK = dict(size="tiny", models=["mlp"], preconditioners=["none", "nystrom", "ekfac"], n_train=64, n_test=4,
-             train_steps=20, nystrom_rank=[20], jacobi_samples=20, arnoldi_rank=16, damping_rel=1e-2, maxiter=300,
-             repeats=1, kfac_damping_multiple=[1.0], budgets=[2, 8, 32])
+QUICK = dict(
+    size="tiny",
+    models=["mlp"],
+    preconditioners=["none", "nystrom", "ekfac"],
+    n_train=64,
+    n_test=4,
+    train_steps=20,
+    nystrom_rank=[20],
+    jacobi_samples=20,
+    arnoldi_rank=16,
+    damping_rel=1e-2,
+    maxiter=300,
+    repeats=1,
+    kfac_damping_multiple=[1.0],
+    budgets=[2, 8, 32],
+)
 
 
 # ----------------------------------------------------------------------------
@@ -188,17 +201,26 @@ def methods(args, n_classes: int) -> list[tuple[str, jaxinf.Solver, str, object,
     """``(label, solver, fit cost, pre-conditioner, fit products)`` rows, the pre-conditioned CGs first."""
     fisher = {"fisher": args.fisher}
     passes = f"×{n_classes} classes" if args.fisher == "exact" else ""
-    pre = {"none": [(None, "0", 0)], "jacobi": [
-        (jaxinf.jacobi_preconditioner(args.jacobi_samples), f"{args.jacobi_samples} products", args.jacobi_samples)
-    ]}
+    pre = {
+        "none": [(None, "0", 0)],
+        "jacobi": [
+            (jaxinf.jacobi_preconditioner(args.jacobi_samples), f"{args.jacobi_samples} products", args.jacobi_samples)
+        ],
+    }
     pre["nystrom"] = [(jaxinf.nystrom_preconditioner(r), f"{r} products", r) for r in args.nystrom_rank]
-    for name, factory, cost in (("kfac", jaxinf.kfac_preconditioner, "1 pass"),
-                                ("ekfac", jaxinf.ekfac_preconditioner, "2 passes")):
+    for name, factory, cost in (
+        ("kfac", jaxinf.kfac_preconditioner, "1 pass"),
+        ("ekfac", jaxinf.ekfac_preconditioner, "2 passes"),
+    ):
         pre[name] = [(factory(damping_multiple=c, **fisher), f"{cost}{passes}", 0) for c in args.kfac_damping_multiple]
     rows = [
-        (f"{'block_' if block else ''}cg+{p.name if p is not None else name}",
-         jaxinf.cg(rtol=args.rtol, maxiter=args.maxiter, preconditioner=p, block=block, block_size=args.n_test),
-         cost, p, products)
+        (
+            f"{'block_' if block else ''}cg+{p.name if p is not None else name}",
+            jaxinf.cg(rtol=args.rtol, maxiter=args.maxiter, preconditioner=p, block=block, block_size=args.n_test),
+            cost,
+            p,
+            products,
+        )
         for block in ((False, True) if args.block else (False,))
         for name in args.preconditioners
         for p, cost, products in pre[name]
@@ -211,8 +233,13 @@ def methods(args, n_classes: int) -> list[tuple[str, jaxinf.Solver, str, object,
     if r == 0:  # --arnoldi-rank 0: no Arnoldi rows
         return rows
     rows += [
-        (f"arnoldi r={r} completion=False", jaxinf.arnoldi(r, completion=False), f"{2 * r + 10} products", None,
-         2 * r + 10),
+        (
+            f"arnoldi r={r} completion=False",
+            jaxinf.arnoldi(r, completion=False),
+            f"{2 * r + 10} products",
+            None,
+            2 * r + 10,
+        ),
         (f"arnoldi r={r} completion=auto", jaxinf.arnoldi(r), f"{2 * r + 10} products", None, 2 * r + 10),
     ]
     return rows
@@ -325,17 +352,45 @@ def products_to_target(rows: list[dict], pearson: float, spearman: float) -> lis
             hit = point["pearson"] >= pearson and point["spearman"] >= spearman
             reached = products if reached is None and hit else reached
             fraction = products / base_products if base_products else ""
-            out.append({"model": row["model"], "method": row["method"], "k": point["k"], "products": products,
-                        "fraction": fraction, "pearson": point["pearson"], "spearman": point["spearman"],
-                        "top10": point["top10"], "target": "yes" if hit else ""})
+            out.append(
+                {
+                    "model": row["model"],
+                    "method": row["method"],
+                    "k": point["k"],
+                    "products": products,
+                    "fraction": fraction,
+                    "pearson": point["pearson"],
+                    "spearman": point["spearman"],
+                    "top10": point["top10"],
+                    "target": "yes" if hit else "",
+                }
+            )
         row["to_target"] = reached if reached is not None else ""
         row["to_target_fraction"] = reached / base_products if reached is not None and base_products else ""
     return out
 
 
-COLUMNS = ["model", "P", "method", "iters", "rel_res", "solve_products", "fit_cost", "fit_cold_s", "fit_warm_s",
-           "solve_cold_s", "solve_warm_s", "pearson", "spearman", "top10", "top100", "converged", "to_target",
-           "to_target_fraction", "error"]
+COLUMNS = [
+    "model",
+    "P",
+    "method",
+    "iters",
+    "rel_res",
+    "solve_products",
+    "fit_cost",
+    "fit_cold_s",
+    "fit_warm_s",
+    "solve_cold_s",
+    "solve_warm_s",
+    "pearson",
+    "spearman",
+    "top10",
+    "top100",
+    "converged",
+    "to_target",
+    "to_target_fraction",
+    "error",
+]
 BUDGET_COLUMNS = ["model", "method", "k", "products", "fraction", "pearson", "spearman", "top10", "target"]
 
 
@@ -344,35 +399,77 @@ def build_parser() -> argparse.ArgumentParser:
     add = parser.add_argument
     add("--models", nargs="+", default=list(MODELS), choices=list(MODELS), help="models to run")
     add("--size", default="full", choices=["full", "tiny"], help="model size: full (P ≈ 2.3–2.6k) or tiny")
-    add("--preconditioners", nargs="+", default=list(PRECONDITIONERS), choices=list(PRECONDITIONERS),
-        help="CG pre-conditioners to compare")
+    add(
+        "--preconditioners",
+        nargs="+",
+        default=list(PRECONDITIONERS),
+        choices=list(PRECONDITIONERS),
+        help="CG pre-conditioners to compare",
+    )
     add("--n-train", type=int, default=512, help="training examples N")
     add("--n-test", type=int, default=20, help="test points (right-hand sides)")
     add("--train-steps", type=int, default=300, help="full-batch Adam steps before measuring")
     add("--damping-rel", type=float, default=1e-1, help="damping λ as a multiple of the mean eigenvalue trace(C)/P")
     add("--rtol", type=float, default=1e-6, help="CG relative tolerance")
-    add("--maxiter", type=int, default=500,
-        help="CG iterations cap (bounds the run time; a row that hits it shows converged < n_test)")
-    add("--fisher", default="exact", choices=["exact", "sampled", "empirical"],
-        help="K-FAC/EK-FAC Fisher (pre-conditioners and answers)")
+    add(
+        "--maxiter",
+        type=int,
+        default=500,
+        help="CG iterations cap (bounds the run time; a row that hits it shows converged < n_test)",
+    )
+    add(
+        "--fisher",
+        default="exact",
+        choices=["exact", "sampled", "empirical"],
+        help="K-FAC/EK-FAC Fisher (pre-conditioners and answers)",
+    )
     add("--jacobi-samples", type=int, default=100, help="Hutchinson probes of the Jacobi pre-conditioner")
-    add("--nystrom-rank", type=int, nargs="+", default=[50, 200],
-        help="ranks of the Nyström pre-conditioner (one row each; a high rank is the issue's deflation alternative)")
-    add("--kfac-damping-multiple", type=float, nargs="+", default=[1.0, 10.0],
-        help="K-FAC/EK-FAC pre-conditioners M = K + c·λ, one row per c (damping_multiple)")
-    add("--budgets", type=int, nargs="+", default=[2, 4, 8, 16, 32, 64],
-        help="CG iterations k at which pre-conditioned CG is stopped and its influences compared with exact")
-    add("--block", action="store_true",
-        help="also block CG rows (block_cg+...): all test points one block (block_size = --n-test)")
-    add("--target", type=float, nargs=2, default=[0.99, 0.98], metavar=("PEARSON", "SPEARMAN"),
-        help="agreement target of products_to_target (issue 15: 0.99 0.98)")
-    add("--arnoldi-rank", type=int, default=100,
-        help="rank of the Arnoldi rows (with and without completion); 0: no Arnoldi rows")
+    add(
+        "--nystrom-rank",
+        type=int,
+        nargs="+",
+        default=[50, 200],
+        help="ranks of the Nyström pre-conditioner (one row each; a high rank is the issue's deflation alternative)",
+    )
+    add(
+        "--kfac-damping-multiple",
+        type=float,
+        nargs="+",
+        default=[1.0, 10.0],
+        help="K-FAC/EK-FAC pre-conditioners M = K + c·λ, one row per c (damping_multiple)",
+    )
+    add(
+        "--budgets",
+        type=int,
+        nargs="+",
+        default=[2, 4, 8, 16, 32, 64],
+        help="CG iterations k at which pre-conditioned CG is stopped and its influences compared with exact",
+    )
+    add(
+        "--block",
+        action="store_true",
+        help="also block CG rows (block_cg+...): all test points one block (block_size = --n-test)",
+    )
+    add(
+        "--target",
+        type=float,
+        nargs=2,
+        default=[0.99, 0.98],
+        metavar=("PEARSON", "SPEARMAN"),
+        help="agreement target of products_to_target (issue 15: 0.99 0.98)",
+    )
+    add(
+        "--arnoldi-rank",
+        type=int,
+        default=100,
+        help="rank of the Arnoldi rows (with and without completion); 0: no Arnoldi rows",
+    )
     add("--repeats", type=int, default=3, help="warm calls timed after the first (median)")
     add("--seed", type=int, default=0, help="seed of data, teacher and initialisation")
     cli.add_quick(
-        parser, "the tiny MLP only (P ≈ 140–200), pre-conditioners none, nystrom and ekfac, N = 64, 4 test points, "
-        "20 training steps, small ranks, damping-rel 1e-2, maxiter 300"
+        parser,
+        "the tiny MLP only (P ≈ 140–200), pre-conditioners none, nystrom and ekfac, N = 64, 4 test points, "
+        "20 training steps, small ranks, damping-rel 1e-2, maxiter 300",
     )
     return parser
 

@@ -34,7 +34,7 @@ import numpy as np
 
 from jaxinf.core.curvature import CurvatureOperator
 from jaxinf.core.sketch import nystrom_from_sketch, sketch_test_matrix
-from jaxinf.core.tree import is_tracer, ravel, unravel
+from jaxinf.core.tree import is_tracer
 from jaxinf.solvers import kfac_preconditioner as kfac_module
 from jaxinf.solvers import preconditioners as pre_module
 from jaxinf.solvers.base import Solver
@@ -181,47 +181,26 @@ def _check_positive(operator: CurvatureOperator, factory: str) -> jax.Array:
     return jnp.all(jnp.stack([jnp.asarray(d) > 0 for d in operator.damping])) if operator.damping else jnp.asarray(True)
 
 
-def _damping_vector(operator: CurvatureOperator) -> jax.Array:
-    """``diag(Λ)`` on the raveled parameters."""
-    ones = jnp.ones((operator.size,), operator.dtype)
-    return ravel(operator.damping_vp(unravel(operator.spec, ones)), operator.dtype)
-
-
 _nystrom_from_sketch = jax.jit(nystrom_from_sketch)  # one program per shape, shared by every fit
 
 
 def _nystrom(operator: CurvatureOperator, stream, rank: int, key) -> NystromPreconditionerState:
     """:func:`jaxinf.nystrom_preconditioner`'s ``init`` with the sketch ``Y = C Ω`` from one pass."""
-    if rank > operator.size:
-        raise ValueError(
-            f"nystrom_preconditioner(rank={rank}) exceeds the number of parameters ({operator.size}); "
-            f"use rank <= {operator.size}."
-        )
-    dtype = operator.dtype
-    omega = stream.replicate(sketch_test_matrix(key, operator.size, rank, dtype))
+    pre_module.check_nystrom_rank(rank, operator.size)
+    omega = stream.replicate(sketch_test_matrix(key, operator.size, rank, operator.dtype))
     approx = _nystrom_from_sketch(omega, stream.matmat(omega, desc="Nyström pre-conditioner sketch"))
-    mu = jnp.mean(_damping_vector(operator))
-    mu = jnp.maximum(mu, jnp.finfo(dtype).eps * jnp.maximum(approx.eigvals[0], jnp.finfo(dtype).tiny))
-    return NystromPreconditionerState(approx, stream.replicate(mu))
+    state = pre_module.nystrom_state(operator, approx)
+    return state._replace(damping=stream.replicate(state.damping))
 
 
 def _jacobi(operator: CurvatureOperator, stream, num_samples: int, key) -> JacobiState:
     """:func:`jaxinf.jacobi_preconditioner`'s ``init``: the same Hutchinson probes, all products in one pass."""
     p, dtype = operator.size, operator.dtype
-    probes = jax.vmap(lambda i: jax.random.rademacher(jax.random.fold_in(key, i), (p,), dtype))(jnp.arange(num_samples))
-    damping = _damping_vector(operator)
-    products = stream.matmat(stream.replicate(probes.T), desc="Jacobi pre-conditioner probes").T + probes * damping
-    samples = probes * products
-    d = jnp.mean(samples, 0)
-    if num_samples > 1:
-        var = jnp.maximum(jnp.sum(samples**2, 0) - num_samples * d**2, 0.0) / (num_samples - 1)
-        se = jnp.sqrt(var / num_samples)
-    else:
-        se = jnp.zeros_like(d)
-    safe = jnp.maximum(jnp.maximum(d, 2.0 * se), damping)
-    top = jnp.max(safe)
-    safe = jnp.maximum(safe, jnp.where(top > 0, jnp.finfo(dtype).eps * top, 1.0))
-    return stream.replicate(JacobiState(unravel(operator.spec, 1.0 / safe), d, se))
+    probes = jax.vmap(lambda i: pre_module.hutchinson_probe(key, i, p, dtype))(jnp.arange(num_samples))
+    products = stream.matmat(stream.replicate(probes.T), desc="Jacobi pre-conditioner probes").T
+    samples = probes * (products + probes * pre_module.damping_vector(operator))
+    estimate = pre_module.diagonal_estimate(jnp.sum(samples, 0), jnp.sum(samples**2, 0), num_samples)
+    return stream.replicate(pre_module.jacobi_state(operator, *estimate))
 
 
 def cg_state_from_passes(solver: Solver, operator: CurvatureOperator, stream, key) -> CGState:

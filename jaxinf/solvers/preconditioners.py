@@ -52,9 +52,39 @@ class JacobiState(NamedTuple):
     std_error: jax.Array
 
 
-def _damping_vector(operator: CurvatureOperator, dtype):
-    """``diag(Λ)`` on the raveled parameters."""
+def damping_vector(operator: CurvatureOperator) -> jax.Array:
+    """``diag(Λ)`` on the raveled parameters (the operator's per-block damping, one entry per parameter)."""
+    dtype = operator.dtype
     return ravel(operator.damping_vp(unravel(operator.spec, jnp.ones((operator.size,), dtype))), dtype)
+
+
+def hutchinson_probe(key: jax.Array, index, size: int, dtype) -> jax.Array:
+    """Probe ``index`` of :func:`hutchinson_diagonal`: a Rademacher vector keyed by ``fold_in(key, index)``."""
+    return jax.random.rademacher(jax.random.fold_in(key, index), (size,), dtype)
+
+
+def diagonal_estimate(total: jax.Array, total_sq: jax.Array, num_samples: int):
+    """``(mean, std_error)`` of ``s = num_samples`` samples ``z_k ⊙ A z_k`` from their sum and sum of squares.
+
+    ``std_error = sqrt(var / s)`` with the unbiased sample variance
+    ``var = (Σ x² − s·mean²) / (s − 1)`` (clipped at 0 against rounding; 0 when ``s = 1``).
+    """
+    mean = total / num_samples
+    if num_samples > 1:
+        var = jnp.maximum(total_sq - num_samples * mean**2, 0.0) / (num_samples - 1)
+        return mean, jnp.sqrt(var / num_samples)
+    return mean, jnp.zeros_like(mean)
+
+
+def jacobi_state(operator: CurvatureOperator, diagonal: jax.Array, std_error: jax.Array) -> JacobiState:
+    """The Jacobi state from a Hutchinson estimate of ``diag(C + Λ)`` (the floors of :func:`jacobi_preconditioner`).
+
+    ``d_i ← max(d_i, 2·se_i, λ_i)``, then at ``eps · max(d)``; the state holds ``1/d`` as a parameter pytree.
+    """
+    safe = jnp.maximum(jnp.maximum(diagonal, 2.0 * std_error), damping_vector(operator))
+    top = jnp.max(safe)
+    safe = jnp.maximum(safe, jnp.where(top > 0, jnp.finfo(operator.dtype).eps * top, 1.0))
+    return JacobiState(unravel(operator.spec, 1.0 / safe), diagonal, std_error)
 
 
 def hutchinson_diagonal(operator: CurvatureOperator, num_samples: int, key: jax.Array, *, batch_size: int = 16):
@@ -79,7 +109,7 @@ def hutchinson_diagonal(operator: CurvatureOperator, num_samples: int, key: jax.
     num_chunks = -(-int(num_samples) // chunk)
 
     def probe(i):
-        z = jax.random.rademacher(jax.random.fold_in(key, i), (p,), dtype)
+        z = hutchinson_probe(key, i, p, dtype)
         return z * ravel(operator.matvec(unravel(spec, z)), dtype)
 
     def body(carry, c):
@@ -91,13 +121,7 @@ def hutchinson_diagonal(operator: CurvatureOperator, num_samples: int, key: jax.
 
     zero = jnp.zeros((p,), dtype)
     (total, total_sq), _ = jax.lax.scan(body, (zero, zero), jnp.arange(num_chunks))
-    mean = total / num_samples
-    if num_samples > 1:
-        var = jnp.maximum(total_sq - num_samples * mean**2, 0.0) / (num_samples - 1)
-        std_error = jnp.sqrt(var / num_samples)
-    else:
-        std_error = jnp.zeros_like(mean)
-    return mean, std_error
+    return diagonal_estimate(total, total_sq, int(num_samples))
 
 
 @records_config
@@ -142,13 +166,7 @@ def jacobi_preconditioner(num_samples: int = 100, *, batch_size: int = 16) -> Pr
     num_samples, batch_size = _positive_int(num_samples, "num_samples"), _positive_int(batch_size, "batch_size")
 
     def init(operator: CurvatureOperator, key: jax.Array) -> JacobiState:
-        dtype = operator.dtype
-        d, se = hutchinson_diagonal(operator, num_samples, key, batch_size=batch_size)
-        safe = jnp.maximum(jnp.maximum(d, 2.0 * se), _damping_vector(operator, dtype))
-        top = jnp.max(safe)
-        floor = jnp.where(top > 0, jnp.finfo(dtype).eps * top, 1.0)
-        safe = jnp.maximum(safe, floor)
-        return JacobiState(unravel(operator.spec, 1.0 / safe), d, se)
+        return jacobi_state(operator, *hutchinson_diagonal(operator, num_samples, key, batch_size=batch_size))
 
     def apply(state: JacobiState, r: PyTree) -> PyTree:
         return jax.tree.map(lambda w, x: w.astype(x.dtype) * x, state.inverse_diagonal, r)
@@ -213,22 +231,30 @@ def nystrom_preconditioner(rank: int, *, batch_size: int | None = None) -> Preco
         batch_size = _positive_int(batch_size, "batch_size")
 
     def init(operator: CurvatureOperator, key: jax.Array) -> NystromPreconditionerState:
-        if rank > operator.size:
-            raise ValueError(
-                f"nystrom_preconditioner(rank={rank}) exceeds the number of parameters ({operator.size}); "
-                f"use rank <= {operator.size}."
-            )
-        dtype = operator.dtype
-        approx = nystrom_of_operator(operator, rank, key, batch_size=batch_size)
-        mu = jnp.mean(_damping_vector(operator, dtype))
-        mu = jnp.maximum(mu, jnp.finfo(dtype).eps * jnp.maximum(approx.eigvals[0], jnp.finfo(dtype).tiny))
-        return NystromPreconditionerState(approx, mu)
+        check_nystrom_rank(rank, operator.size)
+        return nystrom_state(operator, nystrom_of_operator(operator, rank, key, batch_size=batch_size))
 
     def apply(state: NystromPreconditionerState, r: PyTree) -> PyTree:
         dtype = state.approximation.basis.dtype
         return unravel(tree_spec(r), nystrom_precondition(state.approximation, state.damping, ravel(r, dtype)))
 
     return Preconditioner(init=init, apply=apply, name=f"nystrom({rank})")
+
+
+def check_nystrom_rank(rank: int, size: int) -> None:
+    """Raises ``ValueError`` when the sketch has more columns than the ``size`` parameters."""
+    if rank > size:
+        raise ValueError(
+            f"nystrom_preconditioner(rank={rank}) exceeds the number of parameters ({size}); use rank <= {size}."
+        )
+
+
+def nystrom_state(operator: CurvatureOperator, approx: NystromApproximation) -> NystromPreconditionerState:
+    """The Nyström state of a sketch of the undamped curvature: ``μ`` = the mean damping, floored at ``eps · Λ₁``."""
+    dtype = operator.dtype
+    mu = jnp.mean(damping_vector(operator))
+    mu = jnp.maximum(mu, jnp.finfo(dtype).eps * jnp.maximum(approx.eigvals[0], jnp.finfo(dtype).tiny))
+    return NystromPreconditionerState(approx, mu)
 
 
 def _positive_int(value, name: str) -> int:
