@@ -76,7 +76,8 @@ def make_problem(seed: int, n_train: int, d_in: int, width: int, classes: int, n
     flip = jax.random.uniform(kf, (n,)) < noise
     y = jnp.where(flip, (y + 1) % classes, y)
     module = common.MLP((width,), classes)
-    theta0 = module.init(ki, x[:1])
+    # Linen initialises float32 parameters even under x64: cast, so that training and the curvature are float64.
+    theta0 = jax.tree.map(lambda a: a.astype(jnp.float64), module.init(ki, x[:1]))
     return (x[:n_train], y[:n_train]), (x[n_train:], y[n_train:]), module, theta0
 
 
@@ -106,15 +107,21 @@ def lds(scores: np.ndarray, masks: np.ndarray, actual: np.ndarray) -> float:
     return float(np.nanmean(per_test))
 
 
-def run_problem(spec, n_test: int, n_subsets: int, noise: float) -> dict:
+def retrained(spec, n_test: int, n_subsets: int, noise: float) -> dict:
+    """Train the problem ``spec`` on all its data and on ``n_subsets`` random halves; the test losses of each.
+
+    Returns a dict: ``train``, ``test``, ``params`` (trained on all), ``masks`` (``(M, n_train)``, 1 = in
+    ``S_m``), ``actual`` (``(M, n_test)`` test losses of the retrained models), ``retrain_s``, and the loss split
+    ``model_fn``, ``output_loss``, ``loss_fn`` (mean cross-entropy).
+    """
     name, seed, n_train, d_in, width, classes, steps = spec
     train, test, module, theta0 = make_problem(seed, n_train, d_in, width, classes, n_test, noise)
     fit = jax.jit(trainer(module, train, steps))
     start = time.perf_counter()
     params = fit(theta0, jnp.ones(n_train))
     masks = np.asarray(jax.random.uniform(jax.random.key(seed + 100), (n_subsets, n_train)) < 0.5, np.float64)
-    retrained = jax.jit(jax.vmap(fit, in_axes=(None, 0)))(theta0, jnp.asarray(masks))
-    actual = np.asarray(jax.vmap(lambda p: cross_entropy_each(module.apply(p, test[0]), test[1]))(retrained))
+    retrained_params = jax.jit(jax.vmap(fit, in_axes=(None, 0)))(theta0, jnp.asarray(masks))
+    actual = np.asarray(jax.vmap(lambda p: cross_entropy_each(module.apply(p, test[0]), test[1]))(retrained_params))
     retrain_s = time.perf_counter() - start
 
     def model_fn(p, batch):
@@ -126,6 +133,23 @@ def run_problem(spec, n_test: int, n_subsets: int, noise: float) -> dict:
     def loss_fn(p, batch):
         return output_loss(model_fn(p, batch), batch)
 
+    return dict(
+        train=train,
+        test=test,
+        params=params,
+        masks=masks,
+        actual=actual,
+        retrain_s=retrain_s,
+        model_fn=model_fn,
+        output_loss=output_loss,
+        loss_fn=loss_fn,
+    )
+
+
+def run_problem(spec, n_test: int, n_subsets: int, noise: float) -> dict:
+    r = retrained(spec, n_test, n_subsets, noise)
+    train, test, params, masks, actual = r["train"], r["test"], r["params"], r["masks"], r["actual"]
+    model_fn, output_loss, loss_fn = r["model_fn"], r["output_loss"], r["loss_fn"]
     operator = curvature_operator(
         loss_fn, params, train, kind="gauss_newton", model_fn=model_fn, output_loss=output_loss, damping=0.0
     )
@@ -139,12 +163,12 @@ def run_problem(spec, n_test: int, n_subsets: int, noise: float) -> dict:
     g_test = flat(per_example_grads(loss_fn, params, test)) @ eigvecs
     g_train = flat(per_example_grads(loss_fn, params, train)) @ eigvecs
     row = {
-        "problem": name,
+        "problem": spec[0],
         "num_params": dense.shape[0],
-        "n_train": n_train,
+        "n_train": len(train[1]),
         "train_loss": float(loss_fn(params, train)),
         "mean_eig": mean_eig,
-        "retrain_s": retrain_s,
+        "retrain_s": r["retrain_s"],
     }
     for alpha in ALPHAS:
         lam = alpha * mean_eig
