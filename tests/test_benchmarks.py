@@ -58,6 +58,7 @@ SCRIPTS = [
     "bench_stream_fit",
     "cold_warm",
     "damping",
+    "lds_methods",
     "loo",
     "preconditioners",
     "pydvl_compare",
