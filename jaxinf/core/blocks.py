@@ -101,7 +101,8 @@ def resolve_damping(damping: Any, block_ids: tuple[int, ...], block_names: tuple
     values = []
     for name, value in zip(block_names, per_block):
         _check_damping_type(value, name)
-        arr = jnp.asarray(value)
+        # device_put: the same dtype and weak type as jnp.asarray for a float, without compiling a program for it
+        arr = jax.device_put(value) if isinstance(value, (float, np.floating)) else jnp.asarray(value)
         if arr.ndim != 0:
             raise ValueError(f"damping for block {name!r} must be a scalar, got shape {arr.shape}.")
         if not jnp.issubdtype(arr.dtype, jnp.inexact):

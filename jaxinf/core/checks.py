@@ -36,7 +36,7 @@ import numpy as np
 
 from jaxinf.core.curvature import CurvatureOperator, SplitLoss, per_example_losses, resolve_damping
 from jaxinf.core.damping import is_auto
-from jaxinf.core.data import batch_size, take
+from jaxinf.core.data import batch_size, select, take
 from jaxinf.core.tree import tree_all_finite, tree_norm, tree_sub
 
 PyTree = Any
@@ -44,8 +44,8 @@ PyTree = Any
 #: Examples of the first training batch (with at least two) on which the loss and curvature checks run.
 CHECK_EXAMPLES = 16
 
-#: XLA options of the two check programs that run once on :data:`CHECK_EXAMPLES` examples (the loss values and
-#: the curvature probes): unoptimised code compiles about 4x faster, and on so few examples it runs as fast.
+#: XLA options of the check programs that run once on :data:`CHECK_EXAMPLES` examples (the loss values and the
+#: curvature probes, one program in check_fit): unoptimised code compiles about 4x faster, and runs as fast here.
 CHECK_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 __all__ = [
@@ -143,22 +143,27 @@ def _check_batch(batches) -> tuple[PyTree, int, int] | None:
     return None
 
 
-def _values_eager(loss_fns: tuple, params, batch, k: int):
-    """Per loss: its value on the first ``k`` examples, on each of them alone, and on the first ``k // 2``."""
+def _values_eager(loss_fns: tuple, params, batch, k: int, i: int | None = None):
+    """Per loss: its value on the first ``k`` examples of ``select(batch, i)``, on each alone, on the first k // 2."""
+    batch = select(batch, i)
     head, first = take(batch, slice(0, k)), take(batch, slice(0, k // 2))
     return tuple((fn(params, head), per_example_losses(fn, params, head), fn(params, first)) for fn in loss_fns)
 
 
-_values_jit = jax.jit(_values_eager, static_argnums=(0, 3), compiler_options=CHECK_COMPILER_OPTIONS)  # 1 program
+_values_jit = jax.jit(_values_eager, static_argnums=(0, 3, 4), compiler_options=CHECK_COMPILER_OPTIONS)
 
 
-def _values(loss_fns: tuple, params, batch, k: int):
-    """:func:`_values_eager`, compiled when every loss is hashable (an unhashable one runs op by op)."""
+def _hashable(fns: tuple) -> bool:
     try:
-        hash(loss_fns)
+        hash(fns)
     except TypeError:  # an unhashable callable cannot be a static argument
-        return _values_eager(loss_fns, params, batch, k)
-    return _values_jit(loss_fns, params, batch, k)
+        return False
+    return True
+
+
+def _values(loss_fns: tuple, params, batch, k: int, i: int | None = None):
+    """:func:`_values_eager`, compiled when every loss is hashable (an unhashable one runs op by op)."""
+    return (_values_jit if _hashable(loss_fns) else _values_eager)(loss_fns, params, batch, k, i)
 
 
 def check_loss(loss_fn: Callable, params: PyTree, batches, *, name: str = "loss_fn") -> None:
@@ -193,25 +198,34 @@ def check_losses(forms, params: PyTree, batches) -> None:
     if found is None:
         return  # batches of one example: the mean and the sum coincide
     batch, k, index = found
+    _check_values(_shapes_checked(forms, params, batch, k, index), params, batch, k, index)
+
+
+def _shapes_checked(forms, params, batch, k: int, index: int, i: int | None = None) -> list:
+    """``(loss_fn, name, dtype)`` of each form, once its output on ``k`` examples of ``select(batch, i)`` is a float
+    scalar; for the first that is not, the values of the earlier forms are checked, then ``ValueError``."""
     checked = []
     for loss_fn, name in forms:
-        out = jax.eval_shape(lambda p, b, fn=loss_fn: fn(p, take(b, slice(0, k))), params, batch)
+        out = jax.eval_shape(lambda p, b, fn=loss_fn: fn(p, take(select(b, i), slice(0, k))), params, batch)
         if not hasattr(out, "shape") or out.shape != () or not jnp.issubdtype(out.dtype, jnp.floating):
-            _check_values(checked, params, batch, k, index)  # the earlier forms first, as they come
+            _check_values(checked, params, batch, k, index, i)  # the earlier forms first, as they come
             got = f"shape {out.shape}, dtype {out.dtype}" if hasattr(out, "shape") else type(out).__name__
             raise ValueError(
                 f"{name} must return the mean loss over the batch, a float scalar; on a batch of {k} it returns "
                 f"{got}. Average the per-example losses (jnp.mean)."
             )
         checked.append((loss_fn, name, out.dtype))
-    _check_values(checked, params, batch, k, index)
+    return checked
 
 
-def _check_values(checked: list, params: PyTree, batch, k: int, index: int) -> None:
+def _check_values(checked: list, params: PyTree, batch, k: int, index: int, i: int | None = None) -> None:
     """Raise for the first ``(loss_fn, name, dtype)`` of ``checked`` whose values are not finite or not a mean."""
-    if not checked:
-        return
-    values = _values(tuple(fn for fn, _, _ in checked), params, batch, k)
+    if checked:
+        _raise_values(checked, _values(tuple(fn for fn, _, _ in checked), params, batch, k, i), k, index)
+
+
+def _raise_values(checked: list, values: tuple, k: int, index: int) -> None:
+    """Raise for the first form of ``checked`` whose ``values`` (of :func:`_values_eager`) fail the check."""
     where = f"the first {k} examples of training batch {index}"
     for (_, name, dtype), triple in zip(checked, values):
         total, each, half = (np.asarray(x, np.float64) for x in triple)
@@ -255,10 +269,9 @@ def _not_a_mean(name: str, where: str, k: int, total: float, each: np.ndarray, h
 # ----------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnums=3, compiler_options=CHECK_COMPILER_OPTIONS)
-def _probe_norms(operator: CurvatureOperator, batch, probes, k: int = 0):
-    """``(‖C v‖, ‖v‖, finite)`` per probe ``v``: on the first ``k`` examples of ``batch``, or on all data (``None``)."""
-    batch = None if batch is None else take(batch, slice(0, k))
+def _probe_norms_eager(operator: CurvatureOperator, batch, probes, k: int = 0, i: int | None = None):
+    """``(‖C v‖, ‖v‖, finite)`` per probe ``v``: on ``k`` examples of ``select(batch, i)``, or all data (``None``)."""
+    batch = None if batch is None else take(select(batch, i), slice(0, k))
 
     def one(v):
         if batch is None:
@@ -268,6 +281,15 @@ def _probe_norms(operator: CurvatureOperator, batch, probes, k: int = 0):
         return tree_norm(cv), tree_norm(v), tree_all_finite(cv)
 
     return jax.vmap(one)(probes)
+
+
+_probe_norms = jax.jit(_probe_norms_eager, static_argnums=(3, 4), compiler_options=CHECK_COMPILER_OPTIONS)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 5), compiler_options=CHECK_COMPILER_OPTIONS)
+def _fit_checks(loss_fns: tuple, operator: CurvatureOperator, batch, probes, k: int, i: int | None):
+    """:func:`check_fit`'s one program: :func:`_values_eager` and :func:`_probe_norms_eager` on the same examples."""
+    return _values_eager(loss_fns, operator.params, batch, k, i), _probe_norms_eager(operator, batch, probes, k, i)
 
 
 def _probes(operator: CurvatureOperator, count: int = 2):
@@ -297,19 +319,24 @@ def check_curvature(operator: CurvatureOperator, *, name: str | None = None) -> 
         negative-log-likelihood output loss); the message names the split and
         the fix.
     """
-    found = _check_batch(operator.data.batches())
-    batch, k = (found[0], found[1]) if found is not None else (None, 0)
+    found = operator.data.first_source(2)  # as _check_batch, without indexing a stack on the host
+    batch, i, k = (found[0], found[1], min(found[2], CHECK_EXAMPLES)) if found is not None else (None, None, 0)
     probes = _probes(operator)
-    norms, sizes, finite = (np.asarray(x) for x in _probe_norms(operator, batch, probes, k))
-    where = "the first training batch" if found is not None else "the training data"
+    _raise_curvature(operator, _probe_norms(operator, batch, probes, k, i), probes, found is not None, name)
+
+
+def _raise_curvature(operator: CurvatureOperator, result, probes, on_batch: bool, name: str | None) -> None:
+    """Raise for products ``result`` (of :func:`_probe_norms_eager`) that are not finite or all zero."""
+    norms, sizes, finite = (np.asarray(x) for x in result)
+    where = "the first training batch" if on_batch else "the training data"
     if not np.all(finite):
         raise ValueError(
             f"The {operator.kind} curvature of {name or _loss_name(operator)} gives NaN or inf products on {where} "
             "at these params: check the loss for log of 0, division by zero or overflow at these params."
         )
     tiny = float(jnp.finfo(operator.dtype).tiny)
-    if np.all(norms <= tiny * sizes) and batch is not None:
-        norms, sizes, _ = (np.asarray(x) for x in _probe_norms(operator, None, probes))  # confirm on all data
+    if np.all(norms <= tiny * sizes) and on_batch:
+        norms, sizes, _ = (np.asarray(x) for x in _probe_norms(operator, None, probes, 0, None))  # on all data
     if np.all(norms <= tiny * sizes):
         raise ValueError(_zero_message(operator, name))
 
@@ -352,11 +379,21 @@ def check_fit(
     """The fit-time checks on the operator's data: every given form of the loss, then the curvature.
 
     ``loss_fn`` (when given) and the split ``output_loss(model_fn(params, batch), batch)`` (when both halves are
-    given) must each pass :func:`check_loss`; the curvature must pass :func:`check_curvature`.
+    given) must each pass :func:`check_loss`; the curvature must pass :func:`check_curvature`. The values of every
+    form and the curvature probes are computed by one compiled program, then checked in that order.
     """
     forms = [] if loss_fn is None else [(loss_fn, "loss_fn")]
     if model_fn is not None and output_loss is not None:
         composed = SplitLoss(model_fn, output_loss)  # hashable by the pair: compiled once, not at every fit
         forms.append((composed, "output_loss(model_fn(params, batch), batch)"))
-    check_losses(forms, operator.params, operator.data.batches())  # both forms in one compiled program
-    check_curvature(operator)
+    found, fns = operator.data.first_source(2), tuple(fn for fn, _ in forms)
+    if found is None or not _hashable(fns):  # batches of one example, or a loss that cannot be a static argument
+        check_losses(forms, operator.params, operator.data.batches())
+        check_curvature(operator)
+        return
+    batch, i, k, index = found[0], found[1], min(found[2], CHECK_EXAMPLES), found[3]
+    checked = _shapes_checked(forms, operator.params, batch, k, index, i)  # raises first, in the order of forms
+    probes = _probes(operator)
+    values, norms = _fit_checks(fns, operator, batch, probes, k, i)  # every form and the curvature: one program
+    _raise_values(checked, values, k, index)
+    _raise_curvature(operator, norms, probes, True, None)

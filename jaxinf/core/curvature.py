@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinf.core.blocks import resolve_blocks, resolve_damping
-from jaxinf.core.data import Batches, add_example_axis, as_batches, weighted_mean
+from jaxinf.core.data import Batches, add_example_axis, as_batches, select, weighted_mean
 from jaxinf.core.precision import compute_dtype_of, promote
 from jaxinf.core.tree import TreeSpec, check_finite, check_matches, check_params, is_tracer, tree_spec
 
@@ -125,8 +125,8 @@ def check_loss(loss_fn: Callable, params: PyTree, data: Batches) -> None:
     spread over several processes). A non-finite batch is named with its
     first non-finite example.
     """
-    first = next(data.batches())
-    out = jax.eval_shape(loss_fn, _abstract(params), _abstract(first))
+    src, i = data.source(0)  # the first batch, from shapes (indexing a stack would compile a program)
+    out = jax.eval_shape(lambda p, s: loss_fn(p, select(s, i)), _abstract(params), _abstract(src))
     if not isinstance(out, jax.ShapeDtypeStruct) or out.shape != ():
         shape = out.shape if isinstance(out, jax.ShapeDtypeStruct) else jax.tree.map(lambda o: o.shape, out)
         raise ValueError(

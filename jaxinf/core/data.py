@@ -123,6 +123,39 @@ class Batches:
         for i in self.order or range(k + len(self.rest)):
             yield _batch_at(self.stacked, i) if i < k else self.rest[i - k]
 
+    def sizes(self) -> list[int]:
+        """The number of examples of each batch, in the order given (from shapes: nothing is indexed)."""
+        k = self.num_stacked
+        each = k * [int(np.shape(jax.tree.leaves(self.stacked)[0])[1])] if k else []
+        each += [batch_size(b) for b in self.rest]
+        return [each[i] for i in self.order] if self.order else each
+
+    def source(self, index: int) -> tuple[PyTree, int | None]:
+        """Batch ``index`` (as given) without indexing on the host: ``(tree, i)``, see :func:`select`."""
+        stored, k = (self.order[index] if self.order else index), self.num_stacked
+        return (self.stacked, stored) if stored < k else (self.rest[stored - k], None)
+
+    def abstract(self, index: int = 0) -> PyTree:
+        """Batch ``index`` (as given) as ``jax.ShapeDtypeStruct`` leaves (its shapes; a stack is not indexed)."""
+        tree, i = self.source(index)
+        return jax.eval_shape(lambda t: select(t, i), tree)
+
+    def first_source(self, at_least: int) -> tuple[PyTree, int | None, int, int] | None:
+        """The first batch (as given) of at least ``at_least`` examples: ``(tree, i, size, index)``, the batch
+        ``select(tree, i)``, from shapes (nothing indexed); ``None`` when there is none."""
+        for index, n in enumerate(self.sizes()):
+            if n >= at_least:
+                return (*self.source(index), n, index)
+        return None
+
+
+def select(tree: PyTree, i: int | None) -> PyTree:
+    """``tree[i]`` leaf by leaf (a batch of :meth:`Batches.source`), or ``tree`` itself when ``i`` is ``None``.
+
+    Meant for inside ``jit`` (``i`` static), where the indexing compiles no program of its own.
+    """
+    return tree if i is None else jax.tree.map(lambda a: a[i], tree)
+
 
 @jax.jit
 def _batch_at(stacked: PyTree, i):

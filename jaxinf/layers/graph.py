@@ -148,6 +148,50 @@ def split_at_slice(chain) -> tuple:
     return tuple(chain), None, ()
 
 
+def _layout_np(node: _Node, x: np.ndarray):
+    """``node`` (a layout primitive) applied to a NumPy array, or ``None`` for one not written here.
+
+    Host-side: evaluating the primitive on a concrete array would compile one XLA program per primitive and shape.
+    """
+    p, name = node.params, node.name
+    if name in _VALUE_ONLY:
+        return x
+    if name == "transpose":
+        return np.transpose(x, tuple(p["permutation"]))
+    if name == "reshape" and p.get("dimensions") is None:
+        return np.reshape(x, tuple(p["new_sizes"]))
+    if name == "squeeze":
+        return np.squeeze(x, axis=tuple(p["dimensions"]))
+    if name == "broadcast_in_dim":
+        shape, dims = tuple(p["shape"]), tuple(p["broadcast_dimensions"])
+        expanded = [1] * len(shape)
+        for axis, dim in enumerate(dims):
+            expanded[dim] = x.shape[axis]
+        return np.broadcast_to(np.reshape(x, expanded), shape)
+    return None
+
+
+def probe_chain(value: np.ndarray, chain) -> np.ndarray:
+    """:func:`apply_chain` with ``probe=True`` of a NumPy array, on the host: no program is compiled.
+
+    Each layout primitive is applied with its NumPy equivalent (dtype conversions skipped, so an index array
+    keeps its integers); a primitive without one is bound eagerly (``jax.ensure_compile_time_eval``). A
+    :class:`ScanSlice` maps the array to the stacked ``(L, ...)`` slices, as :func:`apply_chain` does.
+    """
+    before, cut, after = split_at_slice(chain)
+    if cut is not None:
+        value = probe_chain(value, before)
+        return np.stack([probe_chain(step, after) for step in value])
+    value = np.asarray(value)
+    for node in chain:
+        out = _layout_np(node, value)
+        if out is None:
+            with jax.ensure_compile_time_eval():
+                out = np.asarray(_bind(node, [jnp.asarray(value)])[0])
+        value = out
+    return value
+
+
 def apply_chain(value, chain, *, probe: bool = False):
     """Apply a chain of layout operations (graph nodes) to ``value``.
 

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import math
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from jaxinf.layers.graph import _Builder, _Lit, apply_chain, split_at_slice
+from jaxinf.layers.graph import _Builder, _Lit, probe_chain, split_at_slice
 from jaxinf.layers.structures import Site, _canon_from_index
 
 
@@ -33,11 +31,9 @@ class _Matcher:
         return tuple(ref.val.shape) if isinstance(ref, _Lit) else tuple(self.b.avals[ref].shape)
 
     def _probe(self, leaf, chain):
+        """The flat index of each entry of leaf ``leaf`` where ``chain`` takes it (NumPy: nothing compiled)."""
         shape = tuple(np.shape(self.params[leaf]))
-        base = np.arange(math.prod(shape), dtype=np.int64).reshape(shape)
-        dtype = jnp.int64 if jax.config.jax_enable_x64 else jnp.int32
-        with jax.ensure_compile_time_eval():  # concrete even when fitting under an outer jit
-            return np.asarray(apply_chain(jnp.asarray(base, dtype), chain, probe=True))
+        return probe_chain(np.arange(math.prod(shape), dtype=np.int64).reshape(shape), chain)
 
     def _probe_matrix(self, org, axes, d_in, d_out) -> np.ndarray:
         """The probe of a weight use with its axes ordered ``axes`` as a ``([L,] d_in, d_out)`` index matrix.
@@ -240,8 +236,7 @@ class _Matcher:
             return None
         if out_chain:
             size = math.prod(site["out_shape"])
-            with jax.ensure_compile_time_eval():
-                where = np.asarray(apply_chain(jnp.arange(size).reshape(site["out_shape"]), out_chain, probe=True))
+            where = probe_chain(np.arange(size).reshape(site["out_shape"]), out_chain)
             if not np.array_equal(np.sort(where.ravel()), np.arange(size)):
                 return None
             back = np.empty(size, probe.dtype)
@@ -265,8 +260,7 @@ class _Matcher:
             conv=site.get("conv"),
             heads=site.get("heads", 0),
         )
-        with jax.ensure_compile_time_eval():
-            rows = np.asarray(tmp._canon_out(jnp.asarray(probe)))
+        rows = tmp._canon_out(probe, xp=np)  # NumPy: nothing compiled
         if not np.all(rows == rows[:1]):
             return None
         return rows[0]

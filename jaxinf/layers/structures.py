@@ -161,14 +161,15 @@ class Site:
         )
         return jnp.reshape(jnp.moveaxis(patches, 1, -1), (-1, self.canon.d_in))
 
-    def _canon_out(self, g):
+    def _canon_out(self, g, xp=jnp):
+        """``g`` (the layer output's shape) as ``(rows, d_out)``; ``xp=np`` for a host array (nothing compiled)."""
         if self.heads:  # (heads, locations, d_out) -> rows ordered (location, head) as in _canon_x
-            gh = jnp.reshape(jnp.transpose(g, self.out_perm), (self.heads, -1, self.canon.d_out))
-            return jnp.reshape(jnp.swapaxes(gh, 0, 1), (-1, self.canon.d_out))
+            gh = xp.reshape(xp.transpose(g, self.out_perm), (self.heads, -1, self.canon.d_out))
+            return xp.reshape(xp.swapaxes(gh, 0, 1), (-1, self.canon.d_out))
         if self.kind != "conv":
-            return jnp.reshape(jnp.transpose(g, self.out_perm), (-1, self.canon.d_out))
-        gn = jnp.transpose(g, self.conv["out_spec"])
-        return jnp.reshape(jnp.moveaxis(gn, 1, -1), (-1, self.canon.d_out))
+            return xp.reshape(xp.transpose(g, self.out_perm), (-1, self.canon.d_out))
+        gn = xp.transpose(g, self.conv["out_spec"])
+        return xp.reshape(xp.moveaxis(gn, 1, -1), (-1, self.canon.d_out))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
