@@ -208,3 +208,26 @@ def test_tail_averaging_meets_rtol_where_the_last_iterate_stalls():
     assert err_avg < err_last / 5  # same steps, same draws
     with pytest.raises(ValueError, match="averaging"):
         jaxinf.lissa(averaging="yes")
+
+
+def test_a_large_scale_is_not_taken_for_convergence(logistic):
+    """With a scale far above the curvature every step is small, yet the answer is far off: not converged.
+
+    The stopping rule compares the step with ``‖v‖`` (the step is the current residual), not with ``‖h‖``: relative
+    to ``‖h‖`` this solve reported convergence with a 56 % error. At a scale that can converge the answer meets rtol.
+    """
+    p, op, dense = logistic
+    top = float(np.linalg.eigvalsh(dense)[-1])
+    v = _rhs(p.params, 1)
+    ref = np.linalg.solve(dense, np.asarray(_rows(v)).T).T
+    far = jaxinf.lissa(scale=1000 * top, maxiter=20000, rtol=1e-4, batch_size=None)  # old rule: "converged" at 5850
+    x, info = _vmap(far)(far.init(op), v)
+    assert not bool(info.converged[0]) and not bool(info.diverged[0])
+    assert _rel_err(_rows(x), ref)[0] > 0.1  # the steps were small, the error is not
+    near = jaxinf.lissa(scale=2 * top, maxiter=4000, rtol=1e-6, batch_size=None)
+    x, info = _vmap(near)(near.init(op), v)
+    assert bool(info.converged[0]) and float(info.residual_norm[0]) <= 1e-6 * float(np.linalg.norm(_rows(v)))
+    assert _rel_err(_rows(x), ref)[0] <= 1e-5
+    model = jaxinf.InfluenceModel(p.loss_fn, p.params, far, damping=0.05).fit(p.train)
+    with pytest.raises(jaxinf.ConvergenceError, match="did not converge.*lower scale"):
+        model.influence_factors(p.test)

@@ -35,7 +35,7 @@ from tests import models
 SOLVERS = {
     "direct": lambda: jaxinf.direct(),
     "cg": lambda: jaxinf.cg(),
-    "lissa": lambda: jaxinf.lissa(),
+    "lissa": lambda: jaxinf.lissa(rtol=3e-2),  # rtol is a relative residual, and bfloat16 products err by ~1e-2
     "arnoldi": lambda: jaxinf.arnoldi(10),
     "nystrom": lambda: jaxinf.nystrom(10),
     "ekfac": lambda: jaxinf.ekfac(),

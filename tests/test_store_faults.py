@@ -323,7 +323,7 @@ def test_sigkilled_job_leaves_a_stale_lock_that_is_taken_over(problem, fitted, t
 # ------------------------------------------------------------------ solvers
 def test_lissa_model(problem, tmp_path):
     model = jaxinf.InfluenceModel(
-        problem.loss_fn, problem.params, jaxinf.lissa(scale=20.0, maxiter=200, rtol=1e-3), damping=1.0
+        problem.loss_fn, problem.params, jaxinf.lissa(scale=20.0, maxiter=600, rtol=1e-3), damping=1.0
     ).fit(problem.train)
     reference = np.asarray(model.influences(problem.test, problem.train))  # the same seeded LiSSA draws
     test, train = data(problem)
