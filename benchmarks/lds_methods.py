@@ -115,7 +115,7 @@ def run_problem(spec, args) -> list[dict]:
         try:
             matrix, row["first_s"] = scores(problem, solver, row["damping"], strict)
             _, row["warm_s"] = scores(problem, solver, row["damping"], strict)
-        except (jaxinf.ConvergenceError, ValueError) as e:  # reported, not dropped
+        except jaxinf.ConvergenceError as e:  # reported, not dropped (any other error is a bug: it stops the run)
             row["error"] = f"{type(e).__name__}: {str(e)[:120]}"
             print(f"  {name}: {row['error']}", flush=True)
             rows.append(row)
