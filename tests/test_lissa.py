@@ -229,5 +229,5 @@ def test_a_large_scale_is_not_taken_for_convergence(logistic):
     assert bool(info.converged[0]) and float(info.residual_norm[0]) <= 1e-6 * float(np.linalg.norm(_rows(v)))
     assert _rel_err(_rows(x), ref)[0] <= 1e-5
     model = jaxinf.InfluenceModel(p.loss_fn, p.params, far, damping=0.05).fit(p.train)
-    with pytest.raises(jaxinf.ConvergenceError, match="did not converge.*lower scale"):
+    with pytest.raises(jaxinf.ConvergenceError, match="did not converge.*lower a given scale"):
         model.influence_factors(p.test)

@@ -17,20 +17,32 @@ Minibatches make every ``h_t`` noisy around the fixed point, so the plain
 stopping rule below has a noise floor it may never cross. With minibatches
 (``averaging=None``, the default, or ``True``) the answer is instead the
 **tail average** (Polyak–Ruppert) of the iterates over doubling windows
-``[w·2^(k−1), w·2^k)`` (each the second half of the steps so far, ``w =``
-:data:`FIRST_WINDOW`): its noise shrinks like one over the square root of
-the window while the transient of the first half is left out. The solve
-stops at the end of a window whose average moved by at most ``rtol``
-(relative) from the previous window's, a statistical test that a
-stochastic method can pass; the result is the last complete window's
-average. Since the recursion is linear in the freshly drawn ``C_t``, the
-expected iterate follows the full-data recursion and the average is
-unbiased for its fixed point.
+``[w·2^(k−1), w·2^k)`` (each the second half of the steps so far, ``w = 8``):
+its noise shrinks like one over the square root of the window while the
+transient of the first half is left out. The solve stops at the end of a
+window whose average moved by at most ``rtol`` from the previous window's,
+relative and in the curvature norm ``‖u‖_A = √|uᵀ A_c u|`` (``A_c`` a fresh
+check batch), the norm in which the scores ``g_jᵀ x`` see a change; a
+statistical test that a stochastic method can pass. The result is the last
+complete window's average. Since the recursion is linear in the freshly
+drawn ``C_t``, the expected iterate follows the full-data recursion and the
+average is unbiased for its fixed point.
 
-The steps run as one ``lax.scan`` of ``maxiter`` steps. Early stopping
-(``‖h_{t+1} − h_t‖ ≤ rtol·‖v‖``) and divergence freeze the iterate
-without leaving the scan (a ``lax.cond`` skips the product when running
-alone; under ``vmap`` the lanes are masked).
+Defaults (measured on the digits MLP of :mod:`jaxinf.demo`, P = 2,410,
+1,000 examples, λ = 1e-3, 20 test gradients): ``scale="auto"`` estimates the
+largest norm of the damped curvature of 8 minibatches by power iteration
+(1.6 there, where the full data's is 0.56 and the old default was 10);
+``rtol`` 5e-2 for the averaged rule; ``maxiter`` 32,768. At these defaults
+every solve stopped at step 16,384 with a relative error of at most 2.4 %
+against ``direct`` (Pearson 0.9996, Spearman 0.9986 of the influence
+matrix); the old defaults (``scale=10``, 1,000 steps) converged for none.
+
+Every right-hand side of one state takes the same minibatch sequence, so
+:func:`jaxinf.solvers.base.solve_many` runs them as lanes of one recursion
+(one vmapped minibatch product per step) in ``lax.scan`` chunks of 8 steps
+inside a ``lax.while_loop`` that leaves once every lane has stopped
+(:mod:`jaxinf.solvers.lissa_loop`); a lane that has stopped or diverged is
+frozen meanwhile.
 """
 
 from __future__ import annotations
@@ -43,45 +55,50 @@ import jax
 import jax.numpy as jnp
 
 from jaxinf.core.curvature import CurvatureOperator
-from jaxinf.core.data import Batches
-from jaxinf.core.data import batch_size as leading_size
-from jaxinf.core.tree import check_matches, is_tracer, tree_norm, tree_scale, tree_sub, tree_where
+from jaxinf.core.minibatch import example_pool, sample_minibatch
+from jaxinf.core.tree import check_matches, is_tracer, tree_scale, tree_sub
 from jaxinf.solvers.base import SolveInfo, Solver, make_info, records_config
+from jaxinf.solvers.lissa_loop import CHECK_BATCHES, lane_norms, recursion
+from jaxinf.solvers.lissa_scale import auto_scale
+
+__all__ = ["LissaState", "lissa", "sample_minibatch"]
 
 PyTree = Any
 
-#: ``h_t`` is flagged as diverging once ``‖h_t‖ > GROWTH · (‖h₀‖ + t‖v‖)``; a
-#: contracting recursion keeps ``‖h_t‖ ≤ ‖h₀‖ + t‖v‖``.
-GROWTH = 10.0
-
-#: Steps in the first averaging window (see the module docstring); later windows double.
-FIRST_WINDOW = 8
+#: Default ``rtol`` without minibatches: a relative residual, as CG's.
+RTOL = 1e-4
+#: Default ``rtol`` with minibatches (tail averaging): two window averages agree to 3 % (module docstring).
+AVERAGED_RTOL = 5e-2
+#: Default ``maxiter``.
+MAXITER = 32_768
 
 ADVICE = (
-    "If it diverged: LiSSA needs scale above about half the largest eigenvalue of the damped curvature of a "
-    "minibatch; try a 10x larger scale. If it ran out of steps without diverging: the steps it needs grow like "
-    "scale / (smallest eigenvalue + damping), so lower scale to just above that largest eigenvalue (the default 10 "
-    "is far above it for many networks: 0.11-0.26 on the demo MLP's minibatches) or raise maxiter; with "
-    "minibatches, a larger batch_size lowers the noise of the averages that rtol compares. C + λI must be positive "
-    "definite (raise the damping or use curvature='gauss_newton')."
+    "If it diverged: LiSSA needs scale above about half the largest eigenvalue of the damped curvature of every "
+    "minibatch (scale='auto' takes the largest of 8 minibatches, see state.scale); try a 2-10x larger scale. If it "
+    "ran out of steps without diverging: the steps it needs grow like scale / (smallest eigenvalue + damping), so "
+    "raise the damping (damping='auto' chooses one from the curvature), lower a given scale to just above that "
+    "largest eigenvalue (or use scale='auto'), or raise maxiter; with minibatches, a larger batch_size lowers the "
+    "noise of the averages that rtol compares. C + λI must be positive definite (raise the damping or use "
+    "curvature='gauss_newton')."
 )
 
 
 class LissaState(NamedTuple):
-    """The operator and the PRNG key from which the minibatches are drawn."""
+    """The operator, the PRNG key from which the minibatches are drawn, and the scale ``s`` in use."""
 
     operator: CurvatureOperator
     key: jax.Array
+    scale: jax.Array  # given, or estimated by init (scale="auto": jaxinf.solvers.lissa_scale)
 
 
 @records_config
 def lissa(
     *,
-    maxiter: int = 1000,
+    maxiter: int = MAXITER,
     dampen: float = 0.0,
-    scale: float = 10.0,
+    scale: float | str = "auto",
     h0: PyTree | None = None,
-    rtol: float = 1e-4,
+    rtol: float | None = None,
     batch_size: int | None = 64,
     averaging: bool | None = None,
 ) -> Solver:
@@ -91,25 +108,33 @@ def lissa(
     see the module docstring.
 
     Args:
-      maxiter: steps of the recursion (one minibatch product each); the
-        length of the ``lax.scan``.
+      maxiter: the most steps of the recursion (one minibatch product each).
+        Steps run as ``lax.scan`` chunks of :data:`FIRST_WINDOW` inside a
+        ``lax.while_loop`` that stops once every right-hand side solved
+        together has stopped.
       dampen: ``d ∈ [0, 1)``; shrinks the series and adds ``d·scale`` to the
         damping of the system actually solved.
-      scale: ``s > 0``; must exceed about half the largest eigenvalue of every
-        damped minibatch curvature, or the recursion diverges (which is
-        detected and reported). Larger is safer but needs more steps.
+      scale: ``s > 0``, or ``"auto"`` (default): 1.5 times the largest norm of
+        the damped curvature of 8 minibatches of ``batch_size``, estimated in
+        ``init`` by power iteration (:mod:`jaxinf.solvers.lissa_scale`; the
+        value is ``state.scale``). The recursion diverges (detected and
+        reported) unless ``s`` exceeds about half the largest eigenvalue of
+        every damped minibatch curvature, and the steps it needs grow like
+        ``s / (λ_min + damping)``: a scale far above the curvature is slow.
       h0: starting value of ``h`` (a pytree with the parameters' structure);
         default ``v``. It is ``s`` times an initial guess of ``x``.
-      rtol: without averaging, stop a right-hand side once
-        ``‖h_{t+1} − h_t‖ ≤ rtol·‖v‖``: on the full data that change is
-        the residual ``‖v − (C + Λ + d·s·I) x_t‖`` of the current answer,
-        so ``rtol`` is a relative residual as in CG, whatever the scale
-        (relative to ``‖h‖`` instead, a large scale, whose steps are small,
-        passed it with a 10-56 % error; with minibatches the steps keep
-        a noise floor, so this may never trigger); with averaging, once two
-        consecutive window averages differ by at most ``rtol`` relative.
-        Either way a solve that runs out of ``maxiter`` reports
-        ``converged=False``.
+      rtol: ``None`` (default): :data:`RTOL` without minibatches,
+        :data:`AVERAGED_RTOL` with them. Without averaging, stop a
+        right-hand side once ``‖h_{t+1} − h_t‖ ≤ rtol·‖v‖``: on the full
+        data that change is the residual ``‖v − (C + Λ + d·s·I) x_t‖`` of
+        the current answer, so ``rtol`` is a relative residual as in CG,
+        whatever the scale (with minibatches the steps keep a noise floor,
+        so this may never trigger). With averaging, stop once two
+        consecutive window averages differ by at most ``rtol`` relative: a
+        statistical test whose noise falls like ``1/√(steps · batch_size)``,
+        hence the looser default (on the demo MLP the error of the answer
+        was about half the last change; module docstring). Either way a
+        solve that runs out of ``maxiter`` reports ``converged=False``.
       batch_size: examples per minibatch, drawn uniformly with replacement
         from the whole dataset with the ``key`` given to ``init``; ``None``,
         or a size of at least the dataset, uses every example at every step
@@ -126,8 +151,9 @@ def lissa(
       or a growing norm, in which case the last finite iterate is returned.
 
     Raises:
-      ValueError: ``maxiter`` or ``batch_size`` below 1, ``scale <= 0``,
-        ``dampen`` outside ``[0, 1)``, ``rtol < 0``.
+      ValueError: ``maxiter`` or ``batch_size`` below 1, ``scale`` neither
+        ``"auto"`` nor finite and ``> 0``, ``dampen`` outside ``[0, 1)``,
+        ``rtol < 0``.
 
     Notes:
       Blocks are honoured: with a block-diagonal operator every minibatch
@@ -157,123 +183,79 @@ def lissa(
     maxiter = int(maxiter)
     if batch_size is not None and (isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1):
         raise ValueError(f"batch_size must be a positive integer or None (the whole dataset), got {batch_size!r}.")
-    if not is_tracer(scale) and not (math.isfinite(float(scale)) and float(scale) > 0):
+    automatic = isinstance(scale, str)
+    if automatic and scale != "auto":
+        raise ValueError(f"scale must be 'auto' or a number > 0, got {scale!r}.")
+    if not automatic and not is_tracer(scale) and not (math.isfinite(float(scale)) and float(scale) > 0):
         raise ValueError(f"scale must be finite and > 0 (above the largest curvature eigenvalue), got {scale!r}.")
     if not is_tracer(dampen) and not 0.0 <= float(dampen) < 1.0:
         raise ValueError(f"dampen must be in [0, 1), got {dampen!r}.")
-    if not is_tracer(rtol) and not (math.isfinite(float(rtol)) and float(rtol) >= 0):
+    if rtol is not None and not is_tracer(rtol) and not (math.isfinite(float(rtol)) and float(rtol) >= 0):
         raise ValueError(f"rtol must be finite and >= 0, got {rtol!r}.")
     if averaging not in (None, True, False):
         raise ValueError(f"averaging must be None (automatic), True or False, got {averaging!r}.")
 
     def init(operator: CurvatureOperator, *, key: jax.Array | None = None) -> LissaState:
-        return LissaState(operator, jax.random.key(0) if key is None else key)
+        key = jax.random.key(0) if key is None else key
+        if not automatic:
+            return LissaState(operator, key, jnp.asarray(scale, operator.dtype))
+        key, scale_key = jax.random.split(key)
+        return LissaState(operator, key, auto_scale(operator, scale_key, batch_size))
+
+    def solve_many(state: LissaState, V: PyTree) -> tuple[PyTree, SolveInfo]:
+        config = dict(maxiter=maxiter, dampen=dampen, h0=h0, rtol=rtol, batch_size=batch_size, averaging=averaging)
+        return _solve_lanes(state, V, **config)
 
     def solve(state: LissaState, v: PyTree) -> tuple[PyTree, SolveInfo]:
-        op = state.operator
-        check_matches(v, op.spec, "v")
-        if h0 is not None:
-            check_matches(h0, op.spec, "h0")
-        dtype = op.dtype
-        stochastic = batch_size is not None and batch_size < op.num_examples
-        if not stochastic:
-            product = lambda t, h: op.matvec(h)  # noqa: E731
-        else:
-            pool = _example_pool(op.data)
+        check_matches(v, state.operator.spec, "v")
+        X, info = solve_many(state, jax.tree.map(lambda a: a[None], v))
+        return jax.tree.map(lambda a: a[0], (X, info))
 
-            def product(t, h):
-                batch = sample_minibatch(pool, jax.random.fold_in(state.key, t), batch_size)
-                return op.batch_matvec(batch, h)
-
-        s = jnp.asarray(scale, dtype)
-        start = jax.tree.map(lambda a, b: jnp.asarray(a, b.dtype), h0, v) if h0 is not None else v
-        step = _step_fn(product, v, start, s, jnp.asarray(dampen, dtype), jnp.asarray(rtol, dtype))
-        steps = jnp.arange(maxiter, dtype=jnp.int32)
-        if stochastic and averaging is False:
-            _warn_noise_floor_once()
-        if stochastic if averaging is None else averaging:
-            h, converged, diverged, taken = _averaged(step, start, jnp.asarray(rtol, dtype), steps)
-        else:
-            h, converged, diverged, taken = _last_iterate(step, start, steps)
-        x = tree_scale(1 / s, h)
-        residual = tree_norm(tree_sub(op.matvec(x), v))
-        diverged = diverged | ~jnp.isfinite(residual)
-        return x, make_info(taken, residual, converged & ~diverged, diverged)
-
-    return Solver(init=init, solve=solve, name="lissa", advice=ADVICE)
+    return Solver(init=init, solve=solve, name="lissa", advice=ADVICE, solve_many=solve_many)
 
 
-# ----------------------------------------------------------------------------
-# The recursion, plain and tail-averaged
-# ----------------------------------------------------------------------------
+def _solve_lanes(state: LissaState, V: PyTree, *, maxiter, dampen, h0, rtol, batch_size, averaging):
+    """LiSSA for every right-hand side along the leading axis of ``V`` (:func:`jaxinf.solvers.lissa_loop.recursion`)."""
+    op = state.operator
+    check_matches(V, op.spec, "rhs", leading=1)
+    if h0 is not None:
+        check_matches(h0, op.spec, "h0")
+    dtype = op.dtype
+    stochastic = batch_size is not None and batch_size < op.num_examples
+    pool = example_pool(op.data) if stochastic else None
 
+    def on_batch(key, size):
+        """``(t, H) ↦ (C_b + Λ) H`` per lane, ``b`` the minibatch of ``fold_in(key, t)``; the full data for None."""
 
-def _step_fn(product, v, start, s, d, tol):
-    """One step ``h → v + (1 − d) h − A_t h / s`` with its divergence and (plain) convergence flags."""
-    vnorm = tree_norm(v)
-    start_norm = tree_norm(start)
-    dtype = vnorm.dtype
+        def product(t, H):
+            if size is None:
+                return jax.vmap(op.matvec)(H)
+            batch = sample_minibatch(pool, jax.random.fold_in(key, t), size)
+            return jax.vmap(lambda h: op.batch_matvec(batch, h))(H)
 
-    def step(t, h):
-        ah = product(t, h)
-        h_new = jax.tree.map(lambda vi, hi, ai: vi + (1 - d) * hi - ai / s, v, h, ah)
-        new_norm = tree_norm(h_new)
-        change = tree_norm(tree_sub(h_new, h))
-        bound = GROWTH * (start_norm + (t + 1).astype(dtype) * vnorm)
-        diverged = ~jnp.isfinite(new_norm) | ~jnp.isfinite(change) | (new_norm > bound)
-        converged = ~diverged & (change <= tol * vnorm)  # change = ‖v − (C + Λ + d·s)x_t‖ on the full data
-        return tree_where(diverged, h, h_new), converged, diverged
+        return product
 
-    return step
-
-
-def _last_iterate(step, start, steps):
-    """Run until the step change is below ``rtol`` (or divergence): the last iterate."""
-
-    def body(carry, t):
-        def advance(c):
-            h, _, _, taken = c
-            h, converged, diverged = step(t, h)
-            return h, converged, diverged, taken + 1
-
-        carry = jax.lax.cond(carry[1] | carry[2], lambda c: c, advance, carry)
-        return carry, None
-
-    init = (start, jnp.zeros((), bool), jnp.zeros((), bool), jnp.zeros((), jnp.int32))
-    return jax.lax.scan(body, init, steps)[0]
-
-
-def _averaged(step, start, tol, steps):
-    """Tail averages over the windows ``[w·2^(k−1), w·2^k)``; stop when two consecutive ones agree to ``tol``.
-
-    Returns the last complete window's average (the last iterate while no
-    window is complete), the flags and the steps taken.
-    """
-    zeros = jax.tree.map(jnp.zeros_like, start)
-
-    def body(carry, t):
-        def advance(c):
-            h, total, count, previous, have, result, _, _, taken = c
-            h, _, diverged = step(t, h)
-            total, count = jax.tree.map(jnp.add, total, h), count + 1
-            end = t + 1
-            boundary = (end % FIRST_WINDOW == 0) & _power_of_two(end // FIRST_WINDOW)
-            average = tree_scale(1 / jnp.maximum(count, 1).astype(tree_norm(h).dtype), total)
-            moved = tree_norm(tree_sub(average, previous))
-            agreed = boundary & have & (moved <= tol * tree_norm(average)) & ~diverged
-            result = tree_where(boundary, average, tree_where(have, result, h))
-            previous = tree_where(boundary, average, previous)
-            total = tree_where(boundary, zeros, total)
-            count = jnp.where(boundary, 0, count)
-            return h, total, count, previous, have | boundary, result, agreed, diverged, taken + 1
-
-        carry = jax.lax.cond(carry[6] | carry[7], lambda c: c, advance, carry)
-        return carry, None
-
-    false, zero = jnp.zeros((), bool), jnp.zeros((), jnp.int32)
-    init = (start, zeros, zero, zeros, false, start, false, false, zero)
-    h, _, _, _, have, result, converged, diverged, taken = jax.lax.scan(body, init, steps)[0]
-    return tree_where(have & ~diverged, result, h), converged, diverged, taken
+    check_size = min(CHECK_BATCHES * batch_size, op.num_examples) if stochastic else None
+    check_key = jax.random.fold_in(state.key, 1)  # the steps fold the step index into a key of their own
+    step_key = jax.random.fold_in(state.key, 0)
+    if check_size == op.num_examples:
+        check_size = None
+    average = stochastic if averaging is None else averaging
+    tol = jnp.asarray((AVERAGED_RTOL if average else RTOL) if rtol is None else rtol, dtype)
+    s = state.scale.astype(dtype)
+    start = V
+    if h0 is not None:  # the same h0 for every lane
+        start = jax.tree.map(lambda a, b: jnp.broadcast_to(jnp.asarray(a, b.dtype), b.shape), h0, V)
+    if stochastic and averaging is False:
+        _warn_noise_floor_once()
+    product = on_batch(step_key, batch_size if stochastic else None)
+    h, converged, diverged, taken = recursion(
+        product, on_batch(check_key, check_size), V, start, s, jnp.asarray(dampen, dtype), tol, maxiter, average
+    )
+    X = tree_scale(1 / s, h)
+    residual = lane_norms(tree_sub(jax.vmap(op.matvec)(X), V))
+    diverged = diverged | ~jnp.isfinite(residual)
+    return X, make_info(taken, residual, converged & ~diverged, diverged)
 
 
 _WARNED = []
@@ -288,62 +270,3 @@ def _warn_noise_floor_once() -> None:
             "is the default with minibatches) or use batch_size=None.",
             stacklevel=4,
         )
-
-
-def _power_of_two(k):
-    return (k > 0) & ((k & (k - 1)) == 0)
-
-
-# ----------------------------------------------------------------------------
-# Minibatches drawn inside jit
-# ----------------------------------------------------------------------------
-
-
-class _Pool(NamedTuple):
-    """The dataset as (at most) two flat example arrays: the stacked batches and the rest."""
-
-    stacked: PyTree  # leaves (K·B, ...) or None
-    rest: PyTree  # leaves (R, ...) or None
-    num_stacked: int
-
-
-def _example_pool(data: Batches) -> _Pool:
-    stacked, num_stacked = None, 0
-    if data.stacked is not None:
-        stacked = jax.tree.map(lambda a: a.reshape(a.shape[0] * a.shape[1], *a.shape[2:]), data.stacked)
-        num_stacked = leading_size(stacked)
-    rest = None
-    if data.rest:
-        rest = jax.tree.map(lambda *xs: jnp.concatenate([jnp.asarray(x) for x in xs]), *data.rest)
-    return _Pool(stacked, rest, num_stacked)
-
-
-def sample_minibatch(pool: _Pool | Batches, key: jax.Array, size: int) -> PyTree:
-    """``size`` examples drawn uniformly with replacement from every example of the dataset.
-
-    Args:
-      pool: the dataset, a :class:`jaxinf.Batches` (or its flattened pool).
-      key: ``jax.random`` key.
-      size: static number of examples in the minibatch.
-
-    Returns:
-      A batch with the data's structure and leading size ``size``.
-    """
-    if isinstance(pool, Batches):
-        pool = _example_pool(pool)
-    num_rest = 0 if pool.rest is None else leading_size(pool.rest)
-    total = pool.num_stacked + num_rest
-    idx = jax.random.randint(key, (size,), 0, total)
-    if pool.rest is None:
-        return jax.tree.map(lambda a: a[idx], pool.stacked)
-    if pool.stacked is None:
-        return jax.tree.map(lambda a: a[idx], pool.rest)
-    in_stacked = idx < pool.num_stacked
-    first = jnp.clip(idx, 0, pool.num_stacked - 1)
-    second = jnp.clip(idx - pool.num_stacked, 0, num_rest - 1)
-
-    def pick(a, b):
-        mask = in_stacked.reshape((size,) + (1,) * (a.ndim - 1))
-        return jnp.where(mask, a[first], b[second])
-
-    return jax.tree.map(pick, pool.stacked, pool.rest)
