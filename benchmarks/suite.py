@@ -115,7 +115,8 @@ CONFIGS: dict[str, Callable[[dict], list[Config]]] = {
             lambda c, t=t: jaxinf.lissa(maxiter=t, scale=float(5 * (c["lam_max"] + c["damping"])), batch_size=64),
         )
         for t in (100, 1000)
-    ],
+    ]
+    + [Config("lissa", "lissa() defaults", lambda c: jaxinf.lissa(), lambda c: 160 * min(1.0, 64 / c["N"]))],
     "arnoldi": lambda ctx: [
         Config(
             "arnoldi",
@@ -233,9 +234,10 @@ def solve_products(cfg: Config, solver: jaxinf.Solver, info, ctx: dict) -> float
     name = solver.name
     if name.startswith(("cg", "block_cg")):
         return float(np.sum(iters + 1))  # one per iteration, one for the true residual
-    if name == "lissa":
-        frac = min(1.0, 64 / ctx["N"])
-        return float(np.sum(iters * frac + 1))
+    if name == "lissa":  # minibatches of 64; a check batch of up to 16 minibatches at each window end (8, 16, 32, ...)
+        frac, check = min(1.0, 64 / ctx["N"]), min(1.0, 16 * 64 / ctx["N"])
+        window_ends = np.floor(np.log2(np.maximum(iters, 8) / 8)) + 1
+        return float(np.sum(iters * frac + window_ends * check + 1))
     return 0.0
 
 
