@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinf.core.data import as_batches
+from jaxinf.core.data import checked_list
 from jaxinf.layers.statistics import loss_tracer
 from jaxinf.scoring.layerwise import contract_by_layer
 from jaxinf.scoring.low_rank_scores import contract_low_rank, low_rank_factors
@@ -71,7 +71,7 @@ def _factors(model, test_data, measurement, query_rank):
     factors = model.influence_factors(test_data, measurement=measurement)
     if query_rank is None:
         return factors
-    first = next(as_batches(test_data, name="test_data").batches())
+    first = checked_list(test_data, name="test_data")[0]
     compressed, _ = compress_factors(training_tracer(model.loss_fn, model.params, first), factors, query_rank)
     return compressed
 
@@ -102,7 +102,7 @@ def influences_by_layer(
     """
     factors = model.influence_factors(test_data, measurement=measurement)
     columns, low = [], None
-    for batch in as_batches(train_data, name="train_data").batches():
+    for batch in checked_list(train_data, name="train_data"):
         tracer = training_tracer(model.loss_fn, model.params, batch)
         if query_rank is None:
             columns.append(_by_layer(tracer, model.params, factors, batch))
@@ -153,7 +153,7 @@ def influences_by_token(
     """
     factors = _factors(model, test_data, measurement, query_rank)
     parts = []
-    for batch in as_batches(train_data, name="train_data").batches():
+    for batch in checked_list(train_data, name="train_data"):
         tracer = training_tracer(model.loss_fn, model.params, batch)
         make = functools.partial(token_map, tracer, model.params, batch, sequence_axis)
         tokens = _remember(_TOKEN_MAPS, (tracer, repr(sequence_axis)), make)

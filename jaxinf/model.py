@@ -34,7 +34,7 @@ import numpy as np
 from jaxinf.core.checks import check_damping, check_fit, check_key, check_like_training
 from jaxinf.core.curvature import CurvatureOperator, SplitLoss, check_kind, curvature_operator, resolve_blocks
 from jaxinf.core.damping import damping_by_block, is_auto, with_auto_damping
-from jaxinf.core.data import as_batches, batch_size
+from jaxinf.core.data import batch_size, checked_list
 from jaxinf.core.errors import NotFittedError
 from jaxinf.core.precision import in_compute, promote
 from jaxinf.core.tree import check_finite, check_matches, check_params, placed_like, rowwise_dot, tree_spec
@@ -260,7 +260,7 @@ class InfluenceModel:
             raise NotFittedError("This InfluenceModel is not fitted yet: call model.fit(train_data) first.")
 
     def _batches(self, data: Any, name: str) -> list:
-        out = list(as_batches(data, name=name).batches())
+        out = checked_list(data, name=name)  # stacking a list only to unstack it would compile two programs
         if self.operator is not None:
             ref = self.operator.data.abstract()  # shapes only: indexing a stacked batch would compile a program
             for i, b in enumerate(out):
@@ -368,12 +368,12 @@ class InfluenceModel:
         if train_data is None:
             train_data = test_data
         # Read one-shot iterables (generators) once: both sides are iterated several times below.
-        test_data = as_batches(test_data, name="test_data")
-        train_data = as_batches(train_data, name="train_data")
+        test_data = checked_list(test_data, name="test_data")
+        train_data = checked_list(train_data, name="train_data")
         if mode == "up" and self.solver.scorer is not None and measurement is None:
             test, train = self._batches(test_data, "test_data"), self._batches(train_data, "train_data")
             return self._planner.scored(self.solver.scorer, self.state, self.operator, test, train)
-        if mode == "up" and train_data.num_examples < test_data.num_examples:
+        if mode == "up" and sum(map(batch_size, train_data)) < sum(map(batch_size, test_data)):
             fn = self._test_fn(measurement, test_data)  # checked before the training side is solved
             return self._columns(self.influence_factors(train_data), test_data, mode, fn).T
         factors = self.influence_factors(test_data, measurement=measurement)

@@ -178,6 +178,41 @@ def as_batches(data: Any, *, name: str = "data", check_values: bool = True) -> B
     """
     if isinstance(data, Batches):
         return data
+    batches = checked_list(data, name=name, check_values=check_values)
+    if len(batches) == 1:
+        return Batches(None, (batches[0],))
+    sizes = [batch_size(b) for b in batches]
+    head = sizes[0]
+    same = [i for i, s in enumerate(sizes) if s == head]
+    other = [i for i, s in enumerate(sizes) if s != head]
+    if len(same) == 1:
+        same, other = [], same + other
+    stored = same + other  # stored position -> position given
+    order = tuple(int(i) for i in np.argsort(stored)) if stored != sorted(stored) else ()
+    rest = tuple(batches[i] for i in other)
+    if not same:
+        return Batches(None, rest, order)
+    return Batches(_stack([batches[i] for i in same]), rest, order)
+
+
+class CheckedList(list):
+    """Batches that :func:`checked_list` has checked: passed to it again, they are not read again."""
+
+
+def checked_list(data: Any, *, name: str = "data", check_values: bool = True) -> CheckedList:
+    """The batches of ``data`` as a list, in the order given, checked as :func:`as_batches` checks them.
+
+    Nothing is stacked (and so nothing compiled): for host loops that visit
+    the batches one by one. A :class:`Batches` gives its batches; a
+    :class:`CheckedList` is returned as it is.
+
+    Raises:
+      ValueError: as :func:`as_batches`.
+    """
+    if isinstance(data, CheckedList):
+        return data
+    if isinstance(data, Batches):
+        return CheckedList(data.batches())
     batches = list(iterate_batches(data))
     if not batches:
         if isinstance(data, collections.abc.Iterator):
@@ -188,7 +223,6 @@ def as_batches(data: Any, *, name: str = "data", check_values: bool = True) -> B
             )
         raise ValueError(f"{name} holds no batches; pass one batch or a non-empty list of batches.")
     ref_leaves, ref_def = jax.tree.flatten(batches[0])
-    sizes = []
     for i, b in enumerate(batches):
         label = f"{name}[batch {i}]" if len(batches) > 1 else name
         leaves, treedef = jax.tree.flatten(b)
@@ -203,27 +237,14 @@ def as_batches(data: Any, *, name: str = "data", check_values: bool = True) -> B
                     f"{label} has a leaf of per-example shape {np.shape(leaf)[1:]}, but the first batch "
                     f"has {np.shape(ref)[1:]}."
                 )
-        sizes.append(batch_size(b, label))
-        if sizes[-1] == 0:
+        if batch_size(b, label) == 0:
             raise ValueError(
                 f"{label} has 0 examples (leading size 0). Every batch needs at least one example: "
                 "drop empty batches (e.g. an empty last batch) before passing the data."
             )
         if check_values:
             check_finite(b, label)
-    if len(batches) == 1:
-        return Batches(None, (batches[0],))
-    head = sizes[0]
-    same = [i for i, s in enumerate(sizes) if s == head]
-    other = [i for i, s in enumerate(sizes) if s != head]
-    if len(same) == 1:
-        same, other = [], same + other
-    stored = same + other  # stored position -> position given
-    order = tuple(int(i) for i in np.argsort(stored)) if stored != sorted(stored) else ()
-    rest = tuple(batches[i] for i in other)
-    if not same:
-        return Batches(None, rest, order)
-    return Batches(_stack([batches[i] for i in same]), rest, order)
+    return CheckedList(batches)
 
 
 def _stack(batches: list) -> PyTree:

@@ -71,7 +71,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxinf.core.curvature import CurvatureOperator, per_example_grads
-from jaxinf.core.data import as_batches, is_single_batch
+from jaxinf.core.data import checked_list, is_single_batch
 from jaxinf.core.tree import check_matches
 from jaxinf.layers.statistics import example_statistics
 from jaxinf.scoring.layerwise import contract_by_layer
@@ -317,7 +317,7 @@ def _one_batch(batch, name: str) -> None:
 
 def _batch_list(data, name: str) -> list:
     """One batch or a collection of batches as a list of batches (checked: shapes, structure, finite values)."""
-    return list(as_batches(data, name=name).batches())
+    return checked_list(data, name=name)
 
 
 @jax.jit

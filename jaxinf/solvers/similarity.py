@@ -52,7 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinf.core.curvature import CurvatureOperator, per_example_grads
-from jaxinf.core.data import as_batches
+from jaxinf.core.data import checked_list
 from jaxinf.core.fingerprint import tree_digest
 from jaxinf.core.tree import TreeSpec, check_finite, check_matches, check_params, ravel_batched, tree_spec
 from jaxinf.solvers.base import Scorer, Solver, make_info, records_config
@@ -385,7 +385,7 @@ def tracin_self_influence(loss_fn, checkpoints: Sequence[PyTree], learning_rates
     """
     stacked, rates = _checked_checkpoints(checkpoints, learning_rates)
     lr = jnp.asarray(rates, tree_spec(jax.tree.map(lambda a: a[0], stacked)).dtype)
-    out = [_self_scores(loss_fn, stacked, lr, batch) for batch in as_batches(data, name="data").batches()]
+    out = [_self_scores(loss_fn, stacked, lr, batch) for batch in checked_list(data, name="data")]
     return jnp.concatenate(out)
 
 
