@@ -1,9 +1,8 @@
 """The stateful wrapper: a solver combined into influence scores.
 
-:class:`InfluenceModel` only orchestrates: the curvature comes from
-:mod:`jaxinf.core.curvature`, the inverse from a :class:`jaxinf.Solver`, the
-contractions from :mod:`jaxinf.scoring`. It validates inputs outside ``jit``,
-compiles each numerical step once, and turns the solvers' ``SolveInfo`` into
+:class:`InfluenceModel` only orchestrates: the curvature comes from :mod:`jaxinf.core.curvature`,
+the inverse from a :class:`jaxinf.Solver`, the contractions from :mod:`jaxinf.scoring`. It validates
+inputs outside ``jit``, compiles each numerical step once, and turns the solvers' ``SolveInfo`` into
 errors or warnings with the numbers.
 
 Sign convention (pyDVL's, so results compare one to one)::
@@ -289,11 +288,12 @@ class InfluenceModel:
         what, batches = "loss_fn" if fn is self.loss_fn else "measurement", self._batches(data, name)
         (params, fn), size = self._in_compute(fn), common_rows(batches)  # a ragged batch runs padded: one program
         for i, batch in enumerate(batches):
-            for grads, factors, info, valid in self._planner.solved(self.solver, self.state, fn, params, batch, size):
+            parts = self._planner.solved(self.solver, self.state, fn, params, batch, size)
+            for grads, factors, info, valid, finite in parts:
                 advice = f"{what} is not finite here though the data is finite; check it for log(0) or labels."
-                where = f"the {what} gradient on {name}[batch {i}]"
-                check_finite(host_rows(grads, valid), where, per_example=True, advice=advice)  # the padding left out
-                check_solve(self.solver, info, factors, "right-hand sides", strict=self.strict)
+                where = f"the {what} gradient on {name}[batch {i}]"  # the padding left out:
+                check_finite(host_rows(grads, valid), where, per_example=True, advice=advice)
+                check_solve(self.solver, info, finite, "right-hand sides", strict=self.strict)
                 yield grads, factors, valid
 
     def scoring_method(self, num_factors: int, batch: PyTree) -> str:

@@ -36,17 +36,19 @@ def _listen(event: str, duration: float, **kwargs) -> None:
 
 monitoring.register_event_duration_secs_listener(_listen)
 
-#: Programs per cold fit + influences below, measured: direct 10, cg 9, ekfac 7 (11, 10, 8 while the scoring loops
-#: stacked the batch list given and indexed it back out; 15, 14, 12 before the layer probes ran on NumPy and the
-#: fit-time checks became one program; 31, 24 and 19 before that, without the bias).
-BOUNDS = {"direct": 11, "cg": 10, "ekfac": 8}
+#: Programs per cold fit + influences below, measured: direct 9, cg 8, ekfac 7 (11, 10, 8 while the scoring loops
+#: stacked the batch list given and indexed it back out and the factors' finiteness was a program of its own; 15,
+#: 14, 12 before the layer probes ran on NumPy and the fit-time checks became one program; 31, 24 and 19 before
+#: that, without the bias).
+BOUNDS = {"direct": 10, "cg": 9, "ekfac": 8}
 #: Eager operations of host code that must not compile programs of their own (2 per leaf or per block before).
 EAGER = {"dynamic_slice", "squeeze", "isfinite", "_reduce_all", "_reduce_min", "_reduce_max", "stack", "abs", "add",
          "_where", "broadcast_in_dim", "reshape", "transpose", "convert_element_type"}  # fmt: skip
 #: Programs that must be compiled once per fit (they were compiled once per form of the loss or per batch shape).
 ONCE = ("_all_losses", "_fit_checks")
-#: Programs fused into ``_fit_checks`` (the losses' values and the curvature probes of the fit-time checks).
-FUSED = {"_values_eager", "_probe_norms", "_probe_norms_eager"}
+#: Programs fused into ``_fit_checks`` (the losses' values and the curvature probes of the fit-time checks) and into
+#: ``solve_all`` (the factors' finiteness, ``tree_all_finite``).
+FUSED = {"_values_eager", "_probe_norms", "_probe_norms_eager", "tree_all_finite"}
 FACTORIES = {"direct": jaxinf.direct, "cg": lambda: jaxinf.cg(rtol=1e-6), "ekfac": jaxinf.ekfac}
 
 

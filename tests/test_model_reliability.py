@@ -281,3 +281,27 @@ def test_non_finite_factors_raise_even_when_the_solver_says_converged(bad):
     broken = {"w": jnp.ones((2, 3)).at[1, 2].set(bad), "b": jnp.zeros((2,))}  # in the last leaf ("b" < "w")
     with pytest.raises(jaxinf.ConvergenceError, match="cg returned NaN or inf influence factors"):
         check_solve(solver, info, broken, "test points")
+
+
+def test_non_finite_factors_raise_through_the_flag_computed_with_the_solve():
+    """The model's solve program also returns whether every factor is finite (no program of its own): a solver
+    that claims convergence but returns NaN factors still raises, and so does a False flag given to check_solve."""
+    from jaxinf.solvers.base import Solver, check_solve, make_info
+
+    def init(operator, *, key=None):
+        return operator
+
+    def solve(state, v):  # "converged" in one iteration, with NaN in one entry of one leaf
+        leaves, treedef = jax.tree.flatten(v)
+        leaves[-1] = leaves[-1].at[(0,) * leaves[-1].ndim].set(jnp.nan)
+        return jax.tree.unflatten(treedef, leaves), make_info(1, 0.0, True)
+
+    p = models.mlp_problem("plain", n_train=12, n_test=3)
+    model = jaxinf.InfluenceModel(p.loss_fn, p.params, Solver(init=init, solve=solve, name="nan_solver"), damping=0.1)
+    model.fit(p.train)
+    with pytest.raises(jaxinf.ConvergenceError, match="nan_solver returned NaN or inf influence factors"):
+        model.influence_factors(p.test)
+    info = make_info(jnp.ones(2), jnp.zeros(2), jnp.ones(2, bool))
+    check_solve(jaxinf.cg(), info, jnp.bool_(True), "test points")
+    with pytest.raises(jaxinf.ConvergenceError, match="cg returned NaN or inf influence factors"):
+        check_solve(jaxinf.cg(), info, jnp.bool_(False), "test points")

@@ -245,11 +245,14 @@ def solve_many(solver: Solver, state, rhs):
 def check_solve(solver: Solver, info: SolveInfo, factors, what: str, *, strict: bool = True) -> None:
     """Turn a batched :class:`SolveInfo` and its solutions into errors or warnings that carry the numbers.
 
+    ``factors``: the solutions (checked for NaN/inf here), or a boolean scalar
+    saying whether they are all finite (computed with them, as
+    :func:`jaxinf.solvers.compiled.solve_all` does), or ``None`` (no check).
+
     Raises:
       ConvergenceError: a right-hand side diverged; one did not converge and
         ``strict`` (otherwise a ``RuntimeWarning``); or a solution holds NaN
-        or inf (``factors=None`` skips that check). Each message ends with
-        the solver's advice.
+        or inf. Each message ends with the solver's advice.
     """
     fields = (info.converged, info.diverged, info.iterations, info.residual_norm)
     converged, diverged, iterations, residual = (np.asarray(x) for x in fields)
@@ -268,8 +271,16 @@ def check_solve(solver: Solver, info: SolveInfo, factors, what: str, *, strict: 
         if strict:
             raise ConvergenceError(message + " Pass strict=False to get the results with a warning.")
         warnings.warn(message, RuntimeWarning, stacklevel=4)
-    if factors is not None and not bool(_all_finite(factors)):  # one compiled program (eagerly: two per leaf)
+    if factors is None:
+        return
+    finite = factors if _is_flag(factors) else _all_finite(factors)  # one compiled program (eagerly: two per leaf)
+    if not bool(finite):
         raise ConvergenceError(f"{solver.name} returned NaN or inf influence factors.{advice}")
 
 
 _all_finite = jax.jit(tree_all_finite)
+
+
+def _is_flag(x) -> bool:
+    """A boolean scalar (a precomputed finiteness flag), not a pytree of solutions."""
+    return isinstance(x, (bool, np.bool_)) or (hasattr(x, "dtype") and np.shape(x) == () and x.dtype == np.bool_)

@@ -21,6 +21,7 @@ import functools
 
 import jax
 
+from jaxinf.core.tree import tree_all_finite
 from jaxinf.scoring import contract, per_example_grads, perturbation
 from jaxinf.solvers.base import solve_many
 
@@ -35,8 +36,10 @@ def init(operator, key, *, solver):
 
 @functools.partial(jax.jit, static_argnames=("solver",))
 def solve_all(state, rhs, *, solver):
-    """:func:`jaxinf.solvers.base.solve_many`: every right-hand side along the leading axis of ``rhs``."""
-    return solve_many(solver, state, rhs)
+    """``(factors, info, finite)``: :func:`jaxinf.solvers.base.solve_many` of every right-hand side along the
+    leading axis of ``rhs``, and whether every factor is finite (``check_solve``'s test, in the same program)."""
+    factors, info = solve_many(solver, state, rhs)
+    return factors, info, tree_all_finite(factors)
 
 
 #: ``(fn, params, batch)``: per-example gradients of a loss or a measurement ``fn``.

@@ -172,11 +172,12 @@ class Planner:
 
     # ----------------------------------------------------------- the model's steps
     def solved(self, solver, state, fn, params, batch, size: int | None = None):
-        """Per chunk of test examples: ``(gradients of fn, factors, info, valid)``.
+        """Per chunk of test examples: ``(gradients of fn, factors, info, valid, finite)``.
 
         ``batch`` is padded to ``size`` examples first (:func:`pad_rows`);
         gradients and factors keep the padded rows (join them with
-        :func:`join`), ``info`` (host arrays) has the ``valid`` rows only.
+        :func:`join`), ``info`` (host arrays) has the ``valid`` rows only;
+        ``finite``: whether every factor is finite (for ``check_solve``).
         """
         n = _rows_of(batch)
         batch = pad_rows(batch, size or n)
@@ -190,8 +191,8 @@ class Planner:
 
         for part, valid in self.chunks("test gradients and factors", batch, (fn, solver), measure, n):
             grads = compiled.example_grads(fn, params, part)
-            factors, info = compiled.solve_all(state, grads, solver=solver)
-            yield grads, factors, host_rows(info, valid), valid
+            factors, info, finite = compiled.solve_all(state, grads, solver=solver)
+            yield grads, factors, host_rows(info, valid), valid, finite
 
     def scored(self, scorer, state, operator, test_batches: list, train_batches: list):
         """A scorer's ``(n_test, n_train)``: ``prepare`` per chunk of test examples, ``finish`` per training chunk.
