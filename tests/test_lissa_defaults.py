@@ -136,3 +136,20 @@ def test_zero_curvature_gives_a_finite_scale():
     assert float(jaxinf.lissa().init(op).scale) == 1.0
     assert float(jaxinf.lissa(batch_size=None).init(op, key=jax.random.key(1)).scale) == 1.0
     assert unravel(op.spec, jnp.ones(3)).shape == (3,)
+
+
+def test_a_mesh_fit_gives_the_same_scale_and_scores():
+    """scale.fit over 8 devices: the auto scale and the influences equal the one-device fit's (same key)."""
+    from jaxinf import scale
+
+    p = models.mlp_problem("linen", n_train=256, n_test=4, d_in=5, hidden=8, out=3)
+    kw = dict(damping=1e-2, curvature="gauss_newton", model_fn=p.model_fn, output_loss=p.output_loss)
+    train = [jax.tree.map(lambda a, i=i: a[i : i + 64], p.train) for i in range(0, 256, 64)]
+    key = jax.random.key(5)
+    one = jaxinf.InfluenceModel(None, p.params, jaxinf.lissa(), **kw).fit(train, key=key)
+    mesh = scale.data_mesh()
+    assert mesh.size == len(jax.devices()) > 1
+    sharded = scale.fit(jaxinf.InfluenceModel(None, p.params, jaxinf.lissa(), **kw), train, mesh, key=key)
+    np.testing.assert_allclose(float(sharded.state.scale), float(one.state.scale), rtol=1e-12)
+    got, want = np.asarray(sharded.influences(p.test, train)), np.asarray(one.influences(p.test, train))
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12 * np.abs(want).max())
