@@ -69,7 +69,7 @@ PyTree = Any
 
 #: Default ``rtol`` without minibatches: a relative residual, as CG's.
 RTOL = 1e-4
-#: Default ``rtol`` with minibatches (tail averaging): two window averages agree to 3 % (module docstring).
+#: Default ``rtol`` with minibatches (tail averaging): two window averages agree to 5 % in the curvature norm.
 AVERAGED_RTOL = 5e-2
 #: Default ``maxiter``.
 MAXITER = 32_768
@@ -111,12 +111,12 @@ def lissa(
 
     Args:
       maxiter: the most steps of the recursion (one minibatch product each).
-        Steps run as ``lax.scan`` chunks of :data:`FIRST_WINDOW` inside a
-        ``lax.while_loop`` that stops once every right-hand side solved
-        together has stopped.
+        Steps run as ``lax.scan`` chunks of 8 inside a ``lax.while_loop``
+        that stops once every right-hand side solved together has stopped
+        (:mod:`jaxinf.solvers.lissa_loop`).
       dampen: ``d ∈ [0, 1)``; shrinks the series and adds ``d·scale`` to the
         damping of the system actually solved.
-      scale: ``s > 0``, or ``"auto"`` (default): 1.5 times the largest norm of
+      scale: ``s > 0``, or ``"auto"`` (default): the largest norm of
         the damped curvature of 8 minibatches of ``batch_size``, estimated in
         ``init`` by power iteration (:mod:`jaxinf.solvers.lissa_scale`; the
         value is ``state.scale``). The recursion diverges (detected and
@@ -132,10 +132,11 @@ def lissa(
         the current answer, so ``rtol`` is a relative residual as in CG,
         whatever the scale (with minibatches the steps keep a noise floor,
         so this may never trigger). With averaging, stop once two
-        consecutive window averages differ by at most ``rtol`` relative: a
-        statistical test whose noise falls like ``1/√(steps · batch_size)``,
+        consecutive window averages differ by at most ``rtol``, relative and
+        in the curvature norm ``√|uᵀ A_c u|`` (a fresh check batch ``A_c``):
+        a statistical test whose noise falls like ``1/√(steps · batch_size)``,
         hence the looser default (on the demo MLP the error of the answer
-        was about half the last change; module docstring). Either way a
+        was about 0.4 times the last change; module docstring). Either way a
         solve that runs out of ``maxiter`` reports ``converged=False``.
       batch_size: examples per minibatch, drawn uniformly with replacement
         from the whole dataset with the ``key`` given to ``init``; ``None``,
