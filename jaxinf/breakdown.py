@@ -68,10 +68,11 @@ def training_tracer(loss_fn: Callable, params: PyTree, batch: PyTree):
 
 def _factors(model, test_data, measurement, query_rank):
     """The query factors; with ``query_rank``, compressed (:mod:`jaxinf.scoring.query_compression`)."""
+    test_data = checked_list(test_data, name="test_data")  # read once: a generator is read again for its first batch
     factors = model.influence_factors(test_data, measurement=measurement)
     if query_rank is None:
         return factors
-    first = checked_list(test_data, name="test_data")[0]
+    first = test_data[0]
     compressed, _ = compress_factors(training_tracer(model.loss_fn, model.params, first), factors, query_rank)
     return compressed
 

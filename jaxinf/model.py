@@ -267,14 +267,13 @@ class InfluenceModel:
         return out
 
     def influence_factors(self, test_data: Any, *, measurement: Callable | None = None) -> PyTree:
-        """``(C + λI)⁻¹ ∇θf(test_i)`` for every test point; ``f``: ``measurement``, else the training loss.
-
-        ``measurement``: as for :meth:`influences`.
+        """``(C + λI)⁻¹ ∇θf(test_i)`` per test point; ``f``: ``measurement`` (as for :meth:`influences`), else the loss.
 
         Returns:
           A params-shaped pytree whose leaves carry a leading ``n_test`` axis.
         """
         self._require_fit()
+        test_data = checked_list(test_data, name="test_data")  # read once: a generator is read by both steps below
         parts = list(self._solved(test_data, "test_data", self._test_fn(measurement, test_data)))
         return join([factors for _, factors, _ in parts], [valid for *_, valid in parts], axis=0)
 

@@ -273,6 +273,26 @@ def test_generator_of_training_batches_is_read_once_by_influences():
     assert_close(got, case.influences(), 1e-9, "influences with a generator")
 
 
+def test_generator_of_test_batches_with_a_measurement_is_read_once():
+    """``influence_factors`` and ``influences_by_layer`` read the test side for the measurement's checks and then
+    for the factors: a generator there used to be used up by the first read and refused by the second."""
+    case = Case({"a": jnp.full((3,), 0.1)}, np.float64, "tuple", (2, 2), 2, 0.5, "hessian", 1)
+    model = model_for(case, jaxinf.direct()).fit(case.train())
+
+    def measurement(params, batch):
+        return jnp.mean(batch[0] @ params["a"])
+
+    def batches():
+        return [case.batch(case.x[:2], case.y[:2]), case.batch(case.x[2:4], case.y[2:4])]
+
+    want = model.influence_factors(batches(), measurement=measurement)
+    got = model.influence_factors((b for b in batches()), measurement=measurement)
+    assert_close(got["a"], want["a"], 1e-12, "influence_factors with a generator")
+    want = jaxinf.influences_by_layer(model, batches(), case.train(), measurement=measurement)
+    got = jaxinf.influences_by_layer(model, (b for b in batches()), case.train(), measurement=measurement)
+    assert set(got) == set(want) and all(np.array_equal(got[k], want[k]) for k in want)
+
+
 def test_non_finite_loss_at_a_test_point_is_named():
     case = Case({"a": jnp.full((3,), 0.1)}, np.float64, "tuple", (4,), 2, 0.5, "hessian", 2)
 
