@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.flatten_util
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -166,6 +167,16 @@ def mse_output_loss(out, batch):
 
 def tanh_loss_fn(p, batch):
     return mse_output_loss(tanh_model_fn(p, batch), batch)
+
+
+def random_factors(params, k: int, seed: int = 0):
+    """``k`` random params-shaped factors (leading axis ``k``, each leaf in its own dtype), drawn with NumPy.
+
+    For identities that hold for any factors: a ``jax.random`` draw compiles a program per leaf shape (about
+    0.5 s each on CPU in float64), which made one test module spend 24 s compiling random numbers.
+    """
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda x: jnp.asarray(rng.standard_normal((k, *np.shape(x))), jnp.result_type(x)), params)
 
 
 def dense_hessian(loss_fn, params, batch):

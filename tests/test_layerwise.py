@@ -25,14 +25,6 @@ def naive(loss_fn, params, factors, batch):
     return flat @ grads.T
 
 
-def random_factors(params, k, seed=0):
-    keys = jax.random.split(jax.random.key(seed), len(jax.tree.leaves(params)))
-    leaves, treedef = jax.tree.flatten(params)
-    return jax.tree.unflatten(
-        treedef, [jax.random.normal(kk, (k, *x.shape), jnp.float32).astype(x.dtype) for kk, x in zip(keys, leaves)]
-    )
-
-
 def zoo_problem(n=7, dtype=jnp.float64):
     """Dense + conv (9 locations) + a weight shared by two uses + a scan over 3 steps + a fallback scale + L2."""
     k = jax.random.split(jax.random.key(3), 8)
@@ -104,7 +96,7 @@ PROBLEMS = {
 @pytest.mark.parametrize("num_factors", [1, 40])
 def test_layerwise_equals_per_example_gradients(name, num_factors):
     loss_fn, params, batch = PROBLEMS[name]()
-    factors = random_factors(params, num_factors)
+    factors = models.random_factors(params, num_factors)
     ref = naive(loss_fn, params, factors, batch)
     got = jax.jit(lambda p, f, b: contract(loss_fn, p, f, b, "layerwise"))(params, factors, batch)
     np.testing.assert_allclose(got, ref, rtol=1e-10, atol=1e-12 * float(jnp.max(jnp.abs(ref))))
@@ -123,7 +115,7 @@ def test_both_layer_paths_are_exercised():
 
 def test_parts_are_per_layer_and_sum_to_the_whole():
     loss_fn, params, batch = zoo_problem()
-    factors = random_factors(params, 3)
+    factors = models.random_factors(params, 3)
     tracer = loss_tracer(loss_fn, params, batch)
     parts = contract_by_layer(tracer, params, factors, batch)
     assert "['scale']" in parts  # the fallback leaf is its own term
@@ -138,7 +130,7 @@ def test_parts_are_per_layer_and_sum_to_the_whole():
 
 def test_float32_and_vmap_over_factor_groups():
     loss_fn, params, batch = models.mlp_problem("linen", dtype=jnp.float32)[:3]
-    factors = random_factors(params, 6)
+    factors = models.random_factors(params, 6)
     ref = naive(
         loss_fn,
         jax.tree.map(lambda a: a.astype(jnp.float64), params),

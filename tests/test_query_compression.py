@@ -134,7 +134,7 @@ def test_factored_scores_equal_the_rebuilt_factors_on_transformer_layers():
     ]
     for loss, params in cases:
         tracer = loss_tracer(loss, params, batch)
-        factors = jax.tree.map(lambda a: jax.random.normal(jax.random.key(7), (3, *a.shape), a.dtype), params)
+        factors = models.random_factors(params, 3, seed=7)
         low = low_rank_factors(tracer, factors, 2)
         compressed, _ = compress_factors(tracer, factors, 2)
         got = jax.jit(contract_low_rank, static_argnums=0)(tracer, params, low, batch)

@@ -92,7 +92,7 @@ def test_transformer_block_layer_gradients_and_ekfac_identity(block):
     """Per-example gradients from the layer records equal autodiff (layer-wise scores); EK-FAC's eigenvalues are
     ``diag((Q_A ⊗ Q_G)ᵀ F (Q_A ⊗ Q_G))`` of the exact empirical Fisher for the embedding and per-head layers."""
     loss_fn, params, batch = block
-    factors = jax.tree.map(lambda a: jax.random.normal(jax.random.key(2), (2, *a.shape), a.dtype), params)
+    factors = models.random_factors(params, 2, seed=2)
     by_layer = jax.jit(lambda f, b: contract(loss_fn, params, f, b, "layerwise"))(factors, batch)
     by_autodiff = jax.jit(lambda f, b: contract(loss_fn, params, f, b, "gradients"))(factors, batch)  # one compile
     np.testing.assert_allclose(by_layer, by_autodiff, atol=TOL, rtol=0)
@@ -291,7 +291,7 @@ def test_haiku_mlp_every_weight_and_bias_is_tagged():
     tags = jaxinf.find_layers(loss_fn, params, batch)
     assert not tags.fallbacks and len(tags.layers) == 2
     assert [t for _, _, t, _ in tags.rows()] == ["dense bias (auto)", "dense weight (auto)"] * 2
-    factors = jax.tree.map(lambda a: jax.random.normal(jax.random.key(2), (2, *a.shape), a.dtype), params)
+    factors = models.random_factors(params, 2, seed=2)
     methods = ("layerwise", "gradients")
     by = [jax.jit(lambda f, b, m=m: contract(loss_fn, params, f, b, m))(factors, batch) for m in methods]
     np.testing.assert_allclose(by[0], by[1], atol=TOL, rtol=0)

@@ -239,7 +239,7 @@ def test_scan_over_layers_by_token_matches_per_position_copies():
     assert {layer.name: layer.steps for layer in tracer.tags.layers} == {"['emb']": 0, "['out']": 0, "['pos']": 0,
                                                                          "['w']": steps}  # fmt: skip
     tm = token_map(tracer, p, batch, 1)
-    factors = jax.tree.map(lambda a: jax.random.normal(jax.random.key(9), (2, *a.shape)), p)
+    factors = models.random_factors(p, 2, seed=9)
     got = jax.jit(contract_by_token, static_argnums=(0, 1))(tracer, tm, p, factors, batch)
     zeros = jax.tree.map(lambda a: jnp.zeros((seq, *a.shape)), p)
     grads = jax.jit(jax.vmap(lambda ex: jax.grad(lambda d: loss(p, (ex[0][None], ex[1][None]), d))(zeros)))(batch)
