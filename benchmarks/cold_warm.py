@@ -177,8 +177,10 @@ def child(spec: dict) -> dict:
 # ----------------------------------------------------------------------------------------- the parent
 def _run_child(spec: dict, timeout: float) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)]
+    # a cache folder set in the environment (the test suite sets one) would make a "cold" child read programs from disk
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s (--timeout)"}
     if done.returncode != 0:
@@ -196,6 +198,8 @@ def measure(model: str, solver: str, args) -> dict:
         if "error" in got:
             return {**row, "error": got["error"]}
         cold, warm = got["first"], got["second"]
+        if cold["hits"]:
+            return {**row, "error": f"the cold call read {cold['hits']} programs from a disk cache: not a cold call"}
         row.update(cold_s=cold["total_s"], warm_s=warm["total_s"], ratio=cold["total_s"] / warm["total_s"])
         row.update(cold_fit_s=cold["fit_s"], cold_influences_s=cold["influences_s"], warm_fit_s=warm["fit_s"])
         row.update(warm_influences_s=warm["influences_s"], compiles=cold["compiles"], warm_compiles=warm["compiles"])
