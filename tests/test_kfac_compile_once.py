@@ -15,6 +15,8 @@ from jax import monitoring
 
 import jaxinf
 from jaxinf import scale
+from jaxinf.core.data import batch_size
+from jaxinf.solvers import kfac_fit
 from tests import models
 
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
@@ -68,3 +70,27 @@ def test_a_second_in_memory_init_compiles_nothing(problem):
     flipped = jax.tree.map(jnp.negative, problem.params)  # new values, same shapes (the negation compiles, here)
     _, compiled_second = _count(lambda: init(flipped))
     assert compiled_second == 0
+
+
+def test_a_ragged_last_batch_is_not_traced_at_its_own_size(problem, monkeypatch):
+    """Batches of 16, 16 and a ragged 8: the per-example statistics are traced at 16 examples only. The ragged
+    batch is padded with masked examples into the same scan (issue 15) instead of being traced and compiled a
+    second time at 8. Recorded by a wrapper that calls the real statistics; the fit still equals one batch's."""
+    traced = []
+    statistics = kfac_fit._batch_statistics
+
+    def recording(plan, output_loss, leaves, batch, key, indices):
+        traced.append(batch_size(batch))
+        return statistics(plan, output_loss, leaves, batch, key, indices)
+
+    monkeypatch.setattr(kfac_fit, "_batch_statistics", recording)
+    jax.clear_caches()  # no fit program of these shapes from an earlier test
+    solver = jaxinf.ekfac(fisher="empirical")
+    x, y = (np.asarray(a) for a in problem.train)  # 40 examples
+    batches = list(zip(np.split(x, [16, 32]), np.split(y, [16, 32])))
+    state = solver.init(jaxinf.curvature_operator(problem.loss_fn, problem.params, batches))
+    assert traced and set(traced) == {16}
+    whole = solver.init(jaxinf.curvature_operator(problem.loss_fn, problem.params, (x, y)))
+    for a, b in zip(jax.tree.leaves((state.factors_a, state.factors_g, state.eigvals)),
+                    jax.tree.leaves((whole.factors_a, whole.factors_g, whole.eigvals))):  # fmt: skip
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14)

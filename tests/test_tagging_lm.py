@@ -273,6 +273,29 @@ def test_a_50k_vocabulary_fits_without_a_vocabulary_squared_array():
     np.testing.assert_allclose(scores, solved.reshape(3, -1) @ grads.T, atol=TOL, rtol=0)
 
 
+def test_ragged_padded_and_cut_batches_give_the_one_batch_fit(block):
+    """The in-memory fit visits every batch at one size: a smaller batch padded with masked examples, a larger
+    one cut into pieces. Embedding id counts, EK-FAC's scattered squares, attention and LayerNorm fallback
+    blocks then equal the fit on one batch (float64), for the three shapes the padding takes."""
+    loss_fn, params, _ = block
+    ids = jax.random.randint(jax.random.key(3), (11, T), 0, V)
+    data = (np.asarray(ids), np.asarray(jnp.roll(ids, -1, axis=1)))
+    solver = ekfac(fisher="empirical")
+
+    def fit(batches):
+        return solver.init(jaxinf.curvature_operator(loss_fn, params, batches, kind="fisher", damping=1e-3))
+
+    reference = fit(data)
+    assert reference.tags.fallbacks and any(layer.one_hot_inputs for layer in reference.tags.layers)
+    # stacked + a padded ragged batch; all batches apart (the first is alone in its size); stacked + a larger one
+    for sizes in ([4, 4, 3], [3, 4, 4], [2, 2, 7]):
+        cuts = np.cumsum(sizes)[:-1]
+        got = fit([tuple(part) for part in zip(*(np.split(a, cuts) for a in data))])
+        for field in ("factors_a", "factors_g", "eigvals", "fallback_vals"):
+            for a, b in zip(jax.tree.leaves(getattr(got, field)), jax.tree.leaves(getattr(reference, field))):
+                np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12, err_msg=f"{field} {sizes}")
+
+
 def test_haiku_mlp_every_weight_and_bias_is_tagged():
     """``hk.transform`` of ``hk.Linear`` layers (examples/haiku_mlp.py): every weight and bias in a layer."""
     hk = pytest.importorskip("haiku")

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinf.core.curvature import CurvatureOperator
-from jaxinf.core.data import Batches, add_example_axis, batch_size
+from jaxinf.core.data import Batches, add_example_axis, batch_size, rest_in_pieces
 from jaxinf.core.linalg import eigh_in_sequence, in_sequence
 from jaxinf.layers.statistics import example_statistics, layer_ids, layer_matrices, layer_output_grads, rest_matrix
 from jaxinf.solvers.kfac_onehot import id_counts, rotated_squares, scatter_rows
@@ -42,40 +42,50 @@ from jaxinf.solvers.kfac_plan import KFACPlan, KFACState
 
 
 def _weighted_sum(fn: Callable, data: Batches):
-    """``Σ_b (n_b / n) fn(batch_b, indices_b)``, ``indices_b`` the examples' indices in the whole dataset.
+    """``(1/n) Σ_i s_i`` over the ``n`` examples of ``data``, with ``fn`` traced once.
 
-    The pattern of :func:`jaxinf.core.data.weighted_mean`, plus the global
-    index of every example (its position in the concatenated batches), so
-    that per-example draws do not depend on how the data is batched. The
-    batches after the stacked ones are chained one after another (each waits
-    for the running sum): no two batches' work, and no two of their
-    eigendecompositions, run at once (see :func:`jaxinf.core.linalg.in_sequence`).
+    ``fn(batch, indices, mask)`` returns ``(1/b) Σ_j mask_j s_j`` over the
+    ``b`` examples of ``batch`` (``mask`` ``None``: all of them);
+    ``indices`` are the examples' indices in the whole dataset, so that
+    per-example draws do not depend on how the data is batched. One
+    ``lax.scan`` visits every batch at one size ``b``, the stacked batches'
+    (else the largest batch's): a smaller batch (a ragged last one) is padded
+    with masked examples and a larger one cut into pieces. The statistics are
+    sums over examples, so this is exact, and a ragged batch costs no second
+    trace and compile of ``fn``.
     """
     n = data.num_examples
-    total, offset = None, 0
-    if data.stacked is not None:
-        k = np.shape(jax.tree.leaves(data.stacked)[0])[0]
-        first = jax.tree.map(lambda a: a[0], data.stacked)
-        size = batch_size(first)
-        weight = size / n
-        zero = jax.tree.map(
-            lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fn, first, jnp.arange(size, dtype=jnp.uint32))
-        )
+    k = data.num_stacked
+    size = int(np.shape(jax.tree.leaves(data.stacked)[0])[1]) if k else max(batch_size(b) for b in data.rest)
+    weight = size / n
 
-        def body(acc, xs):
-            batch, indices = xs
-            return jax.tree.map(lambda s, t: s + weight * t, acc, fn(batch, indices)), None
+    def own(t):
+        return (t * size + jnp.arange(size)).astype(jnp.uint32)
 
-        indices = jnp.arange(k * size, dtype=jnp.uint32).reshape(k, size)
-        total, _ = jax.lax.scan(body, zero, (data.stacked, indices))
-        offset = k * size
-    for b in data.rest:
-        size = batch_size(b)
-        if total is not None:
-            total, b = in_sequence(total, b)
-        term = jax.tree.map(lambda t, w=size / n: w * t, fn(b, offset + jnp.arange(size, dtype=jnp.uint32)))
-        total = term if total is None else jax.tree.map(jnp.add, total, term)
-        offset += size
+    if not data.rest:
+        steps, at = (data.stacked, jnp.arange(k)), lambda xs: (xs[0], own(xs[1]), None)
+    else:
+        pieces, indices, mask = rest_in_pieces(data, size)
+        m = int(np.shape(mask)[0])
+        if not k and m == 1:
+            return jax.tree.map(lambda t: weight * t, fn(jax.tree.map(lambda a: a[0], pieces), indices[0], mask[0]))
+        steps = jnp.arange(k + m)
+
+        def at(t):  # step t: stacked batch t, then rest piece t - k
+            j = jnp.clip(t - k, 0, m - 1)
+            piece = jax.tree.map(lambda a: a[j], pieces)
+            if not k:
+                return piece, indices[j], mask[j]
+            first, i = t < k, jnp.minimum(t, k - 1)
+            batch = jax.tree.map(lambda a, p: jnp.where(first, a[i], p), data.stacked, piece)
+            return batch, jnp.where(first, own(t), indices[j]), jnp.where(first, True, mask[j])
+
+    def body(acc, xs):
+        return jax.tree.map(lambda s, u: s + weight * u, acc, fn(*at(xs))), None
+
+    example = jax.eval_shape(lambda xs: fn(*at(xs)), jax.tree.map(lambda a: a[0], steps))
+    zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), example)
+    total, _ = jax.lax.scan(body, zero, steps)
     return total
 
 
@@ -104,8 +114,26 @@ def _batch_statistics(plan: KFACPlan, output_loss, params_leaves, batch, key, in
     return jax.vmap(one)(batch, keys)
 
 
-def _pass1(plan: KFACPlan, output_loss, params_leaves, batch, key, indices) -> dict:
-    """Pass 1 on one batch (``indices``: its examples' global indices): mean ``A``, ``G`` and fallback statistics."""
+def _masked(x, mask):
+    """``x`` with the examples (leading axis) where ``mask`` is ``False`` zeroed; ``x`` when ``mask`` is ``None``."""
+    if mask is None:
+        return x
+    return x * jnp.reshape(mask, (-1,) + (1,) * (x.ndim - 1)).astype(x.dtype)
+
+
+def _masked_ids(ids, mask, size: int):
+    """Token ids with the masked examples' ids set to ``size`` (no row: dropped by the one-hot sums)."""
+    if mask is None:
+        return ids
+    return jnp.where(jnp.reshape(mask, (-1,) + (1,) * (ids.ndim - 1)), ids, size)
+
+
+def _pass1(plan: KFACPlan, output_loss, params_leaves, batch, key, indices, mask=None) -> dict:
+    """Pass 1 on one batch: ``A``, ``G`` and fallback statistics, ``(1/b) Σ`` over its ``b`` examples.
+
+    ``indices``: the examples' global indices; ``mask``: ``None``, or ``False``
+    on padding examples, which then add nothing (:func:`_weighted_sum`).
+    """
     tags = plan.tags
     dtype = plan.factor_dtype
     records, pert, diff = _batch_statistics(plan, output_loss, params_leaves, batch, key, indices)
@@ -114,12 +142,12 @@ def _pass1(plan: KFACPlan, output_loss, params_leaves, batch, key, indices) -> d
     for layer in tags.layers:
         if layer.one_hot_inputs:  # A diagonal: the id counts, kept as a vector (kfac_onehot)
             ids, g = jax.vmap(lambda r, p, L=layer: (layer_ids(L, r), layer_output_grads(L, p, dtype)))(records, pert)
-            out["A"].append(id_counts(ids, layer.d_in, dtype) / n)
+            out["A"].append(id_counts(_masked_ids(ids, mask, layer.d_in), layer.d_in, dtype) / n)
         else:
             a, g = jax.vmap(lambda r, p, L=layer: layer_matrices(L, r, p, dtype))(records, pert)
-            out["A"].append(jnp.einsum("n...ti,n...tj->...ij", a, a) / n)
+            out["A"].append(jnp.einsum("n...ti,n...tj->...ij", _masked(a, mask), a) / n)
         t = g.shape[-2]  # locations (of one step, for a layer stacked along a scan: factors per step)
-        out["G"].append(jnp.einsum("nk...to,nk...tp->...op", g, g) / (n * t))
+        out["G"].append(jnp.einsum("nk...to,nk...tp->...op", _masked(g, mask), g) / (n * t))
     for fb in tags.fallbacks:
         size = math.prod(tags.shapes[fb.leaf])
         if size == 0:  # a zero-size leaf: no parameters, no curvature
@@ -127,9 +155,9 @@ def _pass1(plan: KFACPlan, output_loss, params_leaves, batch, key, indices) -> d
             continue
         gl = jnp.reshape(diff[fb.leaf], (n, -1, size)).astype(dtype)
         if fb.method == "block":
-            out["F"].append(jnp.einsum("nki,nkj->ij", gl, gl) / n)
+            out["F"].append(jnp.einsum("nki,nkj->ij", _masked(gl, mask), gl) / n)
         else:
-            out["F"].append(jnp.sum(gl * gl, axis=(0, 1)) / n)
+            out["F"].append(jnp.sum(_masked(gl * gl, mask), axis=(0, 1)) / n)
     return out
 
 
@@ -175,8 +203,8 @@ def _sum_in_chunks(fn: Callable, tree, chunk: int):
     return total
 
 
-def _pass2(plan: KFACPlan, output_loss, params_leaves, vec_a, vec_g, batch, key, indices, chunk: int) -> list:
-    """EK-FAC pass 2 on one batch: mean ``(Q_Aᵀ ∇_W ℓ_i Q_G)²`` per layer.
+def _pass2(plan: KFACPlan, output_loss, params_leaves, vec_a, vec_g, batch, key, indices, chunk: int, mask=None):
+    """EK-FAC pass 2 on one batch: ``(1/b) Σ_i (Q_Aᵀ ∇_W ℓ_i Q_G)²`` per layer (``mask`` as in :func:`_pass1`).
 
     Called with the same ``key`` and ``indices`` as :func:`_pass1`: ``Λ`` is then
     exactly the diagonal of the same estimate in the eigenbasis. The rotated
@@ -185,8 +213,8 @@ def _pass2(plan: KFACPlan, output_loss, params_leaves, vec_a, vec_g, batch, key,
     """
     dtype = plan.factor_dtype
 
-    def sums(part_and_indices):
-        part, part_indices = part_and_indices
+    def sums(part_indices_mask):
+        part, part_indices, part_mask = part_indices_mask
         records, pert, diff = _batch_statistics(plan, output_loss, params_leaves, part, key, part_indices)
         out = []
         for layer, qa, qg in zip(plan.tags.layers, vec_a, vec_g):
@@ -196,7 +224,8 @@ def _pass2(plan: KFACPlan, output_loss, params_leaves, vec_a, vec_g, batch, key,
                     rest = rest_matrix(L, d, dtype)
                     return rotated_squares(L, layer_ids(L, r), layer_output_grads(L, p, dtype), rest, qg)
 
-                out.append(scatter_rows(*jax.vmap(by_id)(records, pert, diff), layer.d_in))
+                vals, ids = jax.vmap(by_id)(records, pert, diff)
+                out.append(scatter_rows(vals, _masked_ids(ids, part_mask, layer.d_in), layer.d_in))
                 continue
 
             def rotated(r, p, d, L=layer, qa=qa, qg=qg):
@@ -207,11 +236,11 @@ def _pass2(plan: KFACPlan, output_loss, params_leaves, vec_a, vec_g, batch, key,
                     m = m + jnp.einsum("...ji,k...jl,...lo->k...io", qa, rest, qg)
                 return jnp.sum(m * m, axis=0)
 
-            out.append(jnp.sum(jax.vmap(rotated)(records, pert, diff), axis=0))
+            out.append(jnp.sum(_masked(jax.vmap(rotated)(records, pert, diff), part_mask), axis=0))
         return out
 
     n = batch_size(batch)
-    return [t / n for t in _sum_in_chunks(sums, (batch, indices), chunk)]
+    return [t / n for t in _sum_in_chunks(sums, (batch, indices, mask), chunk)]
 
 
 def _finish(plan: KFACPlan, stats: dict, bases: tuple, corrected, operator_damping, heuristic) -> KFACState:
@@ -268,7 +297,8 @@ def fit(plan: KFACPlan, output_loss, operator: CurvatureOperator, key, heuristic
     """
     params_leaves = jax.tree.leaves(operator.params)
     stats = _weighted_sum(
-        lambda batch, indices: _pass1(plan, output_loss, params_leaves, batch, key, indices), operator.data
+        lambda batch, indices, mask: _pass1(plan, output_loss, params_leaves, batch, key, indices, mask),
+        operator.data,
     )
     bases = _eigenbases(stats)
     corrected = None
@@ -276,7 +306,9 @@ def fit(plan: KFACPlan, output_loss, operator: CurvatureOperator, key, heuristic
         bases, data = in_sequence(bases, operator.data)  # pass 2 (its eigh too) after the decompositions
         _, vec_a, _, vec_g = bases
         corrected = _weighted_sum(
-            lambda batch, indices: _pass2(plan, output_loss, params_leaves, vec_a, vec_g, batch, key, indices, chunk),
+            lambda batch, indices, mask: _pass2(
+                plan, output_loss, params_leaves, vec_a, vec_g, batch, key, indices, chunk, mask
+            ),
             data,
         )
     return _finish(plan, stats, bases, corrected, operator.damping, heuristic)
