@@ -317,6 +317,27 @@ def rest_in_pieces(data: Batches, size: int):
     return jax.tree.map(lambda *xs: jnp.concatenate(xs), *pieces), jnp.concatenate(indices), jnp.concatenate(masks)
 
 
+def host_pieces(batch: PyTree, indices: np.ndarray, size: int):
+    """``(piece, piece_indices, mask)`` pieces of ``size`` examples of one batch, the last padded (host side).
+
+    The streamed counterpart of :func:`rest_in_pieces`: a batch of exactly
+    ``size`` examples is one piece, unchanged; a smaller one (a ragged last
+    batch) is padded by repeating its last example and index, a larger one cut.
+    ``mask`` is ``False`` on padding. NumPy leaves are cut and padded with
+    NumPy (nothing compiled); other arrays with ``jnp``.
+    """
+    n = batch_size(batch)
+    for start in range(0, n, size):
+        pos = np.minimum(np.arange(start, start + size), n - 1)
+        if start == 0 and n == size:
+            yield batch, indices, np.ones(size, bool)
+            continue
+        piece = jax.tree.map(
+            lambda a, p=pos: np.take(a, p, 0) if isinstance(a, np.ndarray) else jnp.take(a, p, 0), batch
+        )
+        yield piece, np.asarray(indices)[pos], np.arange(start, start + size) < n
+
+
 def take(batch: PyTree, index) -> PyTree:
     """The examples ``index`` of a batch (keeps the leading axis for slices/arrays)."""
     return jax.tree.map(lambda a: a[index], batch)

@@ -42,7 +42,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxinf.core.curvature import CurvatureOperator
-from jaxinf.core.data import Batches, as_batches, batch_size
+from jaxinf.core.data import Batches, as_batches, batch_size, host_pieces
 from jaxinf.core.precision import refuse_half
 from jaxinf.scale.distributed import agreed, exchange
 from jaxinf.scale.preconditioner_stream import cg_state_from_passes, draws_per_example
@@ -344,20 +344,19 @@ class _GlobalPasses:
         self.first = next(iter(local.batches()))
         self.num_examples = local.num_examples * jax.process_count()
 
-    def batches(self, desc: str = "pass", *, with_indices: bool = False):
-        """``(index, batch, weight[, example_indices])`` per global batch, ``weight = n_b / n``."""
+    def batches(self, desc: str = "pass", *, with_indices: bool = False, pad_to: int | None = None):
+        """``(index, batch, weight[, example_indices[, mask]])`` per global batch, ``weight = n_b / n``; ``pad_to``:
+        pieces of that many examples per process, with a mask (:meth:`~jaxinf.scale.StreamingCurvature.batches`)."""
         del desc
-        start = jax.process_index() * self.local.num_examples
+        start, processes = jax.process_index() * self.local.num_examples, jax.process_count()
         for index, batch in enumerate(self.local.batches()):
             size = batch_size(batch)
-            placed = global_batch(jax.tree.map(np.asarray, batch), self.mesh)
-            weight = size * jax.process_count() / self.num_examples
-            if with_indices:
-                indices = global_batch(np.arange(start, start + size, dtype=np.uint32), self.mesh)
-                yield index, placed, weight, indices
-            else:
-                yield index, placed, weight
+            host, indices = jax.tree.map(np.asarray, batch), np.arange(start, start + size, dtype=np.uint32)
             start += size
+            for piece, at, mask in host_pieces(host, indices, pad_to) if pad_to else [(host, indices, None)]:
+                out = (index, global_batch(piece, self.mesh), (pad_to or size) * processes / self.num_examples)
+                out += (global_batch(at, self.mesh),) if with_indices or pad_to else ()
+                yield out + ((global_batch(mask, self.mesh),) if pad_to else ())
 
     def replicate(self, tree: PyTree) -> PyTree:
         return replicate(tree, self.mesh)

@@ -35,7 +35,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
+import numpy as np
 
 from jaxinf.core.checks import check_fit
 from jaxinf.core.curvature import CurvatureOperator, curvature_operator
@@ -109,23 +109,28 @@ class BatchStream:
     def num_examples(self) -> int:
         return self.curvature.num_examples
 
-    def batches(self, desc: str = "pass", *, with_indices: bool = False):
+    def batches(self, desc: str = "pass", *, with_indices: bool = False, pad_to: int | None = None):
         """One pass: ``(index, batch, weight)``, batches placed on the mesh, ``weight = n_b / n``.
 
         With ``with_indices``, ``(index, batch, weight, example_indices)``, the
         examples' indices in the whole dataset (across processes): per-example
         random draws keyed by them do not depend on the batching or the
-        number of processes (:meth:`StreamingCurvature.batches`).
+        number of processes; with ``pad_to``, pieces of that size and a mask
+        (:meth:`StreamingCurvature.batches`).
         """
-        return self.curvature.batches(desc, with_indices=with_indices)
+        return self.curvature.batches(desc, with_indices=with_indices, pad_to=pad_to)
 
     def replicate(self, tree: PyTree) -> PyTree:
         """``tree`` on every device of the mesh (unchanged without one)."""
         return tree if self.mesh is None else replicate(tree, self.mesh)
 
     def zeros(self, shapes: PyTree) -> PyTree:
-        """Zeros with the shapes and dtypes of ``shapes`` (``jax.ShapeDtypeStruct`` leaves), replicated."""
-        return self.replicate(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
+        """Zeros with the shapes and dtypes of ``shapes`` (``jax.ShapeDtypeStruct`` leaves), replicated.
+
+        Made in NumPy and put on the device: ``jnp.zeros`` would compile a program per shape.
+        """
+        zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+        return jax.device_put(zeros) if self.mesh is None else self.replicate(zeros)
 
     def matmat(self, vectors: jax.Array, *, desc: str = "curvature products") -> jax.Array:
         """``C V`` for raveled vectors ``V`` of shape ``(p, k)`` (columns): one pass."""

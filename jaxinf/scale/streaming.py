@@ -59,6 +59,7 @@ import numpy as np
 
 from jaxinf.core.curvature import CURVATURES, curvature_operator, fisher_vp, gauss_newton_vp, hessian_vp
 from jaxinf.core.data import batch_size as leading_size
+from jaxinf.core.data import host_pieces
 from jaxinf.core.tree import check_finite, check_matches, ravel, tree_spec, unravel
 from jaxinf.scale.distributed import agreed, exchange
 from jaxinf.scale.progress import progress_bar
@@ -154,13 +155,18 @@ class StreamingCurvature:
             return shard_batch(batch, self.mesh)
         return replicate(batch, self.mesh)
 
-    def batches(self, desc: str = "pass", *, with_indices: bool = False):
+    def batches(self, desc: str = "pass", *, with_indices: bool = False, pad_to: int | None = None):
         """One pass: ``(index, batch, weight)`` per batch, placed on the mesh, ``weight = n_b / n``.
 
         With ``with_indices``, ``(index, batch, weight, example_indices)``:
         the global index of every example of the batch (``uint32``, placed
         like the batch; in a multi-process run, its index in the whole dataset
-        across processes).
+        across processes). With ``pad_to`` (and ``with_indices``), every batch
+        comes as pieces of ``pad_to`` examples (:func:`jaxinf.core.data.host_pieces`:
+        a ragged batch padded, a larger one cut, on the host before placing),
+        ``(index, piece, weight, example_indices, mask)``, ``weight`` the
+        piece's padded size over ``n``: one program per pass for per-example
+        sums, none for a second batch shape.
 
         In a multi-process run every process reads and checks its batch, then
         all agree on the verdict (:func:`jaxinf.scale.distributed.agree`)
@@ -186,7 +192,10 @@ class StreamingCurvature:
                 weight = local * self.processes / n
                 if with_indices:
                     indices = np.arange(local_start, local_start + local, dtype=np.uint32)
-                    yield index, self.place(batch), weight, self.place(indices)
+                    if pad_to is None:
+                        yield index, self.place(batch), weight, self.place(indices)
+                    for piece, at, mask in host_pieces(batch, indices, pad_to) if pad_to else ():
+                        yield index, self.place(piece), pad_to * self.processes / n, self.place(at), self.place(mask)
                 else:
                     yield index, self.place(batch), weight
                 local_start += local

@@ -152,7 +152,9 @@ class BatchStreamLike(Protocol):
     curvature: Any
     num_examples: int
 
-    def batches(self, desc: str = ...) -> Any: ...  # (index, batch, weight = n_b / n) per batch, one pass
+    # (index, batch, weight = n_b / n) per batch, one pass; with_indices: + the examples' global indices;
+    # pad_to: pieces of that many examples (a ragged batch padded), + a mask, weight = pad_to / n
+    def batches(self, desc: str = ..., *, with_indices: bool = ..., pad_to: int | None = ...) -> Any: ...
 
     def replicate(self, tree: Any) -> Any: ...
 

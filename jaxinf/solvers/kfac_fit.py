@@ -314,17 +314,17 @@ def fit(plan: KFACPlan, output_loss, operator: CurvatureOperator, key, heuristic
     return _finish(plan, stats, bases, corrected, operator.damping, heuristic)
 
 
-def _stream_term(plan, output_loss, chunk, leaves, batch, key, indices, bases):
+def _stream_term(plan, output_loss, chunk, leaves, batch, key, indices, mask, bases):
     """One batch's pass statistics: pass 1 when ``bases`` is ``None``, else EK-FAC's pass 2 in ``(Q_A, Q_G)``."""
     if bases is None:
-        return _pass1(plan, output_loss, leaves, batch, key, indices)
-    return _pass2(plan, output_loss, leaves, bases[0], bases[1], batch, key, indices, chunk)
+        return _pass1(plan, output_loss, leaves, batch, key, indices, mask)
+    return _pass2(plan, output_loss, leaves, bases[0], bases[1], batch, key, indices, chunk, mask)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=3)
-def _stream_step(plan, output_loss, chunk, total, leaves, batch, key, indices, weight, bases):
-    """``total + weight * (the batch's pass statistics)``, one program per plan and batch shape."""
-    term = _stream_term(plan, output_loss, chunk, leaves, batch, key, indices, bases)
+def _stream_step(plan, output_loss, chunk, total, leaves, batch, key, indices, mask, weight, bases):
+    """``total + weight * (the piece's pass statistics)``, one program per plan, pass and piece size."""
+    term = _stream_term(plan, output_loss, chunk, leaves, batch, key, indices, mask, bases)
     return jax.tree.map(lambda s, t: s + weight * t, total, term)
 
 
@@ -344,22 +344,26 @@ def fit_stream(plan: KFACPlan, output_loss, stream, key, heuristic, chunk: int) 
     ``fold_in(key, i)``, ``i`` its index in the whole dataset (the stream
     gives it, across processes too), so the state equals the in-memory fit on
     the same examples, however they are batched, sharded or split over
-    processes. The per-batch programs are module-level, keyed on the plan
-    (one per problem signature, :class:`~jaxinf.solvers.kfac_plan.PlanCache`):
-    compiled once per batch shape (a ragged last batch once more), and not
-    again by a later fit of the same problem. Each call waits for the
+    processes. Every batch comes as pieces of the first batch's size (a
+    ragged last batch padded with masked examples, a larger one cut: one
+    compiled program per pass). The per-batch programs are module-level,
+    keyed on the plan (one per problem signature,
+    :class:`~jaxinf.solvers.kfac_plan.PlanCache`), so a later fit of the same
+    problem compiles nothing. Each call waits for the
     previous one's sum, so no two batches' eigendecompositions run at once.
     """
     operator = stream.operator
     params_leaves = stream.replicate(jax.tree.leaves(operator.params))
     static = (plan, output_loss, chunk)
 
+    size = batch_size(stream.first)
+
     def run(desc, bases):
-        first_indices = jnp.arange(batch_size(stream.first), dtype=jnp.uint32)
+        first_indices, first_mask = (jax.ShapeDtypeStruct((size,), t) for t in (jnp.uint32, jnp.bool_))  # no eager op
         term = functools.partial(_stream_term, *static)
-        total = stream.zeros(jax.eval_shape(term, params_leaves, stream.first, key, first_indices, bases))
-        for _, batch, weight, indices in stream.batches(desc, with_indices=True):
-            total = _stream_step(*static, total, params_leaves, batch, key, indices, weight, bases)
+        total = stream.zeros(jax.eval_shape(term, params_leaves, stream.first, key, first_indices, first_mask, bases))
+        for _, batch, weight, indices, mask in stream.batches(desc, with_indices=True, pad_to=size):
+            total = _stream_step(*static, total, params_leaves, batch, key, indices, mask, weight, bases)
         return total
 
     passes = 2 if plan.update_diagonal and plan.tags.layers else 1
