@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxinf.core.memory import on_one_cpu_device, put_like
 from jaxinf.core.tree import check_finite, tree_add, tree_scale
 
 PyTree = Any
@@ -248,9 +249,17 @@ def checked_list(data: Any, *, name: str = "data", check_values: bool = True) ->
 
 
 def _stack(batches: list) -> PyTree:
-    """The batches stacked leaf by leaf: NumPy data on the host (nothing to compile), else one compiled program."""
-    if all(isinstance(x, np.ndarray) for x in jax.tree.leaves(batches)):
+    """The batches stacked leaf by leaf, compiling nothing when it can.
+
+    NumPy data is stacked on the host; arrays on one CPU device too (a memory
+    copy, put back on their device); anything else (an accelerator, several
+    devices) by one compiled program.
+    """
+    leaves = jax.tree.leaves(batches)
+    if all(isinstance(x, np.ndarray) for x in leaves):
         return jax.tree.map(lambda *xs: jax.device_put(np.stack(xs)), *batches)  # dtypes as jnp.asarray gives
+    if all(on_one_cpu_device(x) for x in leaves):
+        return jax.tree.map(lambda *xs: put_like(np.stack([np.asarray(x) for x in xs]), xs[0]), *batches)
     return _stack_jit(batches)
 
 

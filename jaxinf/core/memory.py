@@ -65,6 +65,26 @@ def extra_bytes(jitted, *args, **kwargs) -> int | None:
     return int(stats.temp_size_in_bytes + stats.output_size_in_bytes)
 
 
+def on_one_cpu_device(x) -> bool:
+    """``x`` is a concrete ``jax.Array`` held whole on one CPU device.
+
+    Such an array goes through NumPy as a memory copy that compiles nothing,
+    where an eager ``jnp`` operation on it compiles a program of its own
+    (used to stack and join arrays on the CPU without compiling).
+    """
+    if not isinstance(x, jax.Array) or isinstance(x, jax.core.Tracer) or not x.is_fully_addressable:
+        return False
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        return False
+    devices = x.sharding.device_set
+    return len(devices) == 1 and next(iter(devices)).platform == "cpu"
+
+
+def put_like(value: np.ndarray, like: jax.Array) -> jax.Array:
+    """``value`` on ``like``'s device: committed there when ``like`` is (a transfer, no compile)."""
+    return jax.device_put(value, like.sharding if like.committed else None)
+
+
 def take_rows(tree, start: int, rows: int):
     """Examples ``start .. start + rows`` of ``tree`` (leading axis); past the end the last example repeats.
 

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinf.core.memory import available_bytes, extra_bytes, plan_rows, take_rows
+from jaxinf.core.memory import available_bytes, extra_bytes, on_one_cpu_device, plan_rows, put_like, take_rows
 from jaxinf.solvers import compiled
 
 __all__ = ["ADVICE", "FREE_FRACTION", "Planner", "check_budget", "common_rows", "host_rows", "join", "pad_rows"]
@@ -117,6 +117,13 @@ def join(parts: list, valid: list, axis: int):
     """
     if len(parts) == 1 and valid[0] == jax.tree.leaves(parts[0])[0].shape[axis]:
         return parts[0]
+    if all(on_one_cpu_device(x) for x in jax.tree.leaves(parts)):  # a memory copy on the host: nothing compiled
+
+        def host(*xs):
+            cut = [np.asarray(x)[(slice(None),) * axis + (slice(0, v),)] for x, v in zip(xs, valid)]
+            return put_like(np.concatenate(cut, axis=axis), xs[0])
+
+        return jax.tree.map(host, *parts)
     return _join(tuple(parts), tuple(int(v) for v in valid), axis)
 
 
