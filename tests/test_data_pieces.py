@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxinf.core.data import as_batches, host_pieces, rest_in_pieces
+from jaxinf.core.data import as_batches
+from jaxinf.core.pieces import host_pieces, rest_in_pieces
 
 
 def _unpad(pieces, indices, mask):

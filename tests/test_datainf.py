@@ -92,8 +92,8 @@ def _dense_fisher_solve(g, op, v, lam):
 
 
 @pytest.mark.parametrize(
-    ("blocks", "sizes"), [(None, (4, 4, 3)), ("layer", (3, 4, 4))]
-)  # a ragged last batch; a ragged first one (stored after the others, given first)
+    ("blocks", "sizes"), [(None, (4, 4, 3)), ("layer", (3, 4, 4)), (None, (2, 2, 7))]
+)  # a ragged last batch (padded); a ragged first one (stored after the others, given first); a larger one (cut)
 def test_matches_dense_definition_under_jit_and_vmap(problem, grads, rhs, blocks, sizes):
     damping = 0.3 if blocks is None else {LAYERS[0]: 0.05, LAYERS[1]: 0.4}
     op = _operator(problem, _split(problem.train, sizes), blocks=blocks, damping=damping)

@@ -292,61 +292,6 @@ def weighted_mean(fn: Callable[[PyTree], PyTree], data: Batches) -> PyTree:
     return total
 
 
-def rest_in_pieces(data: Batches, size: int):
-    """The batches of ``data.rest`` cut into pieces of ``size`` examples, each batch's last piece padded.
-
-    Returns ``(pieces, indices, mask)``: ``pieces`` stacked ``(m, size, ...)``,
-    ``indices`` ``(m, size)`` the examples' global indices (the stacked batches
-    come first, then the rest batches in order) and ``mask`` ``(m, size)``,
-    ``False`` on padding. A padding row repeats its batch's last example (its
-    index too), so every value stays finite and the mask removes it exactly.
-    Only the rest batches are copied; the stacked ones are not touched.
-    ``size`` must be the stacked batches' size when there are any.
-    """
-    stacked_size = int(np.shape(jax.tree.leaves(data.stacked)[0])[1]) if data.num_stacked else size
-    if size != stacked_size:
-        raise ValueError(f"pieces of {size} examples, but the stacked batches hold {stacked_size} each")
-    offset = data.num_stacked * size
-    pieces, indices, masks = [], [], []
-    for b in data.rest:
-        r = batch_size(b)
-        steps = -(-r // size)
-        slots = jnp.arange(steps * size)
-        pos = jnp.minimum(slots, r - 1)
-        shape = (steps, size)
-        if r == steps * size:  # whole pieces: a reshape, nothing gathered
-            pieces.append(jax.tree.map(lambda a, s=shape: jnp.reshape(a, (*s, *a.shape[1:])), b))
-        else:
-            pieces.append(jax.tree.map(lambda a, s=shape, p=pos: jnp.reshape(a[p], (*s, *a.shape[1:])), b))
-        indices.append(jnp.reshape(offset + pos, shape).astype(jnp.uint32))
-        masks.append(jnp.reshape(slots < r, shape))
-        offset += r
-    if len(pieces) == 1:
-        return pieces[0], indices[0], masks[0]
-    return jax.tree.map(lambda *xs: jnp.concatenate(xs), *pieces), jnp.concatenate(indices), jnp.concatenate(masks)
-
-
-def host_pieces(batch: PyTree, indices: np.ndarray, size: int):
-    """``(piece, piece_indices, mask)`` pieces of ``size`` examples of one batch, the last padded (host side).
-
-    The streamed counterpart of :func:`rest_in_pieces`: a batch of exactly
-    ``size`` examples is one piece, unchanged; a smaller one (a ragged last
-    batch) is padded by repeating its last example and index, a larger one cut.
-    ``mask`` is ``False`` on padding. NumPy leaves are cut and padded with
-    NumPy (nothing compiled); other arrays with ``jnp``.
-    """
-    n = batch_size(batch)
-    for start in range(0, n, size):
-        pos = np.minimum(np.arange(start, start + size), n - 1)
-        if start == 0 and n == size:
-            yield batch, indices, np.ones(size, bool)
-            continue
-        piece = jax.tree.map(
-            lambda a, p=pos: np.take(a, p, 0) if isinstance(a, np.ndarray) else jnp.take(a, p, 0), batch
-        )
-        yield piece, np.asarray(indices)[pos], np.arange(start, start + size) < n
-
-
 def take(batch: PyTree, index) -> PyTree:
     """The examples ``index`` of a batch (keeps the leading axis for slices/arrays)."""
     return jax.tree.map(lambda a: a[index], batch)

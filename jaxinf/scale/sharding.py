@@ -42,7 +42,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxinf.core.curvature import CurvatureOperator
-from jaxinf.core.data import Batches, as_batches, batch_size, host_pieces
+from jaxinf.core.data import Batches, as_batches, batch_size
+from jaxinf.core.pieces import host_pieces
 from jaxinf.core.precision import refuse_half
 from jaxinf.scale.distributed import agreed, exchange
 from jaxinf.scale.preconditioner_stream import cg_state_from_passes, draws_per_example

@@ -59,7 +59,7 @@ import numpy as np
 
 from jaxinf.core.curvature import CURVATURES, curvature_operator, fisher_vp, gauss_newton_vp, hessian_vp
 from jaxinf.core.data import batch_size as leading_size
-from jaxinf.core.data import host_pieces
+from jaxinf.core.pieces import host_pieces
 from jaxinf.core.tree import check_finite, check_matches, ravel, tree_spec, unravel
 from jaxinf.scale.distributed import agreed, exchange
 from jaxinf.scale.progress import progress_bar
@@ -162,7 +162,7 @@ class StreamingCurvature:
         the global index of every example of the batch (``uint32``, placed
         like the batch; in a multi-process run, its index in the whole dataset
         across processes). With ``pad_to`` (and ``with_indices``), every batch
-        comes as pieces of ``pad_to`` examples (:func:`jaxinf.core.data.host_pieces`:
+        comes as pieces of ``pad_to`` examples (:func:`jaxinf.core.pieces.host_pieces`:
         a ragged batch padded, a larger one cut, on the host before placing),
         ``(index, piece, weight, example_indices, mask)``, ``weight`` the
         piece's padded size over ``n``: one program per pass for per-example

@@ -26,11 +26,11 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxinf.core.curvature import CurvatureOperator
-from jaxinf.core.data import Batches, add_example_axis, batch_size, rest_in_pieces
+from jaxinf.core.data import Batches, add_example_axis, batch_size
 from jaxinf.core.linalg import eigh_in_sequence, in_sequence
+from jaxinf.core.pieces import one_size_steps
 from jaxinf.layers.statistics import example_statistics, layer_ids, layer_matrices, layer_output_grads, rest_matrix
 from jaxinf.solvers.kfac_onehot import id_counts, rotated_squares, scatter_rows
 from jaxinf.solvers.kfac_outputs import output_cotangents
@@ -54,38 +54,17 @@ def _weighted_sum(fn: Callable, data: Batches):
     sums over examples, so this is exact, and a ragged batch costs no second
     trace and compile of ``fn``.
     """
-    n = data.num_examples
-    k = data.num_stacked
-    size = int(np.shape(jax.tree.leaves(data.stacked)[0])[1]) if k else max(batch_size(b) for b in data.rest)
-    weight = size / n
+    steps = one_size_steps(data)
+    weight = steps.size / data.num_examples
+    first = jax.tree.map(lambda a: a[0], steps.xs)
+    if steps.count == 1:
+        return jax.tree.map(lambda t: weight * t, fn(*steps.at(first)))
 
-    def own(t):
-        return (t * size + jnp.arange(size)).astype(jnp.uint32)
+    def body(acc, x):
+        return jax.tree.map(lambda s, u: s + weight * u, acc, fn(*steps.at(x))), None
 
-    if not data.rest:
-        steps, at = (data.stacked, jnp.arange(k)), lambda xs: (xs[0], own(xs[1]), None)
-    else:
-        pieces, indices, mask = rest_in_pieces(data, size)
-        m = int(np.shape(mask)[0])
-        if not k and m == 1:
-            return jax.tree.map(lambda t: weight * t, fn(jax.tree.map(lambda a: a[0], pieces), indices[0], mask[0]))
-        steps = jnp.arange(k + m)
-
-        def at(t):  # step t: stacked batch t, then rest piece t - k
-            j = jnp.clip(t - k, 0, m - 1)
-            piece = jax.tree.map(lambda a: a[j], pieces)
-            if not k:
-                return piece, indices[j], mask[j]
-            first, i = t < k, jnp.minimum(t, k - 1)
-            batch = jax.tree.map(lambda a, p: jnp.where(first, a[i], p), data.stacked, piece)
-            return batch, jnp.where(first, own(t), indices[j]), jnp.where(first, True, mask[j])
-
-    def body(acc, xs):
-        return jax.tree.map(lambda s, u: s + weight * u, acc, fn(*at(xs))), None
-
-    example = jax.eval_shape(lambda xs: fn(*at(xs)), jax.tree.map(lambda a: a[0], steps))
-    zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), example)
-    total, _ = jax.lax.scan(body, zero, steps)
+    zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(lambda x: fn(*steps.at(x)), first))
+    total, _ = jax.lax.scan(body, zero, steps.xs)
     return total
 
 
