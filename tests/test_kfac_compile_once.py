@@ -103,18 +103,22 @@ def test_a_ragged_last_batch_is_not_traced_at_its_own_size(problem, monkeypatch)
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14)
 
 
-def test_a_streamed_fit_with_a_ragged_batch_compiles_one_step_per_pass(problem):
+@pytest.mark.parametrize("passes", [1, 2])
+def test_a_streamed_fit_with_a_ragged_batch_compiles_one_step_per_pass(problem, passes):
     """A stream of 16, 16 and a ragged 8 examples compiles the per-batch step once per pass (issue 15): the ragged
-    batch is padded with masked examples on the host. The state equals the in-memory fit on one batch."""
-    solver = jaxinf.ekfac(fisher="empirical")
+    batch is padded with masked examples on the host. K-FAC (one pass) decomposes its factors inside the program
+    that builds the state, EK-FAC between its passes. The state equals the in-memory fit on one batch."""
+    solver = (jaxinf.kfac if passes == 1 else jaxinf.ekfac)(fisher="empirical")
     x, y = (np.asarray(a) for a in problem.train)  # 40 examples
     whole = solver.init(jaxinf.curvature_operator(problem.loss_fn, problem.params, (x, y), damping=1e-3))
     jax.clear_caches()  # no step program of these shapes from an earlier test
     before = len(_compiled_names)
     batches = list(zip(np.split(x, [16, 32]), np.split(y, [16, 32])))
     state = scale.fit_from_stream(solver, problem.loss_fn, problem.params, batches, damping=1e-3, progress=False)
-    steps = [name for name in _compiled_names[before:] if "_stream_step" in name]
-    assert len(steps) == 2, steps  # pass 1 and EK-FAC's pass 2, each at the first batch's size (4 before)
+    names = _compiled_names[before:]
+    steps = [name for name in names if "_stream_step" in name]
+    assert len(steps) == passes, names  # each pass at the first batch's size (twice as many before)
+    assert sum("_eigenbases" in name for name in names) == passes - 1, names
     for a, b in zip(jax.tree.leaves((state.factors_a, state.factors_g, state.eigvals)),
                     jax.tree.leaves((whole.factors_a, whole.factors_g, whole.eigvals))):  # fmt: skip
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14)

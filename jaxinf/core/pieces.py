@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinf.core.data import Batches, batch_size
+from jaxinf.core.memory import on_one_cpu_device, put_like
 
 PyTree = Any
 
@@ -111,16 +112,26 @@ def host_pieces(batch: PyTree, indices: np.ndarray, size: int):
     The streamed counterpart of :func:`rest_in_pieces`: a batch of exactly
     ``size`` examples is one piece, unchanged; a smaller one (a ragged last
     batch) is padded by repeating its last example and index, a larger one cut.
-    ``mask`` is ``False`` on padding. NumPy leaves are cut and padded with
-    NumPy (nothing compiled); other arrays with ``jnp``.
+    ``mask`` is ``False`` on padding. NumPy leaves, and arrays on one CPU
+    device, are cut and padded with NumPy (nothing compiled); other arrays
+    (an accelerator, several devices) with ``jnp``.
     """
+
+    def take(a, pos):
+        if isinstance(a, np.ndarray):
+            return np.take(a, pos, 0)
+        if on_one_cpu_device(a):
+            return put_like(np.take(np.asarray(a), pos, 0), a)
+        return jnp.take(a, pos, 0)
+
     n = batch_size(batch)
     for start in range(0, n, size):
         pos = np.minimum(np.arange(start, start + size), n - 1)
         if start == 0 and n == size:
             yield batch, indices, np.ones(size, bool)
             continue
-        piece = jax.tree.map(
-            lambda a, p=pos: np.take(a, p, 0) if isinstance(a, np.ndarray) else jnp.take(a, p, 0), batch
+        yield (
+            jax.tree.map(lambda a, p=pos: take(a, p), batch),
+            np.asarray(indices)[pos],
+            np.arange(start, start + size) < n,
         )
-        yield piece, np.asarray(indices)[pos], np.arange(start, start + size) < n

@@ -312,6 +312,8 @@ _stream_eigenbases = jax.jit(_eigenbases)
 
 @functools.partial(jax.jit, static_argnames=("plan", "heuristic"))
 def _stream_finish(stats, bases, corrected, damping, *, plan, heuristic):
+    """The state; ``bases`` ``None`` (K-FAC, one pass): the eigendecompositions too, in the same program."""
+    bases = _eigenbases(stats) if bases is None else bases
     return _finish(plan, stats, bases, corrected, damping, heuristic)
 
 
@@ -334,7 +336,6 @@ def fit_stream(plan: KFACPlan, output_loss, stream, key, heuristic, chunk: int) 
     operator = stream.operator
     params_leaves = stream.replicate(jax.tree.leaves(operator.params))
     static = (plan, output_loss, chunk)
-
     size = batch_size(stream.first)
 
     def run(desc, bases):
@@ -347,9 +348,9 @@ def fit_stream(plan: KFACPlan, output_loss, stream, key, heuristic, chunk: int) 
 
     passes = 2 if plan.update_diagonal and plan.tags.layers else 1
     stats = run(f"K-FAC factors, pass 1/{passes}", None)
-    bases = _stream_eigenbases(stats)
-    corrected = None
+    bases = corrected = None  # K-FAC: decomposed inside _stream_finish, one program fewer
     if passes == 2:
+        bases = _stream_eigenbases(stats)
         _, vec_a, _, vec_g = bases
         corrected = run("EK-FAC eigenvalues, pass 2/2", (vec_a, vec_g))
     return _stream_finish(stats, bases, corrected, operator.damping, plan=plan, heuristic=heuristic)
