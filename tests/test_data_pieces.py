@@ -7,9 +7,11 @@ plain concatenation of the batches: every example once with mask ``True`` and it
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import monitoring
 
 from jaxinf.core.data import as_batches
 from jaxinf.core.pieces import host_pieces, rest_in_pieces
@@ -64,3 +66,35 @@ def test_host_pieces_pad_and_cut_one_batch(n, as_jax):
     np.testing.assert_array_equal(got_at, indices)
     if n == 8:
         assert parts[0][0] is batch  # a batch of the piece size is passed on unchanged
+
+
+_EVENTS = {"on": False, "seen": []}
+
+
+def _record(event: str, *args, **kwargs) -> None:
+    if _EVENTS["on"] and event in ("/jax/core/compile/backend_compile_duration", "/jax/compilation_cache/cache_hits"):
+        _EVENTS["seen"].append(event)
+
+
+monitoring.register_event_listener(_record)
+monitoring.register_event_duration_secs_listener(_record)
+
+
+def test_host_pieces_of_device_arrays_compile_nothing_and_a_sharded_batch_is_cut_on_its_devices():
+    x = np.arange(38.0, dtype=np.float32).reshape(19, 2)
+    one = {"x": jax.device_put(x, jax.devices()[1])}  # committed to a device other than the default
+    _EVENTS["on"], _EVENTS["seen"] = True, []
+    try:  # neither a compile nor a persistent-cache hit: no program at all
+        parts = [jax.block_until_ready(p) for p in host_pieces(one, np.arange(19, dtype=np.uint32), 8)]
+    finally:
+        _EVENTS["on"] = False
+    assert _EVENTS["seen"] == []
+    assert all(p["x"].devices() == {jax.devices()[1]} for p, _, _ in parts)
+    np.testing.assert_array_equal(np.concatenate([np.asarray(p["x"])[m] for p, _, m in parts]), x)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("d",))
+    spread = {"x": jax.device_put(x[:16], jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("d")))}
+    parts = list(host_pieces(spread, np.arange(16, dtype=np.uint32), 24))
+    assert len(parts) == 1 and parts[0][0]["x"].shape == (24, 2)
+    np.testing.assert_array_equal(np.asarray(parts[0][0]["x"])[:16], x[:16])
+    np.testing.assert_array_equal(np.asarray(parts[0][0]["x"])[16:], np.repeat(x[15:16], 8, 0))
+    np.testing.assert_array_equal(parts[0][2], np.arange(24) < 16)

@@ -65,6 +65,19 @@ def extra_bytes(jitted, *args, **kwargs) -> int | None:
     return int(stats.temp_size_in_bytes + stats.output_size_in_bytes)
 
 
+def on_one_device(x) -> bool:
+    """``x`` is a concrete ``jax.Array`` of numbers held whole on one device (of any platform).
+
+    Such an array can go through NumPy (a copy out and back) where an eager
+    ``jnp`` operation on it would compile a program of its own.
+    """
+    if not isinstance(x, jax.Array) or isinstance(x, jax.core.Tracer) or not x.is_fully_addressable:
+        return False
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        return False
+    return len(x.sharding.device_set) == 1
+
+
 def on_one_cpu_device(x) -> bool:
     """``x`` is a concrete ``jax.Array`` held whole on one CPU device.
 
@@ -72,17 +85,27 @@ def on_one_cpu_device(x) -> bool:
     where an eager ``jnp`` operation on it compiles a program of its own
     (used to stack and join arrays on the CPU without compiling).
     """
-    if not isinstance(x, jax.Array) or isinstance(x, jax.core.Tracer) or not x.is_fully_addressable:
-        return False
-    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-        return False
-    devices = x.sharding.device_set
-    return len(devices) == 1 and next(iter(devices)).platform == "cpu"
+    return on_one_device(x) and next(iter(x.sharding.device_set)).platform == "cpu"
 
 
 def put_like(value: np.ndarray, like: jax.Array) -> jax.Array:
     """``value`` on ``like``'s device: committed there when ``like`` is (a transfer, no compile)."""
     return jax.device_put(value, like.sharding if like.committed else None)
+
+
+def rows_at(x, index: np.ndarray):
+    """``x[index]`` along the leading axis, for a host ``index``, compiling nothing where it can.
+
+    A NumPy array is indexed with NumPy; an array held whole on one device
+    through the host (a copy out and back, placed as ``x`` was: used once per
+    call, to pad a batch); anything else (spread over several devices, a key
+    array) by JAX on its devices, which compiles a gather.
+    """
+    if isinstance(x, np.ndarray):
+        return x[index]
+    if on_one_device(x):
+        return put_like(np.asarray(x)[index], x)
+    return x[index]
 
 
 def take_rows(tree, start: int, rows: int):
@@ -138,4 +161,4 @@ def format_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-__all__ = ["available_bytes", "extra_bytes", "format_bytes", "plan_rows", "take_rows"]
+__all__ = ["available_bytes", "extra_bytes", "format_bytes", "plan_rows", "rows_at", "take_rows"]

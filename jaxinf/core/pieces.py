@@ -4,8 +4,8 @@ Per-example sums and per-example quantities (K-FAC/EK-FAC's statistics,
 per-example gradients) are unchanged by padding whose rows are masked out
 and by cutting, so one traced and compiled step of one batch size can serve
 every batch, a ragged last one too (issue 15, "no retrace for a ragged last
-batch"). :func:`one_size_steps` does it in memory (inside ``jit``: a
-``lax.scan`` or ``lax.map`` over the steps), :func:`host_pieces` on the host
+batch"). :func:`one_size_steps` does it in memory (inside ``jit``: K-FAC's
+``lax.scan`` over the steps), :func:`host_pieces` on the host
 for streams. A padding row repeats its batch's last example (and index), so
 every value stays finite and the mask removes it exactly.
 """
@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinf.core.data import Batches, batch_size
-from jaxinf.core.memory import on_one_cpu_device, put_like
+from jaxinf.core.memory import rows_at
 
 PyTree = Any
 
@@ -62,7 +62,7 @@ def rest_in_pieces(data: Batches, size: int):
 class OneSizeSteps(NamedTuple):
     """Every example of a :class:`Batches` once, in steps of ``size`` examples (:func:`one_size_steps`).
 
-    ``lax.scan``/``lax.map`` over ``xs``; ``at(x)`` is the step's
+    ``lax.scan`` over ``xs``; ``at(x)`` is the step's
     ``(batch, indices, mask)``: ``size`` examples, their global indices and
     ``None`` (no padding anywhere) or a mask, ``False`` on padding.
     ``count`` steps; ``pieces[j]``: the steps of ``data.rest[j]``.
@@ -112,17 +112,11 @@ def host_pieces(batch: PyTree, indices: np.ndarray, size: int):
     The streamed counterpart of :func:`rest_in_pieces`: a batch of exactly
     ``size`` examples is one piece, unchanged; a smaller one (a ragged last
     batch) is padded by repeating its last example and index, a larger one cut.
-    ``mask`` is ``False`` on padding. NumPy leaves, and arrays on one CPU
-    device, are cut and padded with NumPy (nothing compiled); other arrays
-    (an accelerator, several devices) with ``jnp``.
+    ``mask`` is ``False`` on padding. Host arrays and arrays held on one
+    device are cut and padded through NumPy, compiling nothing
+    (:func:`jaxinf.core.memory.rows_at`); arrays spread over several devices
+    by JAX on them.
     """
-
-    def take(a, pos):
-        if isinstance(a, np.ndarray):
-            return np.take(a, pos, 0)
-        if on_one_cpu_device(a):
-            return put_like(np.take(np.asarray(a), pos, 0), a)
-        return jnp.take(a, pos, 0)
 
     n = batch_size(batch)
     for start in range(0, n, size):
@@ -131,7 +125,7 @@ def host_pieces(batch: PyTree, indices: np.ndarray, size: int):
             yield batch, indices, np.ones(size, bool)
             continue
         yield (
-            jax.tree.map(lambda a, p=pos: take(a, p), batch),
+            jax.tree.map(lambda a, p=pos: rows_at(a, p), batch),
             np.asarray(indices)[pos],
             np.arange(start, start + size) < n,
         )

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxinf.core.memory import available_bytes, extra_bytes, on_one_cpu_device, plan_rows, put_like, take_rows
+from jaxinf.core.memory import available_bytes, extra_bytes, on_one_cpu_device, plan_rows, put_like, rows_at, take_rows
 from jaxinf.solvers import compiled
 
 __all__ = ["ADVICE", "FREE_FRACTION", "Planner", "check_budget", "common_rows", "host_rows", "join", "pad_rows"]
@@ -75,24 +75,15 @@ def common_rows(batches: list) -> int:
 def pad_rows(batch, rows: int):
     """``batch`` with its last example repeated up to ``rows`` examples (``batch`` itself if it has them).
 
-    Host arrays are padded on the host, and arrays on one device through the
-    host too, so that padding compiles nothing; arrays spread over several
-    devices are padded on them (:func:`jaxinf.core.memory.take_rows`).
+    Padding compiles nothing for host arrays and arrays held on one device
+    (:func:`jaxinf.core.memory.rows_at`); arrays spread over several devices
+    are padded on them.
     """
     n = _rows_of(batch)
     if n >= rows:
         return batch
     index = np.minimum(np.arange(rows), n - 1)
-
-    def pad(x):
-        if isinstance(x, np.ndarray):
-            return x[index]
-        if isinstance(x, jax.Array) and x.is_fully_addressable and len(x.sharding.device_set) == 1:
-            padded = np.asarray(x)[index]
-            return jax.device_put(padded, x.sharding if x.committed else None)  # a transfer: no compile
-        return take_rows(x, 0, rows)
-
-    return jax.tree.map(pad, batch)
+    return jax.tree.map(lambda x: rows_at(x, index), batch)
 
 
 def host_rows(tree, valid: int):
