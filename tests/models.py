@@ -7,6 +7,7 @@ batches ``(x, y)``. Everything is float64 unless a dtype is given.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -17,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+
+from jaxinf.core.checks import CHECK_COMPILER_OPTIONS
 
 
 class Problem(NamedTuple):
@@ -36,8 +39,16 @@ def softmax_cross_entropy(logits, batch):
     return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, batch[1]))
 
 
-def _regression_data(key, n_train, n_test, d_in, d_out, dtype):
-    kx, kw, kn, kt = jax.random.split(key, 4)
+# The builders draw their data and params inside one jitted program per shape (the seed is traced), compiled
+# unoptimised like the library's one-off check programs: drawn eagerly, every jax.random call, slice and cast
+# compiled a program of its own (about 2.2 s for one regression problem in a fresh process, against 0.7-0.9 s for
+# the one program at -O0 and 1.6-1.9 s at XLA's default), and after `_free_compiled_programs` each test module
+# compiled (or read back) them again.
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5), compiler_options=CHECK_COMPILER_OPTIONS)
+def _regression_data(seed, n_train, n_test, d_in, d_out, dtype):
+    kx, kw, kn, kt = jax.random.split(jax.random.key(seed), 4)
     x = jax.random.normal(kx, (n_train + n_test, d_in), jnp.float32).astype(dtype)
     w = jax.random.normal(kw, (d_in, d_out), jnp.float32).astype(dtype)
     y = jnp.tanh(x @ w) + 0.1 * jax.random.normal(kn, (n_train + n_test, d_out), jnp.float32).astype(dtype)
@@ -63,14 +74,29 @@ class NNXMLP(nnx.Module):
         return self.l2(jnp.tanh(self.l1(x)))
 
 
+@functools.partial(jax.jit, static_argnums=(0, 3), compiler_options=CHECK_COMPILER_OPTIONS)
+def _linen_init(module: nn.Module, seed, x, dtype):
+    """``module.init`` on the first example of ``x``, every leaf cast to ``dtype``."""
+    return jax.tree.map(lambda a: a.astype(dtype), module.init(jax.random.key(seed), x[:1]))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4), compiler_options=CHECK_COMPILER_OPTIONS)
+def _plain_params(seed, d_in, hidden, out, dtype):
+    k1, k2 = jax.random.split(jax.random.key(seed))
+    return {
+        "w1": jax.random.normal(k1, (d_in, hidden), jnp.float32).astype(dtype) / jnp.sqrt(d_in),
+        "b1": jnp.zeros((hidden,), dtype),
+        "w2": jax.random.normal(k2, (hidden, out), jnp.float32).astype(dtype) / jnp.sqrt(hidden),
+        "b2": jnp.zeros((out,), dtype),
+    }
+
+
 def mlp_problem(flavour: str = "linen", *, n_train=23, n_test=5, d_in=4, hidden=6, out=2, dtype=jnp.float64, seed=0):
     """A tanh MLP on a random regression task, in ``flavour`` linen | nnx | plain."""
-    key = jax.random.key(seed)
-    train, test = _regression_data(key, n_train, n_test, d_in, out, dtype)
+    train, test = _regression_data(seed, n_train, n_test, d_in, out, dtype)
     if flavour == "linen":
         module = LinenMLP(hidden, out)
-        params = module.init(jax.random.key(seed + 1), train[0][:1])
-        params = jax.tree.map(lambda a: a.astype(dtype), params)
+        params = _linen_init(module, seed + 1, train[0], dtype)
 
         def model_fn(p, batch):
             return module.apply(p, batch[0])
@@ -84,13 +110,7 @@ def mlp_problem(flavour: str = "linen", *, n_train=23, n_test=5, d_in=4, hidden=
             return nnx.merge(graphdef, p)(batch[0])
 
     elif flavour == "plain":
-        k1, k2 = jax.random.split(jax.random.key(seed + 1))
-        params = {
-            "w1": jax.random.normal(k1, (d_in, hidden), jnp.float32).astype(dtype) / jnp.sqrt(d_in),
-            "b1": jnp.zeros((hidden,), dtype),
-            "w2": jax.random.normal(k2, (hidden, out), jnp.float32).astype(dtype) / jnp.sqrt(hidden),
-            "b2": jnp.zeros((out,), dtype),
-        }
+        params = _plain_params(seed + 1, d_in, hidden, out, dtype)
 
         def model_fn(p, batch):
             return jnp.tanh(batch[0] @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"]
@@ -106,12 +126,7 @@ def mlp_problem(flavour: str = "linen", *, n_train=23, n_test=5, d_in=4, hidden=
 
 def logistic_problem(*, n_train=30, n_test=6, d=3, classes=3, l2=0.0, dtype=jnp.float64, seed=0):
     """Multinomial logistic regression ``softmax(x W + b)`` with optional L2; params ``{"w", "b"}``."""
-    key = jax.random.key(seed)
-    kx, kw, ky = jax.random.split(key, 3)
-    x = jax.random.normal(kx, (n_train + n_test, d), jnp.float32).astype(dtype)
-    w_true = jax.random.normal(kw, (d, classes), jnp.float32).astype(dtype)
-    y = jax.random.categorical(ky, x @ w_true)
-    params = {"w": 0.3 * w_true, "b": jnp.zeros((classes,), dtype)}
+    train, test, params = _logistic_data(seed, n_train, n_test, d, classes, dtype)
 
     def model_fn(p, batch):
         return batch[0] @ p["w"] + p["b"]
@@ -120,9 +135,25 @@ def logistic_problem(*, n_train=30, n_test=6, d=3, classes=3, l2=0.0, dtype=jnp.
         reg = 0.5 * l2 * (jnp.sum(p["w"] ** 2) + jnp.sum(p["b"] ** 2))
         return softmax_cross_entropy(model_fn(p, batch), batch) + reg
 
-    train = (x[:n_train], y[:n_train])
-    test = (x[n_train:], y[n_train:])
     return Problem(loss_fn, params, train, test, model_fn, softmax_cross_entropy)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5), compiler_options=CHECK_COMPILER_OPTIONS)
+def _logistic_data(seed, n_train, n_test, d, classes, dtype):
+    kx, kw, ky = jax.random.split(jax.random.key(seed), 3)
+    x = jax.random.normal(kx, (n_train + n_test, d), jnp.float32).astype(dtype)
+    w_true = jax.random.normal(kw, (d, classes), jnp.float32).astype(dtype)
+    y = jax.random.categorical(ky, x @ w_true)
+    params = {"w": 0.3 * w_true, "b": jnp.zeros((classes,), dtype)}
+    return (x[:n_train], y[:n_train]), (x[n_train:], y[n_train:]), params
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5, 6), compiler_options=CHECK_COMPILER_OPTIONS)
+def _image_data(seed, n_train, n_test, size, channels, classes, dtype):
+    kx, ky = jax.random.split(jax.random.key(seed))
+    x = jax.random.normal(kx, (n_train + n_test, size, size, channels), jnp.float32).astype(dtype)
+    y = jax.random.randint(ky, (n_train + n_test,), 0, classes)
+    return (x[:n_train], y[:n_train]), (x[n_train:], y[n_train:])
 
 
 class LinenCNN(nn.Module):
@@ -138,12 +169,9 @@ class LinenCNN(nn.Module):
 
 def cnn_problem(*, n_train=10, n_test=3, size=4, channels=1, classes=3, dtype=jnp.float64, seed=0):
     """A one-conv-layer Linen CNN classifier on random images (NHWC)."""
-    key = jax.random.key(seed)
-    kx, ky = jax.random.split(key)
-    x = jax.random.normal(kx, (n_train + n_test, size, size, channels), jnp.float32).astype(dtype)
-    y = jax.random.randint(ky, (n_train + n_test,), 0, classes)
+    train, test = _image_data(seed, n_train, n_test, size, channels, classes, dtype)
     module = LinenCNN(classes)
-    params = jax.tree.map(lambda a: a.astype(dtype), module.init(jax.random.key(seed + 1), x[:1]))
+    params = _linen_init(module, seed + 1, train[0], dtype)
 
     def model_fn(p, batch):
         return module.apply(p, batch[0])
@@ -151,9 +179,7 @@ def cnn_problem(*, n_train=10, n_test=3, size=4, channels=1, classes=3, dtype=jn
     def loss_fn(p, batch):
         return softmax_cross_entropy(model_fn(p, batch), batch)
 
-    return Problem(
-        loss_fn, params, (x[:n_train], y[:n_train]), (x[n_train:], y[n_train:]), model_fn, softmax_cross_entropy
-    )
+    return Problem(loss_fn, params, train, test, model_fn, softmax_cross_entropy)
 
 
 def tanh_model_fn(p, batch):
