@@ -279,6 +279,22 @@ def test_non_array_params_leaf_is_named():
         jaxinf.InfluenceModel(loss, dict(params, name="dense"), jaxinf.direct())
 
 
+def test_a_loss_that_fails_on_the_params_is_named_with_its_cause():
+    """Params of another model (a missing leaf, a wrong shape): a ValueError naming the function, cause kept."""
+    loss, params, data = _linear()
+    model_fn = lambda p, b: b[0] @ p["w"] + p["b"]  # noqa: E731
+    output_loss = lambda out, b: jnp.mean((out - b[1]) ** 2)  # noqa: E731
+    with pytest.raises(
+        ValueError, match=r"loss_fn\(params, batch\) fails on the first batch.*KeyError.*'b'.*structure"
+    ) as info:
+        jaxinf.InfluenceModel(loss, {"w": params["w"]}, jaxinf.direct()).fit(data)
+    assert isinstance(info.value.__cause__, KeyError)
+    with pytest.raises(ValueError, match=r"model_fn/output_loss\(params, batch\) fails.*TypeError.*shapes"):
+        jaxinf.curvature_operator(
+            None, dict(params, w=jnp.zeros(2)), data, kind="gauss_newton", model_fn=model_fn, output_loss=output_loss
+        )
+
+
 def test_loss_returning_a_vector_is_refused():
     loss, params, data = _linear()
 

@@ -143,20 +143,6 @@ class BatchStream:
         return self.matmat(vector[:, None], desc=desc)[:, 0]
 
 
-def _check_params(loss_fn, model_fn, params, batch) -> None:
-    fn = loss_fn if loss_fn is not None else model_fn
-    if fn is None:
-        return  # curvature_operator reports the missing functions
-    try:
-        jax.eval_shape(fn, params, batch)
-    except Exception as err:  # the model's own error, re-raised with the cause named
-        name = "loss_fn" if loss_fn is not None else "model_fn"
-        raise ValueError(
-            f"{name}(params, batch) fails on the first batch of the stream: {type(err).__name__}: {err}. Check that "
-            "params has the structure, shapes and dtypes the model expects, and that the batches match the model."
-        ) from err
-
-
 def fit_from_stream(
     solver: Solver | InfluenceModel,
     loss_fn: Callable | None = None,
@@ -317,7 +303,6 @@ def _checked_start(data, loss_fn, params, options: dict, check: Callable[[Curvat
         raise ValueError("The data stream holds no examples; nothing to fit.")
     first = source.first()
     check_finite(first, "data[batch 0]")
-    _check_params(loss_fn, options["model_fn"], params, first)
     operator = curvature_operator(loss_fn, params, first, **options)
     check(operator)
     return source, first, operator
