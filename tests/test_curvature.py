@@ -294,6 +294,12 @@ def test_a_loss_that_fails_on_the_params_is_named_with_its_cause():
             None, dict(params, w=jnp.zeros(2)), data, kind="gauss_newton", model_fn=model_fn, output_loss=output_loss
         )
 
+    def on_the_host(p, batch):  # NumPy of a traced value: the function itself cannot be traced, the hint says so
+        return jnp.mean((batch[0] @ np.asarray(p["w"]) - batch[1]) ** 2)
+
+    with pytest.raises(ValueError, match=r"TracerArrayConversionError.*must be traceable.*NumPy conversion"):
+        jaxinf.curvature_operator(on_the_host, params, data)
+
 
 def test_loss_returning_a_vector_is_refused():
     loss, params, data = _linear()

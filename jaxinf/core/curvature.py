@@ -120,8 +120,9 @@ def check_loss(loss_fn: Callable, params: PyTree, data: Batches) -> None:
     """Raise ``ValueError`` unless ``loss_fn`` gives a finite scalar on every batch of ``data``.
 
     An error of ``loss_fn`` itself on the first batch (params of another
-    model, batches of another shape) is re-raised as a ``ValueError`` that
-    names the function, with the original error as its cause. The shape is
+    model, batches of another shape, a function JAX cannot trace) is
+    re-raised as a ``ValueError`` that names the function and both causes to
+    look for, with the original error as its cause. The shape is
     checked from shapes alone (``jax.eval_shape``); the values with one
     forward pass per batch, on the host, when params and data are
     concrete arrays on this process (skipped under ``jit`` and for data
@@ -131,12 +132,14 @@ def check_loss(loss_fn: Callable, params: PyTree, data: Batches) -> None:
     src, i = data.source(0)  # the first batch, from shapes (indexing a stack would compile a program)
     try:
         out = jax.eval_shape(lambda p, s: loss_fn(p, select(s, i)), _abstract(params), _abstract(src))
-    except Exception as err:  # the model's own error (a missing key, a shape mismatch), re-raised with its cause
+    except Exception as err:  # any error of the user's function (Flax's are plain Exceptions): re-raised, cause kept
         name = "model_fn/output_loss" if isinstance(loss_fn, SplitLoss) else "loss_fn"
         raise ValueError(
-            f"{name}(params, batch) fails on the first batch of the training data: {type(err).__name__}: {err}. "
-            "Check that params has the tree structure, shapes and dtypes the model expects (the params it was "
-            "trained with), and that the batches match the model."
+            f"{name}(params, batch) fails on the first batch of the training data, traced by JAX: "
+            f"{type(err).__name__}: {err}. If params or the batches are not what the model takes, pass the params "
+            "it was trained with (the same tree structure, shapes and dtypes) and batches of its input shapes; "
+            "otherwise the function must be traceable (no NumPy conversion of, or Python branching on, the values "
+            "of params or batch)."
         ) from err
     if not isinstance(out, jax.ShapeDtypeStruct) or out.shape != ():
         shape = out.shape if isinstance(out, jax.ShapeDtypeStruct) else jax.tree.map(lambda o: o.shape, out)
