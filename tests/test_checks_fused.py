@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jaxinf
 from jaxinf.core import checks
 from jaxinf.core.curvature import curvature_operator
 from jaxinf.core.data import as_batches, select
@@ -110,3 +111,25 @@ def test_a_non_scalar_form_is_named_after_the_earlier_forms_values():
         checks.check_fit(op, lambda p, b: summed_linear(model_fn(p, b), b), None, None)
     with pytest.raises(ValueError, match="must return the mean loss over the batch, a float scalar"):
         checks.check_fit(op, vector_loss, model_fn, mean_linear)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_a_curvature_dwarfed_by_the_damping_is_not_called_zero(dtype):
+    """The probes take ``C v`` itself: ``(C + λI) v − λ v`` rounds to exactly 0 where ``λ`` dwarfs ``C`` (a loss
+    scaled by 1e-12 under λ = 1 here), and the check used to refuse such a fit as a zero curvature."""
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((12, 3)), dtype)
+    y = x @ jnp.asarray([1.0, -2.0, 0.5], dtype)
+    w = jnp.asarray([0.9, -1.9, 0.4], dtype)
+
+    def loss(w, batch):
+        return 1e-12 * jnp.mean((batch[0] @ w - batch[1]) ** 2)
+
+    model = jaxinf.InfluenceModel(loss, w, jaxinf.direct(), damping=1.0).fit((x, y))
+    got = model.influences((x[:2], y[:2]), (x, y))
+    x64, y64, w64 = (np.asarray(a, np.float64) for a in (x, y, w))
+    per_example = 2e-12 * (x64 @ w64 - y64)[:, None] * x64  # ∇ of each example's loss
+    curvature = 2e-12 * x64.T @ x64 / len(x64)
+    want = per_example[:2] @ np.linalg.solve(curvature + np.eye(3), per_example.T)
+    np.testing.assert_allclose(got, want, rtol=1e-4 if dtype == jnp.float32 else 1e-10)
+    op = curvature_operator(loss, w, (x, y), damping=1e30)
+    checks.check_curvature(op)  # and in float64 even under λ = 1e30

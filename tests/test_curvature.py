@@ -318,6 +318,8 @@ def test_loss_returning_a_vector_is_refused():
             model_fn=lambda p, b: b[0] @ p["w"] + p["b"],
             output_loss=lambda out, b: (out - b[1]) ** 2,
         )
+    with pytest.raises(ValueError, match=r"must return a real float scalar, but returns dtype complex"):
+        jaxinf.curvature_operator(lambda p, b: loss(p, b) + 0j, params, data)
 
 
 @pytest.mark.parametrize("damping", ["0.1", None, 1j, True, {"all": "0.1"}])

@@ -37,7 +37,7 @@ import numpy as np
 from jaxinf.core.curvature import CurvatureOperator, SplitLoss, per_example_losses, resolve_damping
 from jaxinf.core.damping import is_auto
 from jaxinf.core.data import batch_size, select, take
-from jaxinf.core.tree import tree_all_finite, tree_norm, tree_sub
+from jaxinf.core.tree import tree_all_finite, tree_norm
 
 PyTree = Any
 
@@ -275,9 +275,9 @@ def _probe_norms_eager(operator: CurvatureOperator, batch, probes, k: int = 0, i
 
     def one(v):
         if batch is None:
-            cv = tree_sub(operator.matvec(v), operator.damping_vp(v))
+            cv = operator.block_curvature_vp(v)
         else:
-            cv = tree_sub(operator.batch_matvec(batch, v), operator.damping_vp(v))
+            cv = operator.batch_block_curvature_vp(batch, v)
         return tree_norm(cv), tree_norm(v), tree_all_finite(cv)
 
     return jax.vmap(one)(probes)

@@ -147,6 +147,11 @@ def check_loss(loss_fn: Callable, params: PyTree, data: Batches) -> None:
             f"loss_fn(params, batch) must return a scalar, the mean loss over the batch, but returns {shape}. "
             "Reduce it with jnp.mean over the examples."
         )
+    if not jnp.issubdtype(out.dtype, jnp.floating):
+        raise ValueError(
+            f"loss_fn(params, batch) must return a real float scalar, but returns dtype {out.dtype}: influence "
+            "needs a real loss to differentiate (take the real part or the squared modulus of a complex value)."
+        )
     leaves = jax.tree.leaves((params, data))
     if any(is_tracer(x) or not getattr(x, "is_fully_addressable", True) for x in leaves):
         return
@@ -279,16 +284,24 @@ class CurvatureOperator:
         products = jax.tree.leaves(jax.vmap(product)(stacked))
         return jax.tree.unflatten(treedef, [p[b] for p, b in zip(products, self.block_ids)])
 
+    def block_curvature_vp(self, v: PyTree) -> PyTree:
+        """``C_blockdiag v`` over the whole dataset, undamped (not ``matvec(v) − Λ v``, which cancels to 0 where
+        ``Λ`` dwarfs ``C``)."""
+        return self._blockwise(self.curvature_vp, v)
+
+    def batch_block_curvature_vp(self, batch: PyTree, v: PyTree) -> PyTree:
+        """``C_batch,blockdiag v`` with the mean curvature of one ``batch``, undamped."""
+        return self._blockwise(lambda u: self.batch_curvature_vp(batch, u), v)
+
     def matvec(self, v: PyTree) -> PyTree:
         """``(C_blockdiag + Λ) v``; ``v`` must have the structure and shapes of the params."""
         check_matches(v, self.spec, "v")
-        return jax.tree.map(jnp.add, self._blockwise(self.curvature_vp, v), self.damping_vp(v))
+        return jax.tree.map(jnp.add, self.block_curvature_vp(v), self.damping_vp(v))
 
     def batch_matvec(self, batch: PyTree, v: PyTree) -> PyTree:
         """``(C_batch,blockdiag + Λ) v`` with the mean curvature of one ``batch`` (e.g. a minibatch)."""
         check_matches(v, self.spec, "v")
-        cv = self._blockwise(lambda u: self.batch_curvature_vp(batch, u), v)
-        return jax.tree.map(jnp.add, cv, self.damping_vp(v))
+        return jax.tree.map(jnp.add, self.batch_block_curvature_vp(batch, v), self.damping_vp(v))
 
     __call__ = matvec
 
