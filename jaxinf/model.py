@@ -36,7 +36,7 @@ from jaxinf.core.damping import damping_by_block, is_auto, with_auto_damping
 from jaxinf.core.data import batch_size, checked_list
 from jaxinf.core.errors import NotFittedError
 from jaxinf.core.precision import in_compute, promote
-from jaxinf.core.tree import check_finite, check_matches, check_params, placed_like, rowwise_dot, tree_spec
+from jaxinf.core.tree import as_factors, check_finite, check_matches, check_params, placed_like, rowwise_dot, tree_spec
 from jaxinf.scoring import SCORING_METHODS, check_measurement, choose_method, layer_profile, resolve_input_leaf
 from jaxinf.solvers import compiled
 from jaxinf.solvers.base import Solver, check_solve
@@ -320,6 +320,7 @@ class InfluenceModel:
             ``(n_test, n_train, *x_shape)``.
         """
         check_mode(mode)
+        factors = as_factors(factors, self._spec, self._in_compute(None)[0])  # finite, cast to the params' dtype
         return self._columns(factors, train_data, mode, self.loss_fn)
 
     def _columns(self, factors: PyTree, data: Any, mode: str, fn: Callable):

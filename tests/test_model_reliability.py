@@ -305,3 +305,21 @@ def test_non_finite_factors_raise_through_the_flag_computed_with_the_solve():
     check_solve(jaxinf.cg(), info, jnp.bool_(True), "test points")
     with pytest.raises(jaxinf.ConvergenceError, match="cg returned NaN or inf influence factors"):
         check_solve(jaxinf.cg(), info, jnp.bool_(False), "test points")
+
+
+def test_factors_given_by_the_user_are_checked_and_cast(problem):
+    """``influences_from_factors`` takes factors from outside (a file, another run): NaN/inf raise naming the leaf
+    and row; float32 factors of a float64 model are cast (they failed inside jax.jvp); complex factors raise."""
+    model = _model(problem).fit(problem.train)
+    factors = model.influence_factors(problem.test)
+    want = np.asarray(model.influences_from_factors(factors, problem.train))
+    narrow = jax.tree.map(lambda f: f.astype(jnp.float32), factors)
+    got = model.influences_from_factors(narrow, problem.train)
+    assert got.dtype == jnp.float64
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+    leaves, treedef = jax.tree.flatten(factors)
+    leaves[-1] = leaves[-1].at[1].set(jnp.nan)
+    with pytest.raises(ValueError, match=r"factors\[.*contains .* NaN or inf value\(s\) \(example 1 first"):
+        model.influences_from_factors(jax.tree.unflatten(treedef, leaves), problem.train)
+    with pytest.raises(ValueError, match="complex128; real float factors are needed"):
+        model.influences_from_factors(jax.tree.map(lambda f: f + 0j, factors), problem.train)

@@ -253,6 +253,28 @@ def check_matches(tree: PyTree, spec: TreeSpec, name: str, *, leading: int = 0) 
             raise ValueError(f"{name}: the leaves disagree on the leading axes: {sorted(sizes)}.")
 
 
+def as_factors(factors: PyTree, spec: TreeSpec, like: PyTree, name: str = "factors") -> PyTree:
+    """``factors`` (a leading axis of test points) checked and cast for scoring against the params ``like``.
+
+    The layout of ``spec`` (:func:`check_matches`, one leading axis), real float leaves, finite values (one
+    compiled check on the device; the leaf and row are looked up on the host only when it fails; skipped for
+    tracers and arrays over several processes, as :func:`check_finite`), then each leaf cast to the dtype of its
+    leaf of ``like`` (e.g. float32 factors of a float64 model).
+    """
+    check_matches(factors, spec, name, leading=1)
+    leaves = jax.tree.leaves(factors)
+    for path, leaf in zip(spec.leaf_paths(), leaves):
+        if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
+            raise ValueError(f"{name}{path} has dtype {jnp.result_type(leaf)}; real float factors are needed.")
+    if not any(is_tracer(x) or not getattr(x, "is_fully_addressable", True) for x in leaves):
+        if not bool(_all_finite(factors)):
+            check_finite(factors, name, per_example=True, advice="recompute the factors (a failed solve?).")
+    return jax.tree.map(lambda f, p: f if jnp.result_type(f) == p.dtype else jnp.asarray(f, p.dtype), factors, like)
+
+
+_all_finite = jax.jit(tree_all_finite)
+
+
 def is_tracer(x) -> bool:
     return isinstance(x, jax.core.Tracer)
 
