@@ -13,6 +13,7 @@ import pytest
 import jaxinf
 from jaxinf.core.curvature import to_dense
 from jaxinf.core.tree import ravel, tree_spec, unravel_batched
+from jaxinf.solvers.base import solve_many
 from tests import models
 
 _dense = jax.jit(to_dense)
@@ -322,3 +323,22 @@ def test_float32_at_small_damping_converges_at_the_default_rtol():
         # (≈ eps₃₂·‖A‖‖x‖, up to ~1e-2 relative at κ ≈ 1e5; measured 2.4e-4)
         assert np.all(_true_relative_residuals(op64, x, rhs) <= 1e-3)
         assert np.max(_rel_err(_rows(x), reference)) < 0.5  # κ ≈ 1e5 × rtol 1e-4 bounds the error only loosely
+
+
+
+@pytest.mark.parametrize("name", ["cg", "block_cg", "lissa", "direct", "arnoldi"])
+def test_a_float32_right_hand_side_of_a_float64_operator_is_solved_in_float64(name):
+    """CG and LiSSA used to fail inside jax.jvp (tangent dtype ≠ primal dtype) for float32 right-hand sides of a
+    float64 model, while direct and Arnoldi accepted them: every solver now casts them to the params' dtype."""
+    problem = models.mlp_problem("plain", n_train=12, n_test=3)
+    op = _gn_operator(problem, 0.1)
+    solver = {"cg": jaxinf.cg(rtol=1e-12), "block_cg": CG, "lissa": jaxinf.lissa(batch_size=None, rtol=1e-10),
+              "direct": jaxinf.direct(), "arnoldi": jaxinf.arnoldi(4)}[name]
+    state = solver.init(op, key=jax.random.key(0))
+    v32 = jax.tree.map(lambda a: a.astype(jnp.float32), _rhs(problem.params, 2))
+    want = solve_many(solver, state, jax.tree.map(lambda a: a.astype(jnp.float64), v32))[0]
+    one = solver.solve(state, jax.tree.map(lambda a: a[0], v32))[0]
+    many = solve_many(solver, state, v32)[0]
+    assert all(x.dtype == jnp.float64 for x in jax.tree.leaves((one, many)))
+    np.testing.assert_allclose(ravel(one), ravel(jax.tree.map(lambda a: a[0], want)), rtol=1e-9)
+    np.testing.assert_allclose(_rows(many), _rows(want), rtol=1e-9)

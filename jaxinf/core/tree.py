@@ -275,6 +275,17 @@ def as_factors(factors: PyTree, spec: TreeSpec, like: PyTree, name: str = "facto
 _all_finite = jax.jit(tree_all_finite)
 
 
+def cast_like(tree: PyTree, spec: TreeSpec, *, leading: int = 0) -> PyTree:
+    """``tree`` (laid out as ``spec``, checked by :func:`check_matches`) with each leaf in its parameter's dtype.
+
+    A right-hand side of another float dtype (float32 gradients of a float64 model) would otherwise fail inside
+    ``jax.jvp``, whose tangents must have the primal's dtype; leaves already in it are returned as they are.
+    """
+    leaves, treedef = jax.tree.flatten(tree)
+    cast = [x if jnp.result_type(x) == d else jnp.asarray(x, d) for x, d in zip(leaves, spec.dtypes)]
+    return jax.tree.unflatten(treedef, cast)
+
+
 def is_tracer(x) -> bool:
     return isinstance(x, jax.core.Tracer)
 

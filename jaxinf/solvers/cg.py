@@ -50,6 +50,7 @@ import numpy as np
 
 from jaxinf.core.curvature import CurvatureOperator
 from jaxinf.core.tree import (
+    cast_like,
     check_matches,
     is_tracer,
     ravel_batched,
@@ -192,12 +193,14 @@ def cg(
     def solve(state: CGState, v: PyTree) -> tuple[PyTree, SolveInfo]:
         op = state.operator
         check_matches(v, op.spec, "v")
+        v = cast_like(v, op.spec)
         pre, tolerance, steps = precond_fn(state), rtol_for(op.compute_dtype), iterations_for(op.size)
         return symmetric_solve(op.matvec, lambda b: pcg(op.matvec, pre, b, tolerance, atol, steps), v)
 
     def solve_many(state: CGState, vs: PyTree) -> tuple[PyTree, SolveInfo]:
         op = state.operator
         check_matches(vs, op.spec, "V", leading=1)
+        vs = cast_like(vs, op.spec)
         pre, tolerance, steps = precond_fn(state), rtol_for(op.compute_dtype), iterations_for(op.size)
         block_solve = lambda b: _block_solve(op, pre, b, block_size, tolerance, atol, steps)  # noqa: E731
         return symmetric_solve(jax.vmap(op.matvec), block_solve, vs)

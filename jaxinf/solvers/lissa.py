@@ -58,7 +58,7 @@ import jax.numpy as jnp
 
 from jaxinf.core.curvature import CurvatureOperator
 from jaxinf.core.minibatch import example_pool, sample_minibatch
-from jaxinf.core.tree import check_matches, is_tracer, tree_scale, tree_sub
+from jaxinf.core.tree import cast_like, check_matches, is_tracer, tree_scale, tree_sub
 from jaxinf.solvers.base import SolveInfo, Solver, make_info, records_config
 from jaxinf.solvers.lissa_loop import CHECK_BATCHES, lane_norms, recursion
 from jaxinf.solvers.lissa_scale import auto_scale
@@ -221,6 +221,7 @@ def _solve_lanes(state: LissaState, V: PyTree, *, maxiter, dampen, h0, rtol, bat
     """LiSSA for every right-hand side along the leading axis of ``V`` (:func:`jaxinf.solvers.lissa_loop.recursion`)."""
     op = state.operator
     check_matches(V, op.spec, "rhs", leading=1)
+    V = cast_like(V, op.spec)
     if h0 is not None:
         check_matches(h0, op.spec, "h0")
     dtype = op.dtype
