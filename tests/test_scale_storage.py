@@ -199,6 +199,21 @@ def test_metadata_that_json_cannot_store_is_named(tmp_path):
     assert os.listdir(tmp_path) == []  # nothing written
 
 
+def test_swapped_arguments_are_named(tmp_path):
+    """save_state(model_or_state, path) used to fail with "data type 'u72' not understood" (the path saved as a
+    state); every entry point now names its first argument, the file path."""
+    state = {"a": np.zeros(2)}
+    path_first = r"first argument is the file path \(str or os.PathLike\), got "
+    with pytest.raises(TypeError, match="save_state's " + path_first + "dict"):
+        scale.save_state(state, tmp_path / "s.npz")
+    scale.save_state(tmp_path / "s.npz", state)
+    with pytest.raises(TypeError, match="load_state's " + path_first + "dict"):
+        scale.load_state(state, tmp_path / "s.npz")
+    with pytest.raises(TypeError, match="read_header's " + path_first + "int"):
+        scale.read_header(3)
+    assert os.listdir(tmp_path) == ["s.npz"]
+
+
 def test_truncated_and_corrupted_files_give_a_clear_error(problem, tmp_path):
     solver = jaxinf.direct()
     op = operator(problem)

@@ -73,6 +73,16 @@ def state_skeleton(solver, operator, *, key: jax.Array | None = None) -> PyTree:
     return jax.eval_shape(lambda op, k: solver.init(op, key=k), operator, key)
 
 
+def _check_path(path: Any, name: str) -> None:
+    """``TypeError`` unless ``path`` is a file path: the arguments swapped, or a model given for its state."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(
+            f"{name}'s first argument is the file path (str or os.PathLike), got {type(path).__name__}: call "
+            f"jaxinf.scale.{name}(path, ...) as in jaxinf.scale.save_state('state.npz', model.state, "
+            "solver=model.solver, operator=model.operator)."
+        )
+
+
 def _check_json(value: Any, where: str) -> None:
     """Raise ``ValueError`` naming the first entry of ``value`` that JSON cannot store faithfully."""
     if value is None or isinstance(value, (bool, str)) or type(value) in (int, float):
@@ -113,6 +123,7 @@ def save_state(
       ValueError: ``metadata`` that JSON cannot store (the message names the
         entry).
     """
+    _check_path(path, "save_state")
     if metadata is not None and not isinstance(metadata, dict):
         raise ValueError(f"metadata must be a dict (JSON object) or None, got a {type(metadata).__name__}.")
     _check_json(metadata, "metadata")
@@ -228,8 +239,9 @@ def _entry_ok(e) -> bool:
 
 
 @contextlib.contextmanager
-def _archive(path):
+def _archive(path, name: str = "load_state"):
     """``with _archive(path) as (archive, header)``: the open zip and its checked JSON header."""
+    _check_path(path, name)
     try:
         archive = zipfile.ZipFile(os.fspath(path))
     except _UNREADABLE as error:
@@ -244,7 +256,7 @@ def _archive(path):
 
 def read_header(path: str | os.PathLike) -> dict:
     """The JSON header of a saved state (solver, fingerprint ``"fit"``, leaf paths, shapes, dtypes, metadata)."""
-    with _archive(path) as (_, header):
+    with _archive(path, "read_header") as (_, header):
         return header
 
 
