@@ -211,6 +211,9 @@ def test_swapped_arguments_are_named(tmp_path):
         scale.load_state(state, tmp_path / "s.npz")
     with pytest.raises(TypeError, match="read_header's " + path_first + "int"):
         scale.read_header(3)
+    for directory in (tmp_path, f"{tmp_path}/new/"):
+        with pytest.raises(ValueError, match="is a directory; save_state writes one file"):
+            scale.save_state(directory, state)
     assert os.listdir(tmp_path) == ["s.npz"]
 
 

@@ -124,6 +124,8 @@ def save_state(
         entry).
     """
     _check_path(path, "save_state")
+    if os.path.isdir(path) or os.fspath(path).endswith(("/", os.sep)):  # before the state is copied to the host
+        raise ValueError(f"{path} is a directory; save_state writes one file: give a file path such as state.npz.")
     if metadata is not None and not isinstance(metadata, dict):
         raise ValueError(f"metadata must be a dict (JSON object) or None, got a {type(metadata).__name__}.")
     _check_json(metadata, "metadata")
