@@ -301,6 +301,27 @@ def test_a_loss_that_fails_on_the_params_is_named_with_its_cause():
         jaxinf.curvature_operator(on_the_host, params, data)
 
 
+def test_an_nnx_model_left_in_training_mode_is_named():
+    """NNX dropout in training mode bumps its RNG count when called, which JAX refuses inside a trace (eagerly it
+    runs): the error says to call model.eval(); in evaluation mode the same split fits."""
+    from flax import nnx
+
+    rngs = nnx.Rngs(0)
+    model = nnx.Sequential(nnx.Linear(2, 3, rngs=rngs), nnx.Dropout(0.5, rngs=rngs), nnx.Linear(3, 1, rngs=rngs))
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((6, 2)))
+    data = (x, x[:, 0])
+
+    def split_loss():
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        return (lambda p, b: jnp.mean((nnx.merge(graphdef, p, rest)(b[0])[:, 0] - b[1]) ** 2)), params
+
+    loss, params = split_loss()
+    with pytest.raises(ValueError, match=r"TraceContextError.*evaluation mode.*model.eval\(\)"):
+        jaxinf.curvature_operator(loss, params, data)
+    model.eval()
+    jaxinf.curvature_operator(*split_loss(), data)
+
+
 def test_loss_returning_a_vector_is_refused():
     loss, params, data = _linear()
 

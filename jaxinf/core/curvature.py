@@ -134,12 +134,20 @@ def check_loss(loss_fn: Callable, params: PyTree, data: Batches) -> None:
         out = jax.eval_shape(lambda p, s: loss_fn(p, select(s, i)), _abstract(params), _abstract(src))
     except Exception as err:  # any error of the user's function (Flax's are plain Exceptions): re-raised, cause kept
         name = "model_fn/output_loss" if isinstance(loss_fn, SplitLoss) else "loss_fn"
+        mutates = "TraceContext" in type(err).__name__  # Flax: state (an RNG count, batch statistics) set in a trace
         raise ValueError(
             f"{name}(params, batch) fails on the first batch of the training data, traced by JAX: "
-            f"{type(err).__name__}: {err}. If params or the batches are not what the model takes, pass the params "
-            "it was trained with (the same tree structure, shapes and dtypes) and batches of its input shapes; "
-            "otherwise the function must be traceable (no NumPy conversion of, or Python branching on, the values "
-            "of params or batch)."
+            f"{type(err).__name__}: {err}. "
+            + (
+                "The model changes its own state when called (dropout's RNG count, batch statistics): put it in "
+                "evaluation mode before splitting it (NNX: model.eval(); Linen: deterministic=True, "
+                "use_running_average=True), since influence is taken at fixed parameters. "
+                if mutates
+                else ""
+            )
+            + "If params or the batches are not what the model takes, pass the params it was trained with (the same "
+            "tree structure, shapes and dtypes) and batches of its input shapes; otherwise the function must be "
+            "traceable (no NumPy conversion of, or Python branching on, the values of params or batch)."
         ) from err
     if not isinstance(out, jax.ShapeDtypeStruct) or out.shape != ():
         shape = out.shape if isinstance(out, jax.ShapeDtypeStruct) else jax.tree.map(lambda o: o.shape, out)
