@@ -163,6 +163,9 @@ def test_locations_that_are_not_positions_raise(lm):
     batch = (jnp.ones((5, T, 4)), jnp.ones((5, 2)))
     with pytest.raises(ValueError, match="do not map one-to-one"):
         token_map(loss_tracer(pooled, p, batch), p, batch, (1, None))
+    labels = (jnp.ones((5, T, 4)), jnp.ones((5,)))  # one label per sequence: the error spells the per-leaf form
+    with pytest.raises(ValueError, match=r"batch leaf 1 .* of shape \(5,\).*give None.*sequence_axis=\(1, None\)"):
+        token_map(loss_tracer(pooled, {"w": jnp.ones(4)}, labels), {"w": jnp.ones(4)}, labels, 1)
 
     def mixer(p, b):  # token mixing: a dense layer over the sequence axis
         return jnp.mean((jnp.einsum("ntd,ts->nsd", b[0], p["w"]) - b[1]) ** 2)

@@ -298,11 +298,14 @@ def _batch_labels(batch, sequence_axis):
             f"per batch leaf ({len(leaves)} here); got {sequence_axis!r}."
         )
     labels, lengths = [], set()
-    for leaf, a in zip(leaves, axes):
+    for i, (leaf, a) in enumerate(zip(leaves, axes)):
         nd = np.ndim(leaf)
         if a is not None and not (nd >= 2 and -nd < a < nd and a % nd != 0):
+            per_leaf = tuple(None if j == i else b for j, b in enumerate(axes))
             raise ValueError(
-                f"sequence_axis {a} is not an axis after the example axis of a batch leaf of shape {np.shape(leaf)}."
+                f"sequence_axis {a} is not an axis after the example axis of batch leaf {i} (in jax.tree.leaves "
+                f"order), of shape {np.shape(leaf)}. For a leaf without a sequence axis (e.g. one label per "
+                f"sequence) give None in its place: sequence_axis={per_leaf!r}."
             )
         lab = [None] * nd
         if a is not None:
