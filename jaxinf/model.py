@@ -36,7 +36,7 @@ from jaxinf.core.damping import damping_by_block, is_auto, with_auto_damping
 from jaxinf.core.data import batch_size, checked_list
 from jaxinf.core.errors import NotFittedError
 from jaxinf.core.precision import in_compute, promote
-from jaxinf.core.tree import as_factors, check_finite, check_matches, check_params, placed_like, rowwise_dot, tree_spec
+from jaxinf.core.tree import as_factors, check_finite, check_matches, owned_params, placed_like, rowwise_dot, tree_spec
 from jaxinf.scoring import SCORING_METHODS, check_measurement, choose_method, layer_profile, resolve_input_leaf
 from jaxinf.solvers import compiled
 from jaxinf.solvers.base import Solver, check_solve
@@ -130,8 +130,7 @@ class InfluenceModel:
         if not callable(loss_fn):
             raise TypeError("loss_fn must be a callable loss_fn(params, batch) -> scalar mean loss.")
         check_kind(curvature, loss_fn, model_fn, output_loss)
-        check_params(params)
-        check_finite(params, "params")
+        params = owned_params(params)  # checked; a NumPy leaf copied, so that changing it in place changes nothing
         self._block_names = resolve_blocks(params, blocks)[1]  # bad blocks raise here, not at fit
         check_damping(damping, self._block_names)
         self.loss_fn, self._params, self.solver, self.curvature = loss_fn, params, solver, curvature
@@ -164,8 +163,7 @@ class InfluenceModel:
 
     @params.setter
     def params(self, value):
-        check_params(value)
-        check_finite(value, "params")
+        value = owned_params(value)
         if tree_spec(value) != self._spec:
             raise ValueError(
                 f"params: the new params have another layout ({tree_spec(value)}) than the model's ({self._spec}). "

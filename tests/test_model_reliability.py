@@ -323,3 +323,36 @@ def test_factors_given_by_the_user_are_checked_and_cast(problem):
         model.influences_from_factors(jax.tree.unflatten(treedef, leaves), problem.train)
     with pytest.raises(ValueError, match="complex128; real float factors are needed"):
         model.influences_from_factors(jax.tree.map(lambda f: f + 0j, factors), problem.train)
+
+
+def test_a_loader_refilling_one_buffer_and_params_changed_in_place_change_nothing(problem):
+    """A loader that refills one NumPy buffer for every batch (yielding views of it) used to leave every batch
+    read into a list holding the last one: a silently wrong fit and wrong columns. Params given as NumPy arrays
+    and changed in place after the fit changed CG's later solves. Both are copied as they are read."""
+    x, y = (np.asarray(a) for a in problem.train)
+    sizes = [5, 5, 2]
+    starts = np.cumsum([0, *sizes])
+    given = [(x[s:e], y[s:e]) for s, e in zip(starts[:-1], starts[1:])]
+
+    def refilling():
+        bx, by = np.empty((5, *x.shape[1:]), x.dtype), np.empty((5, *y.shape[1:]), y.dtype)
+        for s, e in zip(starts[:-1], starts[1:]):
+            bx[: e - s], by[: e - s] = x[s:e], y[s:e]
+            yield bx[: e - s], by[: e - s]
+
+    want = _model(problem).fit(given).influences(problem.test, given)
+    got = _model(problem).fit(refilling()).influences(problem.test, refilling())
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
+    for a, b in zip(scale.as_source(refilling()).batches(), given):
+        np.testing.assert_array_equal(a[0], b[0])
+
+    params = jax.tree.map(np.array, problem.params)  # writeable NumPy copies of the user's
+    model = _model(problem, solver=jaxinf.cg(rtol=1e-12))
+    model.params = params  # unfitted: only checked and copied
+    model.fit(given)
+    before = np.asarray(model.influences(problem.test, given))
+    for leaf in jax.tree.leaves(params):
+        leaf *= 0.0
+    np.testing.assert_array_equal(model.influences(problem.test, given), before)
+    with pytest.raises(ValueError, match="read-only"):
+        jax.tree.leaves(model.params)[0][...] = 0.0

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxinf.core.memory import on_one_cpu_device, put_like
-from jaxinf.core.tree import check_finite, tree_add, tree_scale
+from jaxinf.core.tree import check_finite, readonly_copy, tree_add, tree_scale
 
 PyTree = Any
 
@@ -196,6 +196,17 @@ def as_batches(data: Any, *, name: str = "data", check_values: bool = True) -> B
     return Batches(_stack([batches[i] for i in same]), rest, order)
 
 
+def read_batches(data: Any) -> list:
+    """The batches of ``data`` (one batch or a collection) as a list, read once.
+
+    From an iterator (a generator, a data loader) each writeable NumPy leaf is copied as it comes: a loader may
+    refill one buffer in place for every batch, and keeping references would leave every batch holding the last.
+    """
+    if is_single_batch(data) or isinstance(data, list):
+        return list(iterate_batches(data))
+    return [jax.tree.map(_own, b) for b in data]
+
+
 class CheckedList(list):
     """Batches that :func:`checked_list` has checked: passed to it again, they are not read again."""
 
@@ -214,7 +225,7 @@ def checked_list(data: Any, *, name: str = "data", check_values: bool = True) ->
         return data
     if isinstance(data, Batches):
         return CheckedList(data.batches())
-    batches = list(iterate_batches(data))
+    batches = read_batches(data)
     if not batches:
         if isinstance(data, collections.abc.Iterator):
             raise ValueError(
@@ -246,6 +257,11 @@ def checked_list(data: Any, *, name: str = "data", check_values: bool = True) ->
         if check_values:
             check_finite(b, label)
     return CheckedList(batches)
+
+
+def _own(leaf):
+    """A writeable NumPy leaf copied (read-only); any other leaf (a jax.Array is immutable) as it is."""
+    return readonly_copy(leaf) if isinstance(leaf, np.ndarray) and leaf.flags.writeable else leaf
 
 
 def _stack(batches: list) -> PyTree:

@@ -275,7 +275,28 @@ def as_factors(factors: PyTree, spec: TreeSpec, like: PyTree, name: str = "facto
 _all_finite = jax.jit(tree_all_finite)
 
 
-def cast_like(tree: PyTree, spec: TreeSpec, *, leading: int = 0) -> PyTree:
+def owned_params(params: PyTree, name: str = "params") -> PyTree:
+    """``params`` checked (:func:`check_params`, :func:`check_finite`), with every writeable NumPy leaf copied.
+
+    A fitted state keeps the params it was fitted at; a NumPy array of the user's is mutable, and changing it in
+    place afterwards (``w -= lr * g``) would change later solves (CG's products) without a refit. The copies are
+    read-only, so writing into ``model.params`` raises instead.
+    """
+    check_params(params, name)
+    check_finite(params, name)
+    if not any(isinstance(a, np.ndarray) and a.flags.writeable for a in jax.tree.leaves(params)):
+        return params  # the same object: jax.Arrays are immutable
+    return jax.tree.map(lambda a: readonly_copy(a) if isinstance(a, np.ndarray) and a.flags.writeable else a, params)
+
+
+def readonly_copy(a: np.ndarray) -> np.ndarray:
+    """A copy of ``a`` that cannot be written to."""
+    out = np.array(a, copy=True)
+    out.flags.writeable = False
+    return out
+
+
+def cast_like(tree: PyTree, spec: TreeSpec) -> PyTree:
     """``tree`` (laid out as ``spec``, checked by :func:`check_matches`) with each leaf in its parameter's dtype.
 
     A right-hand side of another float dtype (float32 gradients of a float64 model) would otherwise fail inside

@@ -30,7 +30,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxinf.core.data import Batches, iterate_batches
+from jaxinf.core.data import Batches, read_batches
 from jaxinf.core.data import batch_size as leading_size
 
 PyTree = Any
@@ -248,7 +248,7 @@ def as_source(data: Any, batch_size: int | None = None) -> _Source:
         return data
     if isinstance(data, Batches):
         data = list(data.batches())
-    batches = list(iterate_batches(data))
+    batches = read_batches(data)
     if batch_size is not None:
         if len(batches) == 1:
             return ArraySource(batches[0], batch_size)
