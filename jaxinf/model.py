@@ -53,8 +53,8 @@ class InfluenceModel:
       loss_fn: ``loss_fn(params, batch) -> scalar``, the **mean** loss over the
         leading axis of every leaf of ``batch``. For Gauss-Newton it may be
         ``None`` and is then ``output_loss(model_fn(params, batch), batch)``.
-      params: the trained parameters (any pytree; e.g. Linen variables or
-        ``nnx.split(model, nnx.Param)[1]``).
+      params: the trained parameters (any pytree; e.g. Linen ``variables['params']`` or
+        ``nnx.split(model, nnx.Param)[1]``; running statistics are refused).
       solver: a :class:`jaxinf.Solver`, e.g. ``jaxinf.direct()``.
       damping: ``λ >= 0`` in ``(C + λI)⁻¹``; a scalar, ``{block: λ}``, or
         ``"auto"``: ``λ = 10 · tr(C)/P`` estimated at fit (and at every refit;

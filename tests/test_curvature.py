@@ -279,6 +279,33 @@ def test_non_array_params_leaf_is_named():
         jaxinf.InfluenceModel(loss, dict(params, name="dense"), jaxinf.direct())
 
 
+def test_running_statistics_given_as_params_are_refused():
+    """BatchNorm's running mean and variance are float leaves that pass every other check, and were differentiated
+    as trained parameters: Linen variables with a 'batch_stats' collection, or an NNX state with BatchStat."""
+    import flax.linen as nn
+    from flax import nnx
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(1)(nn.BatchNorm(use_running_average=True)(x))[:, 0]
+
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((6, 2)))
+    data = (x, x[:, 0])
+    variables = Net().init(jax.random.key(0), x)
+    loss = lambda v, b: jnp.mean((Net().apply(v, b[0]) - b[1]) ** 2)  # noqa: E731
+    with pytest.raises(ValueError, match=r"Flax Linen collections \['batch_stats'\] beside 'params'"):
+        jaxinf.InfluenceModel(loss, variables, jaxinf.direct(), damping=0.1)
+    closed = lambda p, b: loss(dict(p, batch_stats=variables["batch_stats"]), b)  # noqa: E731
+    jaxinf.curvature_operator(closed, {"params": variables["params"]}, data)  # the params collection alone is fine
+
+    model = nnx.Sequential(nnx.BatchNorm(2, rngs=nnx.Rngs(0)), nnx.Linear(2, 1, rngs=nnx.Rngs(1)))
+    model.eval()
+    graphdef, state = nnx.split(model)
+    with pytest.raises(ValueError, match=r"NNX variables that are not parameters: .*\['mean'\] \(BatchStat\)"):
+        jaxinf.curvature_operator(lambda s, b: jnp.mean(nnx.merge(graphdef, s)(b[0]) ** 2), state, data)
+
+
 def test_a_loss_that_fails_on_the_params_is_named_with_its_cause():
     """Params of another model (a missing leaf, a wrong shape): a ValueError naming the function, cause kept."""
     loss, params, data = _linear()

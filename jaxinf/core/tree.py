@@ -7,7 +7,9 @@ same everywhere.
 
 from __future__ import annotations
 
+import collections.abc
 import math
+import sys
 from typing import Any, NamedTuple
 
 import jax
@@ -114,6 +116,35 @@ def check_array_leaves(tree: PyTree, name: str) -> None:
             )
 
 
+def _check_trained(params: PyTree, name: str) -> None:
+    """Refuse model state that is not trained by gradient but would be differentiated as parameters.
+
+    Flax Linen variables with collections beside ``'params'`` (``batch_stats``: running means and variances), and
+    Flax NNX variables that are not ``nnx.Param`` (``nnx.BatchStat``...): their float leaves pass every other
+    check, and influence would then include gradients and curvature in the running statistics.
+    """
+    if isinstance(params, collections.abc.Mapping) and "params" in params and len(params) > 1:
+        others = sorted(str(k) for k in params if k != "params")
+        raise ValueError(
+            f"{name} holds the Flax Linen collections {others} beside 'params': their leaves (e.g. BatchNorm's "
+            f"running statistics) would be differentiated as trained parameters. Pass {name}['params'] and close "
+            f"over the rest in the loss: lambda p, batch: loss(model.apply({{'params': p, {others[0]!r}: ...}}, ...))."
+        )
+    nnx = sys.modules.get("flax.nnx")  # loaded whenever params hold NNX variables; not imported here
+    if nnx is None:
+        return
+    flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
+    state = [(p, v) for p, v in flat if isinstance(v, nnx.Variable) and not isinstance(v, nnx.Param)]
+    if state:
+        where = ", ".join(f"{name}{jax.tree_util.keystr(p)} ({type(v).__name__})" for p, v in state[:3])
+        raise ValueError(
+            f"{name} holds NNX variables that are not parameters: {where}{' ...' if len(state) > 3 else ''}; they "
+            "would be differentiated as trained parameters. Split the parameters alone: "
+            "graphdef, params, rest = nnx.split(model, nnx.Param, ...), and merge them back in the loss with "
+            "nnx.merge(graphdef, params, rest)."
+        )
+
+
 def _short_repr(x, limit: int = 40) -> str:
     text = repr(x)
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -149,6 +180,7 @@ def check_params(params: PyTree, name: str = "params") -> None:
         than one dtype.
     """
     check_array_leaves(params, name)
+    _check_trained(params, name)
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
     if not flat:
         raise ValueError(f"{name} has no array leaves; pass the pytree of the model's float parameters.")
