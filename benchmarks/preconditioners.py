@@ -216,7 +216,13 @@ def methods(args, n_classes: int) -> list[tuple[str, jaxinf.Solver, str, object,
     rows = [
         (
             f"{'block_' if block else ''}cg+{p.name if p is not None else name}",
-            jaxinf.cg(rtol=args.rtol, maxiter=args.maxiter, preconditioner=p, block=block, block_size=args.n_test),
+            jaxinf.cg(
+                rtol=args.rtol,
+                maxiter=args.maxiter,
+                preconditioner=p,
+                block=block,
+                block_size=args.n_test if block else None,
+            ),
             cost,
             p,
             products,

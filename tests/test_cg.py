@@ -229,7 +229,14 @@ def test_bad_configuration_and_input_and_default_maxiter():
     with pytest.raises(ValueError, match="maxiter must be a positive integer"):
         jaxinf.cg(maxiter=0)
     with pytest.raises(ValueError, match="block_size must be a positive integer"):
-        jaxinf.cg(block_size=0)
+        jaxinf.cg(block=True, block_size=0)
+    with pytest.raises(ValueError, match=r"block_size=8 applies to block CG only, and would be ignored"):
+        jaxinf.cg(block_size=8)  # was silently ignored
+    for rtol in (1, 2.0):  # stopped at x = 0: zero influences, reported as converged
+        with pytest.raises(ValueError, match="rtol must be < 1"):
+            jaxinf.cg(rtol=rtol)
+        with pytest.raises(ValueError, match="rtol must be < 1"):
+            jaxinf.lissa(rtol=rtol)
     with pytest.raises(ValueError, match="preconditioner must be None"):
         jaxinf.cg(preconditioner="jacobi")
     p = models.logistic_problem()

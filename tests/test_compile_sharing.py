@@ -31,7 +31,7 @@ def _cache_sizes():
 def test_factories_return_one_object_per_configuration():
     assert jaxinf.cg(rtol=1e-3) is jaxinf.cg(rtol=1e-3)
     assert jaxinf.cg(rtol=1e-3) is not jaxinf.cg(rtol=1e-4)
-    assert jaxinf.cg(rtol=1) is jaxinf.cg(rtol=1) is not jaxinf.cg(rtol=1.0)  # the type is part of the key
+    assert jaxinf.cg(maxiter=9) is jaxinf.cg(maxiter=9) is not jaxinf.cg(maxiter=9.0)  # the type is part of the key
     weights = np.ones(3)  # an unhashable argument: a new object each time, still a working solver
     made = jaxinf.tracin([{"w": weights}], learning_rates=weights[:1])
     assert made is not jaxinf.tracin([{"w": weights}], learning_rates=weights[:1])

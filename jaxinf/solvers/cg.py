@@ -89,7 +89,7 @@ def cg(
     atol: float = 0.0,
     maxiter: int | None = None,
     block: bool = False,
-    block_size: int = 32,
+    block_size: int | None = None,
     preconditioner: Preconditioner | None = None,
 ) -> Solver:
     """Conjugate gradient for ``(C + Λ) x = v``, optionally pre-conditioned and blocked.
@@ -122,9 +122,9 @@ def cg(
       block: give the solver a blocked ``solve_many`` (used by
         :class:`jaxinf.InfluenceModel` for many right-hand sides);
         ``solve`` stays single-right-hand-side CG.
-      block_size: right-hand sides solved together by ``solve_many``
-        (capped at ``p``); more are processed block after block with
-        ``lax.map``.
+      block_size: right-hand sides solved together by block CG's
+        ``solve_many`` (capped at ``p``; default 32); more are processed
+        block after block with ``lax.map``. Only with ``block=True``.
       preconditioner: ``None``, :func:`jaxinf.jacobi_preconditioner`,
         :func:`jaxinf.nystrom_preconditioner`, :func:`jaxinf.kfac_preconditioner`
         or :func:`jaxinf.ekfac_preconditioner`; fitted in ``init`` (with the
@@ -137,8 +137,9 @@ def cg(
       recursive residual had drifted and was replaced).
 
     Raises:
-      ValueError: negative or non-finite tolerances, both zero, ``maxiter``
-        or ``block_size`` below 1, or a ``preconditioner`` that is not a
+      ValueError: negative or non-finite tolerances, both zero, ``rtol >= 1``,
+        ``maxiter`` or ``block_size`` below 1, ``block_size`` without
+        ``block=True``, or a ``preconditioner`` that is not a
         :class:`jaxinf.solvers.preconditioners.Preconditioner`.
 
     Examples:
@@ -163,6 +164,12 @@ def cg(
     _check_tolerances(rtol, atol)
     if maxiter is not None and (isinstance(maxiter, bool) or int(maxiter) != maxiter or maxiter < 1):
         raise ValueError(f"maxiter must be a positive integer or None, got {maxiter!r}.")
+    if block_size is not None and not block:
+        raise ValueError(
+            f"block_size={block_size!r} applies to block CG only, and would be ignored: pass "
+            "cg(block=True, block_size=...) to solve that many right-hand sides together, or drop block_size."
+        )
+    block_size = 32 if block_size is None else block_size
     if isinstance(block_size, bool) or int(block_size) != block_size or block_size < 1:
         raise ValueError(f"block_size must be a positive integer, got {block_size!r}.")
     if preconditioner is not None and not isinstance(preconditioner, Preconditioner):
@@ -251,6 +258,11 @@ def _check_tolerances(rtol, atol) -> None:
             raise ValueError(f"{name} must be finite and >= 0, got {value!r}.")
     if rtol is not None and not is_tracer(rtol) and not is_tracer(atol) and float(rtol) == 0 and float(atol) == 0:
         raise ValueError("rtol and atol are both 0, so CG could never stop early; set rtol > 0 (e.g. 1e-6).")
+    if rtol is not None and not is_tracer(rtol) and float(rtol) >= 1:
+        raise ValueError(
+            f"rtol must be < 1, got {rtol!r}: ‖r‖ ≤ rtol·‖v‖ already holds at x = 0, so every solve would stop "
+            "before its first iteration and return zero influences. Use e.g. rtol=1e-6."
+        )
 
 
 def default_rtol(dtype) -> float:

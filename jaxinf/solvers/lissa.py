@@ -156,7 +156,7 @@ def lissa(
     Raises:
       ValueError: ``maxiter`` or ``batch_size`` below 1, ``scale`` neither
         ``"auto"`` nor finite and ``> 0``, ``dampen`` outside ``[0, 1)``,
-        ``rtol < 0``.
+        ``rtol`` outside ``[0, 1)``.
 
     Notes:
       Blocks are honoured: with a block-diagonal operator every minibatch
@@ -195,6 +195,8 @@ def lissa(
         raise ValueError(f"dampen must be in [0, 1), got {dampen!r}.")
     if rtol is not None and not is_tracer(rtol) and not (math.isfinite(float(rtol)) and float(rtol) >= 0):
         raise ValueError(f"rtol must be finite and >= 0, got {rtol!r}.")
+    if rtol is not None and not is_tracer(rtol) and float(rtol) >= 1:
+        raise ValueError(f"rtol must be < 1 (a relative tolerance), got {rtol!r}; e.g. rtol=1e-4.")
     if averaging not in (None, True, False):
         raise ValueError(f"averaging must be None (automatic), True or False, got {averaging!r}.")
 
