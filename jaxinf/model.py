@@ -37,7 +37,7 @@ from jaxinf.core.data import batch_size, checked_list
 from jaxinf.core.errors import NotFittedError
 from jaxinf.core.precision import in_compute, promote
 from jaxinf.core.tree import as_factors, check_finite, check_matches, owned_params, placed_like, rowwise_dot, tree_spec
-from jaxinf.scoring import SCORING_METHODS, check_measurement, choose_method, layer_profile, resolve_input_leaf
+from jaxinf.scoring import check_measurement, check_scoring, choose_method, layer_profile, resolve_input_leaf
 from jaxinf.solvers import compiled
 from jaxinf.solvers.base import Solver, check_solve
 from jaxinf.solvers.planned import Planner, common_rows, host_rows, join
@@ -72,7 +72,9 @@ class InfluenceModel:
         respect to: a position in ``jax.tree.leaves(batch)`` (default ``0``,
         the ``x`` of ``(x, y)``) or a key path string such as ``"['image']"``.
       scoring: ``"auto"``, ``"gradients"``, ``"jvp"`` or ``"layerwise"``; see
-        :mod:`jaxinf.scoring`.
+        :mod:`jaxinf.scoring`. ``"auto"`` lets a solver with a scorer of its
+        own (Arnoldi, Nyström, K-FAC/EK-FAC, DataInf) score; a method named
+        here is used with every solver (the same numbers).
       strict: raise :class:`ConvergenceError` when a solve does not converge;
         if ``False``, warn with the numbers instead. Divergence and NaN always
         raise.
@@ -120,8 +122,7 @@ class InfluenceModel:
     ):
         if not isinstance(solver, Solver):
             raise TypeError(f"solver must be a jaxinf.Solver (e.g. jaxinf.direct()), got {type(solver).__name__}.")
-        if scoring not in SCORING_METHODS:
-            raise ValueError(f"Unknown scoring {scoring!r}; choose one of {SCORING_METHODS}.")
+        check_scoring(scoring, solver)
         self._loss_given = loss_fn is not None  # with a split too, both are checked at fit
         if loss_fn is None:
             if model_fn is None or output_loss is None:
@@ -368,7 +369,7 @@ class InfluenceModel:
         # Read one-shot iterables (generators) once: both sides are iterated several times below.
         test_data = checked_list(test_data, name="test_data")
         train_data = checked_list(train_data, name="train_data")
-        if mode == "up" and self.solver.scorer is not None and measurement is None:
+        if mode == "up" and self.solver.scorer is not None and measurement is None and self.scoring == "auto":
             test, train = self._batches(test_data, "test_data"), self._batches(train_data, "train_data")
             return self._planner.scored(self.solver.scorer, self.state, self.operator, test, train)
         if mode == "up" and sum(map(batch_size, train_data)) < sum(map(batch_size, test_data)):

@@ -78,6 +78,24 @@ def test_influences_equal_influences_from_factors_for_both_scoring_paths():
     np.testing.assert_allclose(by_jvp, whole, rtol=1e-10, atol=1e-12)
 
 
+def test_a_named_scoring_method_is_used_with_a_solver_that_has_its_own_scorer():
+    """``scoring="jvp"`` given to an Arnoldi or EK-FAC model was silently ignored: ``influences`` used the solver's
+    scorer. A named method now replaces the scorer (here one that fails if called), with the scorer's numbers."""
+    from jaxinf.solvers.base import Scorer
+
+    def refuse(*_):
+        raise AssertionError("the solver's own scorer ran although scoring was named")
+
+    p = models.mlp_problem("linen")
+    for solver in (jaxinf.arnoldi(6), jaxinf.ekfac()):
+        own = jaxinf.InfluenceModel(p.loss_fn, p.params, solver, damping=DAMPING).fit(p.train)
+        want = own.influences(p.test, p.train)  # scoring="auto": the solver's scorer
+        for method in ("jvp", "gradients"):
+            bypassed = solver._replace(scorer=Scorer(refuse, refuse))
+            model = jaxinf.InfluenceModel(p.loss_fn, p.params, bypassed, damping=DAMPING, scoring=method)
+            np.testing.assert_allclose(model.fit(p.train).influences(p.test, p.train), want, rtol=1e-8, atol=1e-12)
+
+
 def test_symmetric_case_and_smaller_side_inversion():
     p = models.mlp_problem("plain")
     model = _model(p).fit(p.train)

@@ -57,9 +57,11 @@ def _train(problem):
 
 
 def _model(problem, solver, damping=0.0):
-    # the baselines do not use the curvature kind; "fisher" shares the fit-time checks' compiles with test_datainf
+    # the baselines do not use the curvature kind; "fisher" shares the fit-time checks' compiles with test_datainf.
+    # TracIn and the cosine score only through their scorers, so a named scoring method is refused for them.
+    scoring = "auto" if getattr(solver.solve, "scorer_only", False) else "gradients"
     return jaxinf.InfluenceModel(
-        problem.loss_fn, problem.params, solver, damping=damping, curvature="fisher", scoring="gradients"
+        problem.loss_fn, problem.params, solver, damping=damping, curvature="fisher", scoring=scoring
     )
 
 
@@ -90,6 +92,8 @@ def test_gradient_cosine(problem, grads, tmp_path):
     ):
         with pytest.raises(ValueError, match=r"gradient_cosine\(\).*scores only through.*itself is 1"):
             call()
+    with pytest.raises(ValueError, match=r"scoring='jvp' cannot take effect: gradient_cosine\(\).*its own scorer"):
+        jaxinf.InfluenceModel(problem.loss_fn, problem.params, gradient_cosine(), scoring="jvp")  # was ignored
 
 
 def test_gradient_cosine_of_a_zero_gradient_is_zero():

@@ -47,6 +47,21 @@ PyTree = Any
 SCORING_METHODS = ("auto", "gradients", "jvp", "layerwise")
 
 
+def check_scoring(scoring: str, solver) -> None:
+    """``ValueError`` for an unknown ``scoring``, or a named method that ``solver`` cannot take.
+
+    A solver whose ``solve`` is marked ``scorer_only`` (TracIn, gradient cosine: no influence factors) scores only
+    through its own scorer, so a method named here would be ignored.
+    """
+    if scoring not in SCORING_METHODS:
+        raise ValueError(f"Unknown scoring {scoring!r}; choose one of {SCORING_METHODS}.")
+    if scoring != "auto" and getattr(solver.solve, "scorer_only", False):
+        raise ValueError(
+            f"scoring={scoring!r} cannot take effect: {solver.name}() has no influence factors to contract and "
+            "scores only through its own scorer. Leave scoring='auto'."
+        )
+
+
 def choose_method(num_factors: int, batch_examples: int, num_params: int, profile: LayerProfile | None = None) -> str:
     """The cheapest contraction by the cost model of :mod:`jaxinf.scoring.cost_model`.
 

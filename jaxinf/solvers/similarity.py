@@ -139,6 +139,7 @@ def _scorer_only(name: str, self_influence: str):
             f"'perturbation' and jaxinf.scale.compute_influences are not available for it; {self_influence}"
         )
 
+    solve.scorer_only = True  # read by jaxinf.scoring.check_scoring: a named scoring method cannot apply
     return solve
 
 
