@@ -330,3 +330,24 @@ def test_a_large_generic_output_hessian_warns_and_names_the_likelihood():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once per size
         jax.eval_shape(lambda o: jaxinf.ekfac(fisher="exact").init(o), op)
+
+
+def test_blocks_that_split_a_layer_are_refused_and_the_preconditioner_ignores_them():
+    """blocks="parameter" (a layer's weight and bias apart) gave exactly the blocks=None answer: K-FAC keeps one
+    block per layer. It is refused; "layer" is K-FAC's own structure. CG with a K-FAC pre-conditioner honours any
+    blocks (M only approximates), so there it still converges to direct's answer with the same blocks."""
+    p = models.mlp_problem("linen", n_train=16, n_test=3)
+
+    def model(solver, blocks):
+        return jaxinf.InfluenceModel(
+            p.loss_fn, p.params, solver, damping=0.1, curvature="gauss_newton",
+            model_fn=p.model_fn, output_loss=p.output_loss, blocks=blocks,
+        )  # fmt: skip
+
+    with pytest.raises(ValueError, match=r"blocks split layer .*weight and bias are in blocks.*blocks='layer'"):
+        model(ekfac(), "parameter").fit(p.train)
+    whole = model(ekfac(), None).fit(p.train).influences(p.test, p.train)
+    np.testing.assert_allclose(model(ekfac(), "layer").fit(p.train).influences(p.test, p.train), whole, rtol=1e-12)
+    cg = jaxinf.cg(rtol=1e-10, preconditioner=jaxinf.kfac_preconditioner())
+    want = model(jaxinf.direct(), "parameter").fit(p.train).influences(p.test, p.train)
+    np.testing.assert_allclose(model(cg, "parameter").fit(p.train).influences(p.test, p.train), want, rtol=1e-7)

@@ -321,7 +321,23 @@ class PlanCache:
             hit = self.entries[key] = self.make(operator)
             if len(self.entries) > self.size:
                 self.entries.pop(next(iter(self.entries)))
+        check_blocks(hit[0], operator)
         return hit
+
+
+def check_blocks(plan: KFACPlan, operator: CurvatureOperator) -> None:
+    """``ValueError`` when the operator's blocks split a layer: K-FAC's blocks are its layers (weight and bias
+    together), so a finer structure (``blocks="parameter"``) could not take effect. A coarser one (``None``, a
+    grouping of whole layers) is what K-FAC approximates block by block."""
+    for layer in plan.tags.layers:
+        leaves = [layer.weight] + ([] if layer.bias is None else [layer.bias])
+        names = sorted({operator.block_names[operator.block_ids[i]] for i in leaves})
+        if len(names) > 1:
+            raise ValueError(
+                f"K-FAC/EK-FAC keep one Kronecker-factored block per layer, but the curvature's blocks split layer "
+                f"{layer.name} (its weight and bias are in blocks {names}), which they cannot honour. Use "
+                "blocks=None or blocks='layer' (or any grouping of whole layers), or direct()/cg() for finer blocks."
+            )
 
 
 def validate_state(state: KFACState) -> None:

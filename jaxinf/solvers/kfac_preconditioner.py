@@ -114,6 +114,8 @@ def _factory(
 
     def init(operator: CurvatureOperator, key: jax.Array) -> KFACPreconditionerState:
         positive = _check_damping(operator, name)
+        if operator.num_blocks > 1:  # CG honours the blocks; M only approximates (damping stays per leaf)
+            operator = dataclasses.replace(operator, block_ids=(0,) * len(operator.block_ids), block_names=("all",))
         state = solver.init(operator, key=key)
         if multiple != 1.0:  # M = K + cλ: only the pre-conditioner's damping changes, CG still solves (C + λ) x = v
             state = dataclasses.replace(
