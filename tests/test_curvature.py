@@ -298,6 +298,8 @@ def test_running_statistics_given_as_params_are_refused():
         jaxinf.InfluenceModel(loss, variables, jaxinf.direct(), damping=0.1)
     closed = lambda p, b: loss(dict(p, batch_stats=variables["batch_stats"]), b)  # noqa: E731
     jaxinf.curvature_operator(closed, {"params": variables["params"]}, data)  # the params collection alone is fine
+    own = {"params": jnp.ones(2), "temperature": jnp.ones(())}  # a dict of arrays, not of collections: trained
+    jaxinf.curvature_operator(lambda p, b: jnp.mean((b[0] @ p["params"] * p["temperature"] - b[1]) ** 2), own, data)
 
     model = nnx.Sequential(nnx.BatchNorm(2, rngs=nnx.Rngs(0)), nnx.Linear(2, 1, rngs=nnx.Rngs(1)))
     model.eval()

@@ -123,7 +123,9 @@ def _check_trained(params: PyTree, name: str) -> None:
     Flax NNX variables that are not ``nnx.Param`` (``nnx.BatchStat``...): their float leaves pass every other
     check, and influence would then include gradients and curvature in the running statistics.
     """
-    if isinstance(params, collections.abc.Mapping) and "params" in params and len(params) > 1:
+    mapping = isinstance(params, collections.abc.Mapping)
+    collections_only = mapping and all(isinstance(v, collections.abc.Mapping) for v in params.values())
+    if collections_only and "params" in params and len(params) > 1:  # Linen: every collection is a mapping
         others = sorted(str(k) for k in params if k != "params")
         raise ValueError(
             f"{name} holds the Flax Linen collections {others} beside 'params': their leaves (e.g. BatchNorm's "
