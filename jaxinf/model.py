@@ -376,7 +376,7 @@ class InfluenceModel:
             fn = self._test_fn(measurement, test_data)  # checked before the training side is solved
             return self._columns(self.influence_factors(train_data), test_data, mode, fn).T
         factors = self.influence_factors(test_data, measurement=measurement)
-        return self.influences_from_factors(factors, train_data, mode)
+        return self._columns(factors, train_data, mode, self.loss_fn)  # checked by the solve: not again
 
     def self_influence(self, data: Any):
         """``∇θℓ(z_j)ᵀ (C + λI)⁻¹ ∇θℓ(z_j)`` for each point; shape ``(n,)``.

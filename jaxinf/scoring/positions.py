@@ -301,12 +301,10 @@ def _batch_labels(batch, sequence_axis):
     for i, (leaf, a) in enumerate(zip(leaves, axes)):
         nd = np.ndim(leaf)
         if a is not None and not (nd >= 2 and -nd < a < nd and a % nd != 0):
-            per_leaf = tuple(None if j == i else b for j, b in enumerate(axes))
-            raise ValueError(
-                f"sequence_axis {a} is not an axis after the example axis of batch leaf {i} (in jax.tree.leaves "
-                f"order), of shape {np.shape(leaf)}. For a leaf without a sequence axis (e.g. one label per "
-                f"sequence) give None in its place: sequence_axis={per_leaf!r}."
-            )
+            per_leaf = tuple(None if j == i else b for j, b in enumerate(axes))  # None for a leaf with no sequence
+            raise ValueError(f"sequence_axis {a} is not an axis after the example axis of batch leaf {i} (in "
+                             f"jax.tree.leaves order), of shape {np.shape(leaf)}; give None for a leaf without a "
+                             f"sequence axis (e.g. one label per sequence): sequence_axis={per_leaf!r}.")  # fmt: skip
         lab = [None] * nd
         if a is not None:
             lab[a % nd] = 0
