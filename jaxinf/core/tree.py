@@ -303,7 +303,7 @@ def as_factors(factors: PyTree, spec: TreeSpec, like: PyTree, name: str = "facto
     if not any(is_tracer(x) or not getattr(x, "is_fully_addressable", True) for x in leaves):
         if not bool(_all_finite(factors)):
             check_finite(factors, name, per_example=True, advice="recompute the factors (a failed solve?).")
-    return jax.tree.map(lambda f, p: f if jnp.result_type(f) == p.dtype else jnp.asarray(f, p.dtype), factors, like)
+    return cast_like(factors, tree_spec(like))
 
 
 _all_finite = jax.jit(tree_all_finite)
